@@ -1,0 +1,371 @@
+"""The experiment config: one YAML file describes a whole ICR run.
+
+Every section is a dataclass whose fields document themselves (`metadata["help"]`). Loading is
+strict: unknown keys (with a "did you mean" hint), wrong types and out-of-range values are all
+collected and reported together, each naming its field (`generation.top_p`), so `icr validate`
+shows every problem at once.
+
+Placeholders: `{prepared}` in a path is the folder written by the optional `prepare` step (a
+function that builds local models or data, e.g. the tiny pair or the sandbox world); `{lang}` in a
+prompt path is replaced by each language code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a help text (the single source of the config's documentation)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PrepareConfig:
+    """A function run before the loop that builds local models/data (cached by its arguments)."""
+
+    call: str = _f("", "Dotted path `module:function`; called as fn(out_dir, **args). Its folder is `{prepared}`.")
+    args: dict = _f({}, "Keyword arguments for the function; part of the cache key.")
+
+
+@dataclass
+class ModelsConfig:
+    dpo: str = _f("", "pi0: the English preference-aligned (DPO) model; hub id or local folder.")
+    sft: str = _f("", "pi_SFT: the reference model pi0 was trained from; must share pi0's tokenizer.")
+    chat_template: str | None = _f(
+        None, "Jinja chat template (text or path to a .jinja file) for tokenizers that lack one.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
+
+
+@dataclass
+class PromptSource:
+    path: str = _f("", "File per language with `{lang}` (JSONL or JSON array), or a Hugging Face dataset name.")
+    format: str = _f("auto", "auto | jsonl | json | hf. auto: by file suffix, else a dataset name.",
+                     choices=("auto", "jsonl", "json", "hf"))
+    id_field: str = _f("auto", "Field holding the id shared across languages (auto: instruction_id, else id).")
+    instruction_field: str = _f("instruction", "Field holding the instruction text.")
+    split: str = _f("train", "Dataset split (hf format only).")
+    config_name: str | None = _f(None, "Dataset config name (hf format only); may contain {lang}.")
+    limit: int | None = _f(None, "Use at most this many prompts per language (first in file order).", min=1)
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = _f("hf", "hf (transformers generate; CPU or GPU) | vllm (GPU; optional extra).",
+                      choices=("hf", "vllm"))
+    n: int = _f(10, "Samples per prompt per language (paper: 10).", min=2)
+    temperature: float = _f(0.9, "Sampling temperature (paper: 0.9).", min=0.0, max=5.0)
+    top_p: float = _f(1.0, "Nucleus sampling mass (paper: 1.0).", min=0.0, max=1.0, exclusive_min=True)
+    max_new_tokens: int = _f(2400, "Token limit per response (paper: 2400).", min=1)
+    batch_size: int = _f(8, "Prompts per generate call (hf); each yields n samples.", min=1)
+    shard_size: int = _f(64, "Prompts per output shard; an interrupted stage resumes at shard granularity.", min=1)
+    max_prompt_tokens: int | None = _f(
+        None, "Prompts longer than this (tokens) are skipped and reported; default: the model's context minus max_new_tokens.")
+    tensor_parallel_size: int = _f(1, "vllm: GPUs per model.", min=1)
+    gpu_memory_utilization: float = _f(0.85, "vllm: fraction of GPU memory to use.", min=0.05, max=1.0)
+
+
+@dataclass
+class RewardConfig:
+    variant: str = _f("cross_lingual",
+                      "cross_lingual (English instruction + language prefix; the paper's method) | "
+                      "multilingual (target-language instruction) | translate_to_english (policy translates the answer).",
+                      choices=("cross_lingual", "multilingual", "translate_to_english"))
+    models: str = _f("current",
+                     "Which pair forms the reward at iteration t: initial (pi0 vs pi_SFT) | current (pi_{t-1} vs pi_SFT) | "
+                     "previous (pi_{t-1} vs pi_{t-2}, pi_SFT for t=1).", choices=("initial", "current", "previous"))
+    beta: float = _f(0.1, "beta in beta*r (stored beside r; ranking uses r).", min=0.0)
+    prefix: str = _f(
+        "Please answer the following instruction using only {language}, unless explicitly instructed to respond "
+        "in a different language.\n\n",
+        "Prefix before the English instruction for non-English responses; {language} is the language name.")
+    batch_tokens: int = _f(8192, "Token budget per scoring batch (length-bucketed).", min=16)
+    translate_max_new_tokens: int = _f(512, "translate_to_english: token limit of each greedy translation.", min=1)
+
+
+@dataclass
+class PairsConfig:
+    length_control: bool = _f(True, "Choose alpha per language so chosen and rejected are equally long on average.")
+    length_unit: str = _f("chars", "Length in chars or tokens for the alpha penalty.", choices=("chars", "tokens"))
+    alpha_max: float = _f(0.999, "Largest alpha on the grid 0, step, ..., alpha_max (paper: 0.999).", min=0.0)
+    alpha_step: float = _f(0.001, "Grid step for alpha (paper: 0.001).", min=1e-6)
+    language_filter: bool = _f(True, "Drop candidates not identified as the target language (beyond the paper).")
+    drop_truncated: bool = _f(False, "Drop candidates that hit the token limit.")
+    min_margin: float | None = _f(None, "Drop pairs whose reward margin (after the length penalty) is below this.")
+    max_chosen_reward: float | None = _f(None, "Upper bound on the chosen reward (candidates above are not chosen).")
+    normalize: str = _f("none", "none | per_token (r / response tokens) | per_language (z-score within a language).",
+                        choices=("none", "per_token", "per_language"))
+    selection: str = _f("reward", "reward (ICR) | random (control: random distinct pair) | judge (control: the "
+                        "evaluation judge picks best/worst; needs a judge that scores single answers).",
+                        choices=("reward", "random", "judge"))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged into the saved model.")
+    r: int = _f(16, "LoRA rank.", min=1)
+    alpha: int = _f(32, "LoRA scaling alpha.", min=1)
+    dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=1.0)
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                              "Module names to adapt.")
+
+
+@dataclass
+class TrainConfig:
+    beta: float = _f(0.1, "DPO beta (paper: 0.1).", min=0.0, exclusive_min=True)
+    nll_weight: float = _f(1.0, "Weight of the NLL term on chosen responses (paper: 1.0); 0 = plain DPO.", min=0.0)
+    learning_rate: float = _f(5e-7, "Peak learning rate.", min=0.0, exclusive_min=True)
+    epochs: float = _f(1.0, "Epochs over the pairs.", min=0.0, exclusive_min=True)
+    per_device_batch_size: int = _f(4, "Pairs per device per step.", min=1)
+    gradient_accumulation_steps: int = _f(1, "Steps accumulated per optimizer update.", min=1)
+    warmup_ratio: float = _f(0.1, "Linear warm-up share of steps.", min=0.0, max=1.0)
+    lr_scheduler: str = _f("cosine", "Transformers scheduler name.")
+    max_length: int | None = _f(2048, "Truncate prompt+response to this many tokens (keep_start).")
+    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (saves memory).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory on large models).")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA options."})
+    report_to: list = _f([], "Trainer metric sinks, e.g. [tensorboard] or [wandb]; none by default.")
+    save_steps: int = _f(200, "Checkpoint every this many optimizer steps (resume point).", min=1)
+    logging_steps: int = _f(10, "Log metrics every this many steps.", min=1)
+    accelerate_config: str | None = _f(None, "Path to an accelerate config (multi-GPU); None = this process.")
+
+
+@dataclass
+class EvaluationConfig:
+    enabled: bool = _f(False, "Evaluate after each iteration (and pi_SFT, pi0 before the first).")
+    prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Evaluation prompts."})
+    references: str = _f("", "Reference outputs per language (alpaca_eval format, with {lang}).")
+    judge: str = _f("oracle", "Judge name: oracle | alpaca_eval | reward_model | a dotted path `module:factory`.")
+    judge_args: dict = _f({}, "Keyword arguments for the judge factory.")
+    temperature: float = _f(0.6, "Decoding temperature (paper: 0.6).", min=0.0)
+    top_p: float = _f(0.9, "Decoding top_p (paper: 0.9).", min=0.0, max=1.0, exclusive_min=True)
+    max_new_tokens: int = _f(2048, "Token limit per answer (paper: 2048).", min=1)
+    batch_size: int = _f(16, "Prompts per generate call.", min=1)
+    models: list = _f(["sft", "M0"], "Models evaluated before iterating (besides each M_t).")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("", "Run name; outputs go to {run_root}/{name}.")
+    run_root: str = _f("runs", "Folder holding run folders.")
+    seed: int = _f(42, "Seed for sampling, pair selection and training (paper: 42).")
+    languages: list = _f(["en", "es", "ru", "de", "fr"], "Target languages (ISO 639-1); English instructions are always loaded.")
+    iterations: int = _f(2, "ICR iterations (paper: 2).", min=1)
+    device: str = _f("auto", "auto | cpu | cuda.", choices=("auto", "cpu", "cuda"))
+    prepare: PrepareConfig | None = _f(None, "Optional builder of local models/data, run first.")
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "pi0 and pi_SFT."})
+    prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Training prompts (parallel by id)."})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Sampling."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Implicit reward."})
+    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Pair selection."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "DPO + NLL training."})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation."})
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections; a stage's manifest records the hash of what it depends on."""
+        data = {s: _jsonable(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading
+# ---------------------------------------------------------------------------------------------
+
+def _type_ok(value, tp) -> tuple[bool, Any]:
+    """Check `value` against a field annotation; return (ok, converted value)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 5e-7 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list or origin is list:
+        return isinstance(value, list), value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, data, prefix: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+            errors.append(f"{where}: unknown field{hint}")
+            continue
+        tp = hints[key]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        sub = inner[0] if dataclasses.is_dataclass(inner[0]) else None
+        if sub is not None:
+            if value is None and type(None) in typing.get_args(tp):
+                kwargs[key] = None
+            else:
+                kwargs[key] = _build(sub, value, where + ".", errors)
+            continue
+        ok, conv = _type_ok(value, tp)
+        if not ok:
+            errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            continue
+        meta = fields[key].metadata
+        if "choices" in meta and conv not in meta["choices"]:
+            errors.append(f"{where}: {conv!r} is not one of {', '.join(map(str, meta['choices']))}")
+            continue
+        if isinstance(conv, (int, float)) and not isinstance(conv, bool):
+            lo, hi = meta.get("min"), meta.get("max")
+            if lo is not None and (conv < lo or (meta.get("exclusive_min") and conv == lo)):
+                rel = ">" if meta.get("exclusive_min") else ">="
+                errors.append(f"{where}: must be {rel} {lo}, got {conv}")
+                continue
+            if hi is not None and conv > hi:
+                errors.append(f"{where}: must be <= {hi}, got {conv}")
+                continue
+        kwargs[key] = conv
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
+    errors: list[str] = []
+    cfg = _build(ExperimentConfig, data, "", errors)
+    if not errors:
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    return cfg
+
+
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
+    from .languages import LANGUAGE_NAMES
+
+    errors = []
+    if not cfg.name:
+        errors.append("name: required")
+    if not cfg.languages:
+        errors.append("languages: at least one language is required")
+    for code in cfg.languages:
+        if code not in LANGUAGE_NAMES:
+            errors.append(f"languages: unknown language code {code!r}")
+    if len(set(cfg.languages)) != len(cfg.languages):
+        errors.append("languages: duplicate language codes")
+    if not cfg.models.dpo:
+        errors.append("models.dpo: required (pi0, the English DPO model)")
+    if not cfg.models.sft:
+        errors.append("models.sft: required (pi_SFT, pi0's reference)")
+    if not cfg.prompts.path:
+        errors.append("prompts.path: required")
+    if cfg.evaluation.enabled and not cfg.evaluation.prompts.path:
+        errors.append("evaluation.prompts.path: required when evaluation.enabled")
+    if cfg.prepare is not None and ":" not in cfg.prepare.call:
+        errors.append(f"prepare.call: expected 'module:function', got {cfg.prepare.call!r}")
+    if cfg.pairs.alpha_step > cfg.pairs.alpha_max and cfg.pairs.alpha_max > 0:
+        errors.append("pairs.alpha_step: larger than pairs.alpha_max")
+    return errors
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; `overrides` are `section.field=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(data, str(path))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def describe_fields(cls=ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per field: `section.field (default): help` — used by `icr config --describe`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if dataclasses.is_dataclass(inner[0]):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines.extend(describe_fields(inner[0], prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return lines

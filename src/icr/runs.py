@@ -1,0 +1,204 @@
+"""Run folders: atomic files, JSONL shards, stage manifests and the one-writer lock.
+
+A stage writes into its own folder and finishes by writing `manifest.json` (config hash, input
+hashes, library versions, counts, timings). A stage whose manifest matches the current key is
+skipped. Long stages write numbered shards (`shard-00000.jsonl`), each atomically (temporary
+file + rename), so an interrupted stage resumes at the first missing shard and nothing
+half-written is ever read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import IcrError
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+# ---------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.errno == errno.ENOSPC:
+            raise IcrError(f"{path}: no space left on device while writing") from None
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def dumps_record(record: dict) -> str:
+    # Sorted keys and no float reformatting: the same record always gives the same bytes.
+    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    lines = [dumps_record(r) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise IcrError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def text_hash(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+def shard_path(stage_dir: Path, index: int) -> Path:
+    return Path(stage_dir) / f"shard-{index:05d}.jsonl"
+
+
+def read_shards(stage_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(stage_dir).glob("shard-*.jsonl")):
+        records.extend(read_jsonl(path))
+    return records
+
+
+def chunk(items: list, size: int) -> Iterator[tuple[int, list]]:
+    for index, start in enumerate(range(0, len(items), size)):
+        yield index, items[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("icr", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[name] = md.version(name)
+    return versions
+
+
+def manifest_matches(stage_dir: Path, key: dict) -> bool:
+    path = Path(stage_dir) / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        return read_json(path).get("key") == key
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def write_manifest(stage_dir: Path, key: dict, counts: dict, seconds: float, extra: dict | None = None) -> None:
+    write_json(Path(stage_dir) / "manifest.json", {
+        "key": key,
+        "counts": counts,
+        "seconds": round(seconds, 3),
+        "versions": library_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold `run_dir/.lock` for the duration; refuse if a live process holds it.
+
+    The lock records host and pid; a lock whose process is gone (same host) is taken over, so a
+    killed run never blocks its own resume.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                lock.unlink(missing_ok=True)
+                continue
+            raise IcrError(
+                f"{run_dir}: in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"(remove {lock} if that process is gone)") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
