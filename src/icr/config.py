@@ -175,6 +175,9 @@ class ExperimentConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Pair selection."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "DPO + NLL training."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation."})
+    controls: list = _f([], "Extra runs beside the main one, each {label, overrides}: the same loop with config "
+                        "overrides (e.g. pairs.selection: judge for oracle-chosen pairs), under controls/<label>/; "
+                        "their models are reported as M<t>-<label>.")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -320,9 +323,42 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append("evaluation.prompts.path: required when evaluation.enabled")
     if cfg.prepare is not None and ":" not in cfg.prepare.call:
         errors.append(f"prepare.call: expected 'module:function', got {cfg.prepare.call!r}")
+    for i, control in enumerate(cfg.controls):
+        if not isinstance(control, dict) or not isinstance(control.get("label"), str) or not control["label"]:
+            errors.append(f"controls[{i}]: expected {{label: name, overrides: {{...}}}}")
+            continue
+        if set(control) - {"label", "overrides"}:
+            errors.append(f"controls[{i}]: unknown keys {sorted(set(control) - {'label', 'overrides'})}")
+            continue
+        try:
+            with_overrides(cfg, control.get("overrides") or {}, f"controls[{i}].overrides")
+        except ConfigError as e:
+            errors.append(str(e))
+    if len({c.get("label") for c in cfg.controls if isinstance(c, dict)}) != len(cfg.controls):
+        errors.append("controls: labels must be unique")
     if cfg.pairs.alpha_step > cfg.pairs.alpha_max and cfg.pairs.alpha_max > 0:
         errors.append("pairs.alpha_step: larger than pairs.alpha_max")
     return errors
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: dict, source: str) -> ExperimentConfig:
+    """A copy of `cfg` with nested `overrides` merged in (controls have no controls of their own)."""
+    import copy
+
+    data = copy.deepcopy(cfg.to_dict())
+    data["controls"] = []
+
+    def merge(base, over):
+        for k, v in over.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("args", "judge_args"):
+                merge(base[k], v)
+            else:
+                base[k] = v
+
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: expected a mapping")
+    merge(data, overrides)
+    return config_from_dict(data, source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

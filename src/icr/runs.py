@@ -202,3 +202,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def model_key(name_or_path: str | None) -> str | None:
+    """Identity of a model for stage keys: a hub id as is; a local folder by its weight files
+    (name, size, modification time), so retraining a run's model invalidates what was built on it."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return name_or_path
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return text_hash(str(path.resolve()), *[f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])

@@ -1,0 +1,228 @@
+"""The `icr` command: thin wrappers around the stages and the loop.
+
+Bad input or config exits with code 2 and one line naming the problem (file, line, field); add
+`--debug` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import IcrError
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      icr run configs/tiny.yaml                 # the whole loop: 2 iterations on CPU in about a minute
+      icr run configs/sandbox.yaml              # the sandbox demo (same as `make demo`)
+      icr validate configs/paper-llama3-8b.yaml # check a config, listing every problem at once
+      icr generate configs/tiny.yaml --iteration 1 --shard 0/2   # one stage, one shard of it
+      icr report runs/tiny                      # report.md + plots from a finished run
+    """)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _stage_parser(sub, name: str, help: str, example: str):
+    p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--iteration", type=int, default=1, help="iteration t (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set generation.n=4")
+    _common(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icr", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Implicit Cross-Lingual Rewarding: align a model in many languages with only an "
+                    "English preference-aligned model (arXiv 2503.04647).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole loop from one config (resumable)",
+                       description="Run prepare, then generate -> score -> pairs -> train for each iteration, "
+                                   "evaluation and controls as configured. Finished stages are skipped.\n\n"
+                                   "example:\n  icr run configs/tiny.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--force", action="store_true", help="delete a run folder made with a different config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _common(p)
+
+    p = sub.add_parser("validate", help="check a config and list every problem",
+                       description="Load and validate a config.\n\nexample:\n  icr validate configs/tiny.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="+")
+    _common(p)
+
+    p = sub.add_parser("config", help="describe every config field with its default",
+                       description="Print every config field, its default and meaning.\n\nexample:\n  icr config")
+    _common(p)
+
+    for name, help, ex in (
+        ("generate", "sample N responses per prompt per language from the policy",
+         "icr generate configs/tiny.yaml --iteration 1 --shard 0/2"),
+        ("score", "score samples with the implicit cross-lingual reward",
+         "icr score configs/tiny.yaml --iteration 1"),
+        ("pairs", "select chosen/rejected pairs per prompt (with length control)",
+         "icr pairs configs/tiny.yaml --iteration 1"),
+        ("train", "train DPO + NLL on the iteration's pairs",
+         "icr train configs/tiny.yaml --iteration 1"),
+    ):
+        sp = _stage_parser(sub, name, help, ex)
+        if name in ("generate", "score"):
+            sp.add_argument("--shard", default=None, metavar="I/N",
+                            help="compute only shards with index %% N == I (several workers share a stage); "
+                                 "the last worker to finish writes the manifest")
+
+    p = sub.add_parser("evaluate", help="evaluate a model against references with a judge",
+                       description="Generate one answer per evaluation prompt and language, judge it against the "
+                                   "references, and add rows to results.json.\n\nexample:\n"
+                                   "  icr evaluate configs/tiny.yaml --model runs/tiny/iter1/model --label M1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--model", required=True, help="model folder or hub id")
+    p.add_argument("--label", required=True, help="row label in results.json, e.g. M1")
+    p.add_argument("--iteration", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _common(p)
+
+    p = sub.add_parser("report", help="write report.md and plots for a run folder",
+                       description="Render runs/<name>/report.md and PNGs from results.json and stage files.\n\n"
+                                   "example:\n  icr report runs/tiny",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    _common(p)
+    return parser
+
+
+def _parse_shard(value: str | None):
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise IcrError(f"--shard: expected I/N such as 0/2, got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise IcrError(f"--shard: need 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def _stage(args) -> None:
+    from .config import load_config
+    from .data import load_prompt_set
+    from .loop import model_paths, resolve_placeholders, reward_pair, run_prepare
+    from .runs import run_lock
+    from .stages import run_generate, run_pairs, run_score, run_train
+
+    cfg = load_config(args.config, args.set)
+    cfg = resolve_placeholders(cfg, run_prepare(cfg))
+    t = args.iteration
+    if not 1 <= t <= cfg.iterations:
+        raise IcrError(f"--iteration: must be within 1..{cfg.iterations}, got {t}")
+    run_dir = cfg.run_dir
+    it = run_dir / f"iter{t}"
+    paths = model_paths(cfg, run_dir, cfg.iterations)
+    seed = cfg.seed + t - 1
+    shard = _parse_shard(getattr(args, "shard", None))
+    if args.command in ("generate", "score"):
+        prompts = load_prompt_set(cfg.prompts, cfg.languages)
+        if args.command == "generate":
+            result = run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed, shard=shard)
+        else:
+            dpo, ref = reward_pair(cfg, paths, t)
+            result = run_score(cfg, it / "generate", prompts, dpo, ref, it / "score",
+                               translator_path=paths[t - 1], shard=shard)
+    else:
+        with run_lock(run_dir):
+            if args.command == "pairs":
+                from .loop import _make_judge
+
+                result = run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=_make_judge(cfg))
+            else:
+                result = run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)
+    print(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s icr %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _dispatch(args)
+    except IcrError as e:
+        if args.debug:
+            raise
+        print(f"icr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icr: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _dispatch(args) -> None:
+    from .config import describe_fields, load_config
+
+    if args.command == "run":
+        from .loop import run_experiment
+
+        run_dir = run_experiment(load_config(args.config, args.set), force=args.force)
+        print(f"icr: run finished: {run_dir}")
+    elif args.command == "validate":
+        for path in args.config:
+            load_config(path)
+            print(f"{path}: ok")
+    elif args.command == "config":
+        print("\n".join(describe_fields()))
+    elif args.command in ("generate", "score", "pairs", "train"):
+        _stage(args)
+    elif args.command == "evaluate":
+        _evaluate(args)
+    elif args.command == "report":
+        from .report import write_report
+
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise IcrError(f"{run_dir}: run folder not found")
+        print(write_report(run_dir))
+
+
+def _evaluate(args) -> None:
+    from .config import load_config
+    from .data import load_prompt_set
+    from .evaluation.evaluate import evaluate_model
+    from .evaluation.export import load_references
+    from .evaluation.results import append_results
+    from .loop import _make_judge, resolve_placeholders, run_prepare
+
+    cfg = load_config(args.config, args.set)
+    cfg = resolve_placeholders(cfg, run_prepare(cfg))
+    ev = cfg.evaluation
+    if not ev.prompts.path:
+        raise IcrError("evaluation.prompts.path: required for icr evaluate")
+    prompts = load_prompt_set(ev.prompts, cfg.languages).as_rows()
+    refs = load_references(ev.references, cfg.languages) if ev.references else {}
+    cfg.evaluation.enabled = True
+    rows = evaluate_model(args.model, args.label, args.iteration, prompts, refs, _make_judge(cfg), ev,
+                          cfg.run_dir / "eval", device=cfg.device, seed=cfg.seed,
+                          chat_template=cfg.models.chat_template)
+    append_results(cfg.run_dir / "results.json", rows)
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Judges: who decides whether a model's answer beats the reference answer.
+
+One interface for all of them: `compare(items)` returns, per item, the preference for
+`item.output` over `item.reference` (1 = output wins, 0 = it loses, 0.5 = tie; weighted judges give
+fractions; NaN = the judge failed on that item and it should be retried). Judges that can score a
+single answer (the sandbox oracle, a reward model) also have `score(items)` (higher is better).
+
+`get_judge(name, **kwargs)` builds one by name; heavy imports happen only for the judge chosen.
+`CachedJudge` wraps any judge so that rerunning an evaluation never asks the judge twice.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..errors import IcrError
+from ..runs import text_hash
+
+# The X-AlpacaEval judge instruction for answers that are not in English (arXiv 2503.04647, §4).
+MULTILINGUAL_JUDGE_NOTE = ("A good output should be in the same language as the instruction, "
+                           "except when the instruction explicitly requests the output in a different language.")
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    id: str
+    lang: str
+    instruction: str
+    output: str
+    reference: str = ""
+
+
+class Judge(Protocol):
+    name: str
+
+    def compare(self, items: list[JudgeItem]) -> list[float]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake judge (tests, smoke runs)
+# ---------------------------------------------------------------------------------------------
+
+class FakeJudge:
+    """Deterministic judge without a model. `mode="longer"`: the longer answer wins (a judge with
+    pure length bias, handy for testing length control); `mode="hash"`: a fixed pseudo-random
+    preference per (output, reference). `calls` counts judged items (to test caching)."""
+
+    def __init__(self, mode: str = "longer"):
+        if mode not in ("longer", "hash"):
+            raise IcrError(f"fake judge: unknown mode {mode!r} (longer | hash)")
+        self.mode = mode
+        self.name = "fake" if mode == "longer" else f"fake-{mode}"
+        self.calls = 0
+
+    def score(self, items: list[JudgeItem]) -> list[float]:
+        self.calls += len(items)
+        if self.mode == "longer":
+            return [float(len(it.output)) for it in items]
+        return [int(text_hash(it.instruction, it.output), 16) / 16**16 for it in items]
+
+    def compare(self, items: list[JudgeItem]) -> list[float]:
+        self.calls += len(items)
+        if self.mode == "hash":
+            return [int(text_hash(it.instruction, it.output, it.reference), 16) / 16**16 for it in items]
+        return [0.5 if len(it.output) == len(it.reference) else float(len(it.output) > len(it.reference))
+                for it in items]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model judge
+# ---------------------------------------------------------------------------------------------
+
+class RewardModelJudge:
+    """A Hugging Face sequence-classification reward model (one logit per conversation).
+
+    `score` = the logit of [user: instruction, assistant: output], rendered with the tokenizer's
+    chat template (plain "instruction\\n\\noutput" if it has none). `compare` = sigmoid(score(output)
+    - score(reference)): the Bradley-Terry probability that the output is preferred.
+    """
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+                 max_length: int = 4096):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+        except OSError as e:
+            raise IcrError(f"reward_model judge: cannot load {model!r}: {e}") from None
+        if self.model.config.num_labels != 1:
+            raise IcrError(f"reward_model judge: {model!r} has {self.model.config.num_labels} labels; "
+                           "a reward model has exactly one")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.name = f"reward_model:{Path(model.rstrip('/')).name}"
+        self.cache_id = f"reward_model:{model}"
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    def _text(self, instruction: str, output: str) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}], tokenize=False)
+        return f"{instruction}\n\n{output}"
+
+    def _scores(self, pairs: list[tuple[str, str]]) -> list[float]:
+        import torch
+
+        texts = [self._text(i, o) for i, o in pairs]
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                       truncation=True, max_length=self.max_length, add_special_tokens=False)
+                logits = self.model(**batch.to(self.device)).logits
+                scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+    def score(self, items: list[JudgeItem]) -> list[float]:
+        return self._scores([(it.instruction, it.output) for it in items])
+
+    def compare(self, items: list[JudgeItem]) -> list[float]:
+        s = self._scores([(it.instruction, it.output) for it in items] +
+                         [(it.instruction, it.reference) for it in items])
+        n = len(items)
+        return [1 / (1 + math.exp(-(s[i] - s[n + i]))) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# alpaca_eval judge
+# ---------------------------------------------------------------------------------------------
+
+def judge_instruction(item: JudgeItem) -> str:
+    """The instruction as shown to an LLM judge. For non-English items, the multilingual note is
+    appended after a blank line, so the judge's own prompt template stays untouched."""
+    if item.lang == "en":
+        return item.instruction
+    return f"{item.instruction}\n\n{MULTILINGUAL_JUDGE_NOTE}"
+
+
+def _import_alpaca_eval_annotator():
+    try:
+        from alpaca_eval.annotators import PairwiseAnnotator
+    except Exception as e:  # noqa: BLE001 - ImportError, or pkg_resources missing under new setuptools
+        raise IcrError(
+            "judge 'alpaca_eval' needs the alpaca-eval package: pip install 'alpaca-eval==0.6.6' "
+            f"'setuptools>=77.0.3,<81' (or `pip install icr[eval]`); import failed: {type(e).__name__}: {e}") from None
+    return PairwiseAnnotator
+
+
+class AlpacaEvalJudge:
+    """alpaca_eval's pairwise annotators (an LLM judge behind an OpenAI-compatible endpoint).
+
+    `annotators_config` names one of alpaca_eval's evaluator configs (the paper's judge is
+    GPT-4-turbo, `weighted_alpaca_eval_gpt4_turbo`) or a path to your own config, for example one
+    pointing at a local vLLM server. The endpoint and key come from alpaca_eval's usual environment
+    (`OPENAI_API_KEY`, `OPENAI_API_BASE` or `OPENAI_CLIENT_CONFIG_PATH`).
+
+    The reference is alpaca_eval's `output_1` (the baseline) and the model's answer `output_2`,
+    so alpaca_eval's preference (1 = baseline wins, 2 = model wins, fractions for weighted judges)
+    minus one is ours. Failed annotations come back as NaN.
+    """
+
+    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo",
+                 caching_path: str | None = None, seed: int = 0, **annotator_kwargs):
+        pairwise_annotator = _import_alpaca_eval_annotator()
+        self.annotator = pairwise_annotator(annotators_config=annotators_config, caching_path=caching_path,
+                                            seed=seed, **annotator_kwargs)
+        self.name = f"alpaca_eval:{Path(annotators_config).stem}"
+
+    @staticmethod
+    def head2head_inputs(items: list[JudgeItem]) -> tuple[list[dict], list[dict]]:
+        """The baseline and model rows handed to `PairwiseAnnotator.annotate_head2head`."""
+        baseline = [{"instruction": judge_instruction(it), "output": it.reference, "generator": "reference"}
+                    for it in items]
+        model = [{"instruction": judge_instruction(it), "output": it.output, "generator": "model"} for it in items]
+        return baseline, model
+
+    def compare(self, items: list[JudgeItem]) -> list[float]:
+        if not items:
+            return []
+        baseline, model = self.head2head_inputs(items)
+        annotated = self.annotator.annotate_head2head(outputs_1=baseline, outputs_2=model, is_ordered=True)
+        by_key = {(a["instruction"], a["output_1"], a["output_2"]): a.get("preference") for a in annotated}
+        prefs = []
+        for b, m in zip(baseline, model):
+            p = by_key.get((b["instruction"], b["output"], m["output"]))
+            prefs.append(math.nan if p is None or p != p else (1.5 if p == 0 else float(p)) - 1)
+        return prefs
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+class CachedJudge:
+    """Caches a judge's answers in a JSONL file keyed by content.
+
+    Key = hash of (judge id, kind, lang, instruction, output, reference); `score` keys leave the
+    reference out. Judgements are appended to the file after every `chunk_size` items, so an
+    interrupted evaluation keeps what was paid for; NaN (failed) judgements are not cached.
+    A truncated last line (a crash mid-write) is ignored on load.
+    """
+
+    def __init__(self, judge: Judge, path: Path, chunk_size: int = 64):
+        self.judge, self.path, self.chunk_size = judge, Path(path), chunk_size
+        self.name = judge.name
+        self._id = getattr(judge, "cache_id", judge.name)
+        self._cache: dict[str, float] = {}
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                        self._cache[rec["key"]] = float(rec["value"])
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue
+        self.hits = 0
+
+    def _key(self, kind: str, it: JudgeItem) -> str:
+        reference = it.reference if kind == "compare" else ""
+        return text_hash(self._id, kind, it.lang, it.instruction, it.output, reference)
+
+    def _run(self, kind: str, fn: Callable[[list[JudgeItem]], list[float]], items: list[JudgeItem]) -> list[float]:
+        keys = [self._key(kind, it) for it in items]
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
+        self.hits += len(items) - len(todo)
+        for start in range(0, len(todo), self.chunk_size):
+            idx = todo[start:start + self.chunk_size]
+            values = fn([items[i] for i in idx])
+            if len(values) != len(idx):
+                raise IcrError(f"judge {self.name}: returned {len(values)} judgements for {len(idx)} items")
+            lines = []
+            for i, v in zip(idx, values):
+                v = float(v)
+                self._cache[keys[i]] = v
+                if not math.isnan(v):
+                    lines.append(json.dumps({"key": keys[i], "kind": kind, "id": items[i].id,
+                                             "lang": items[i].lang, "value": v}) + "\n")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+        out = [self._cache[k] for k in keys]
+        for k in keys:  # failed judgements are retried on the next call
+            if math.isnan(self._cache[k]):
+                del self._cache[k]
+        return out
+
+    def compare(self, items: list[JudgeItem]) -> list[float]:
+        return self._run("compare", self.judge.compare, items)
+
+    @property
+    def score(self) -> Callable[[list[JudgeItem]], list[float]]:
+        """Present only when the wrapped judge can score (so `hasattr(judge, "score")` works)."""
+        inner = getattr(self.judge, "score", None)
+        if inner is None:
+            raise AttributeError(f"judge {self.name!r} cannot score single answers")
+        return lambda items: self._run("score", inner, items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+def _oracle(**kwargs):
+    from ..sandbox.oracle import OracleJudge
+
+    return OracleJudge(**kwargs)
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {
+    "oracle": _oracle,
+    "alpaca_eval": AlpacaEvalJudge,
+    "reward_model": RewardModelJudge,
+    "fake": FakeJudge,
+}
+
+
+def get_judge(name: str, **kwargs) -> Judge:
+    """Build a judge by registry name, or from a dotted `module:factory` path."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise IcrError(f"judge {name!r}: cannot import {attr!r} from {module_name!r} ({e})") from None
+    elif name in JUDGES:
+        factory = JUDGES[name]
+    else:
+        close = difflib.get_close_matches(name, list(JUDGES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise IcrError(f"unknown judge {name!r}{hint}; available: {', '.join(JUDGES)}, "
+                       "or a dotted path module:factory")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise IcrError(f"judge {name!r}: bad judge_args {sorted(kwargs)}: {e}") from None
+    except ValueError:  # no signature to check (a builtin): let the call itself complain
+        pass
+    judge = factory(**kwargs)
+    if not callable(getattr(judge, "compare", None)) or not isinstance(getattr(judge, "name", None), str):
+        raise IcrError(f"judge {name!r}: the factory returned {type(judge).__name__}, "
+                       "which lacks a `name` string or a `compare` method")
+    return judge

@@ -1,0 +1,75 @@
+"""The `hf` backend: batched transformers `generate`.
+
+Each prompt is encoded once and expanded to its N samples inside `generate`
+(`num_return_sequences`); prompts are sorted by length so a batch pads little; a batch stops as
+soon as all its sequences have emitted the end token. Sampling is seeded per batch, so the same
+prompts, order and seed give the same samples.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import load_causal_lm, load_tokenizer, resolve_device
+from . import Sample, SamplingParams
+
+
+class HFBackend:
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto",
+                 chat_template: str | None = None, batch_size: int = 8, model=None, tokenizer=None):
+        self.device = resolve_device(device)
+        self.tokenizer = tokenizer or load_tokenizer(model_path, chat_template, what="policy")
+        self.model = model or load_causal_lm(model_path, self.device, dtype, what="policy")
+        self.batch_size = batch_size
+        gen_eos = self.model.generation_config.eos_token_id
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) if gen_eos is not None else set()
+        eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    def encode(self, conversations: list[list[dict]]) -> list[list[int]]:
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"] for c in conversations]
+
+    @torch.inference_mode()
+    def generate(self, conversations, params: SamplingParams, desc: str | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[list[Sample]]:
+        prompt_ids = prompt_ids if prompt_ids is not None else self.encode(conversations)
+        order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+        results: list[list[Sample] | None] = [None] * len(prompt_ids)
+        pad = self.tokenizer.pad_token_id
+        greedy = params.temperature == 0
+        bar = tqdm(total=len(order) * params.n, desc=desc or "generate", unit="sample", disable=desc is None,
+                   leave=False)
+        for b, start in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[start:start + self.batch_size]
+            width = max(len(prompt_ids[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: generation continues from the right edge
+                p = prompt_ids[i]
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            torch.manual_seed(params.seed * 1_000_003 + b)
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                do_sample=not greedy, temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p, top_k=None if greedy else 0,
+                max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+                eos_token_id=self.eos_ids, pad_token_id=pad)
+            new = out[:, width:].cpu()
+            for row, i in enumerate(idx):
+                results[i] = [self._to_sample(new[row * params.n + k].tolist(), params.max_new_tokens)
+                              for k in range(params.n)]
+            bar.update(len(idx) * params.n)
+        bar.close()
+        return results
+
+    def _to_sample(self, tokens: list[int], limit: int) -> Sample:
+        end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
+        body = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return Sample(text=text, finished=end is not None, n_tokens=len(body) + (end is not None))
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,214 @@
+"""`icr run CONFIG`: the whole ICR loop, composed from the stages.
+
+    prepare (optional)  -> {prepared}: local models / prompts, cached by its arguments
+    evaluate pi_SFT, pi0 (if evaluation.enabled)
+    for t in 1..iterations:
+        generate  from pi_{t-1}
+        score     with the reward pair chosen by reward.models
+        pairs     best vs worst per prompt
+        train     pi_t = DPO+NLL(pi_{t-1} -> pairs), reference pi_{t-1}
+        evaluate  pi_t
+    controls (if any): the same loop with config overrides, under controls/<label>/
+
+Layout: runs/<name>/config.yaml, runs/<name>/iter<t>/{generate,score,pairs,train}/,
+runs/<name>/iter<t>/model/, runs/<name>/results.json. Re-running skips every stage whose
+manifest matches; an interrupted stage resumes from its last shard or checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import ExperimentConfig, config_from_dict, dump_config, with_overrides
+from .data import load_prompt_set
+from .errors import IcrError
+from .runs import atomic_write_text, read_json, run_lock, text_hash, write_json
+
+log = logging.getLogger("icr")
+
+
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("ICR_CACHE", ".cache/icr"))
+
+
+def run_prepare(cfg: ExperimentConfig) -> Path | None:
+    """Run the config's `prepare` function once per distinct (call, args); return its folder."""
+    if cfg.prepare is None:
+        return None
+    call, args = cfg.prepare.call, cfg.prepare.args
+    out = cache_root() / "prepared" / f"{call.replace(':', '.')}-{text_hash(call, json.dumps(args, sort_keys=True))}"
+    done = out / "done.json"
+    if done.is_file():
+        return out
+    module, _, fn = call.partition(":")
+    try:
+        func = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise IcrError(f"prepare.call: cannot import {call!r} ({e})") from None
+    log.info("prepare: building %s into %s", call, out)
+    t0 = time.time()
+    try:
+        func(out, **args)
+    except TypeError as e:
+        raise IcrError(f"prepare.args: {call} rejected the arguments ({e})") from None
+    write_json(done, {"call": call, "args": args, "seconds": round(time.time() - t0, 1)})
+    return out
+
+
+def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> ExperimentConfig:
+    """Replace `{prepared}` in every string field."""
+    if prepared is None:
+        return cfg
+    data = cfg.to_dict()
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, str):
+            return node.replace("{prepared}", str(prepared))
+        return node
+
+    return config_from_dict(walk(data), "config")
+
+
+def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
+    """A run folder belongs to one config: refuse to mix, unless --force starts over."""
+    import shutil
+
+    saved = run_dir / "config.yaml"
+    resolved = dump_config(cfg)
+    if saved.is_file() and saved.read_text(encoding="utf-8") != resolved:
+        if not force:
+            raise IcrError(f"{run_dir}: made with a different config (see {saved}); use a new name, "
+                           "or --force to delete it and start over")
+        for child in run_dir.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    atomic_write_text(saved, resolved)
+
+
+def model_paths(cfg: ExperimentConfig, run_dir: Path, iterations: int) -> dict[int, str]:
+    """pi_t for t = -1 (pi_SFT), 0 (pi0), 1..iterations (trained here)."""
+    paths = {-1: cfg.models.sft, 0: cfg.models.dpo}
+    for t in range(1, iterations + 1):
+        paths[t] = str(run_dir / f"iter{t}" / "model")
+    return paths
+
+
+def reward_pair(cfg: ExperimentConfig, paths: dict[int, str], t: int) -> tuple[str, str]:
+    """(pi_dpo, pi_ref) forming the implicit reward at iteration t (see reward.models)."""
+    if cfg.reward.models == "initial":
+        return paths[0], paths[-1]
+    if cfg.reward.models == "current":
+        return paths[t - 1], paths[-1]
+    return paths[t - 1], paths[t - 2] if t >= 2 else paths[-1]
+
+
+def _model_label(t: int, label: str | None) -> str:
+    name = "sft" if t == -1 else f"M{t}"
+    return name if label is None or t <= 0 else f"{name}-{label}"
+
+
+def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, judge=None,
+             timings: dict | None = None) -> list[dict]:
+    """Iterate generate -> score -> pairs -> train; evaluate when configured; return result rows."""
+    from .stages import run_generate, run_pairs, run_score, run_train
+
+    timings = {} if timings is None else timings
+    prompts = load_prompt_set(cfg.prompts, cfg.languages)
+    paths = model_paths(cfg, run_dir, cfg.iterations)
+    rows: list[dict] = []
+    evaluate = _evaluator(cfg, run_dir, judge) if cfg.evaluation.enabled else None
+    if evaluate and label is None:
+        for name in cfg.evaluation.models:
+            t = {"sft": -1, "M0": 0}.get(name)
+            if t is None:
+                raise IcrError(f"evaluation.models: unknown model {name!r} (sft, M0)")
+            rows += evaluate(paths[t], _model_label(t, None), t)
+    for t in range(1, cfg.iterations + 1):
+        it = run_dir / f"iter{t}"
+        seed = cfg.seed + t - 1
+        dpo, ref = reward_pair(cfg, paths, t)
+        for stage, fn in (
+            ("generate", lambda: run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed)),
+            ("score", lambda: run_score(cfg, it / "generate", prompts, dpo, ref, it / "score",
+                                        translator_path=paths[t - 1])),
+            ("pairs", lambda: run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=judge)),
+            ("train", lambda: run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)),
+        ):
+            t0 = time.time()
+            result = fn()
+            status = "skipped (manifest matches)" if result.get("skipped") else "done"
+            log.info("%s iter%d %-8s %s %s", label or cfg.name, t, stage, status,
+                     "" if result.get("skipped") else json.dumps(result))
+            timings[f"{label + '/' if label else ''}iter{t}/{stage}"] = round(time.time() - t0, 2)
+        if evaluate:
+            rows += evaluate(paths[t], _model_label(t, label), t)
+    return rows
+
+
+def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge):
+    from .evaluation.evaluate import evaluate_model
+    from .evaluation.export import load_references
+
+    ev = cfg.evaluation
+    eval_prompts = load_prompt_set(ev.prompts, cfg.languages).as_rows()
+    references = load_references(ev.references, cfg.languages) if ev.references else {}
+
+    def evaluate(model_path: str, label: str, t: int) -> list[dict]:
+        return evaluate_model(model_path, label, t, eval_prompts, references, judge, ev, run_dir / "eval",
+                              device=cfg.device, seed=cfg.seed, chat_template=cfg.models.chat_template)
+
+    return evaluate
+
+
+def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """The `icr run` entry point: prepare, main loop, controls, results and report."""
+    prepared = run_prepare(cfg)
+    cfg = resolve_placeholders(cfg, prepared)
+    run_dir = cfg.run_dir
+    with run_lock(run_dir):
+        check_run_folder(cfg, run_dir, force)
+        judge = _make_judge(cfg)
+        timings: dict = {}
+        rows = run_loop(cfg, run_dir, judge=judge, timings=timings)
+        for i, control in enumerate(cfg.controls):
+            label = control["label"]
+            ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")
+            rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings)
+        write_json(run_dir / "timings.json", timings)
+        if cfg.evaluation.enabled:
+            from .evaluation.results import append_results
+            from .report import write_report
+
+            append_results(run_dir / "results.json", rows)
+            write_report(run_dir)
+    return run_dir
+
+
+def _make_judge(cfg: ExperimentConfig):
+    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge"
+            or any(c.get("overrides", {}).get("pairs", {}).get("selection") == "judge" for c in cfg.controls)):
+        return None
+    from .evaluation.judges import CachedJudge, get_judge
+
+    judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
+    return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+__all__ = ["run_experiment", "run_loop", "run_prepare", "resolve_placeholders", "reward_pair", "model_paths",
+           "read_json"]

@@ -1,0 +1,209 @@
+"""From scored samples to preference pairs: best vs worst per prompt, with the paper's length control.
+
+The alpha search is written here (no library has it): per language, alpha on the grid
+0, step, ..., alpha_max is the one that makes chosen and rejected equally long on average, where
+chosen = argmax and rejected = argmin of r - alpha*len(y). It is vectorised over prompts,
+candidates and blocks of alphas; `alpha_search_bruteforce` is the rule written out literally, for
+tests. Ties (in the argmax/argmin and between alphas) go to the first index / smallest alpha.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import numpy as np
+
+from .config import PairsConfig
+from .runs import text_hash
+
+
+def _pad(groups: list[list[float]], fill: float) -> np.ndarray:
+    width = max(len(g) for g in groups)
+    out = np.full((len(groups), width), fill, dtype=np.float64)
+    for i, g in enumerate(groups):
+        out[i, : len(g)] = g
+    return out
+
+
+def pick_best_worst(rewards: np.ndarray, lengths: np.ndarray, valid: np.ndarray, alpha: float):
+    """Chosen/rejected indices per row of r - alpha*len over valid candidates (padded arrays)."""
+    adjusted = rewards - alpha * lengths
+    best = np.where(valid, adjusted, -np.inf).argmax(axis=1)
+    worst = np.where(valid, adjusted, np.inf).argmin(axis=1)
+    return best, worst, adjusted
+
+
+def alpha_search(rewards: list[list[float]], lengths: list[list[float]], alphas: np.ndarray,
+                 block: int = 128) -> tuple[float, np.ndarray]:
+    """Return (best alpha, |mean length difference| per alpha) for one language's prompts."""
+    r = _pad(rewards, 0.0)
+    ln = _pad(lengths, 0.0)
+    valid = _pad([[1.0] * len(g) for g in rewards], 0.0).astype(bool)
+    rows = np.arange(len(r))
+    gaps = np.empty(len(alphas))
+    for start in range(0, len(alphas), block):
+        a = alphas[start:start + block, None, None]
+        adjusted = r[None] - a * ln[None]  # (A, P, K)
+        best = np.where(valid[None], adjusted, -np.inf).argmax(axis=2)
+        worst = np.where(valid[None], adjusted, np.inf).argmin(axis=2)
+        diff = ln[rows[None], best] - ln[rows[None], worst]  # (A, P)
+        gaps[start:start + block] = np.abs(diff.mean(axis=1))
+    return float(alphas[int(np.argmin(gaps))]), gaps
+
+
+def alpha_search_bruteforce(rewards, lengths, alphas) -> float:
+    """The rule, literally: for each alpha, each prompt, pick argmax/argmin; keep the smallest gap."""
+    best_alpha, best_gap = None, None
+    for alpha in alphas:
+        diffs = []
+        for r, ln in zip(rewards, lengths):
+            adj = [ri - alpha * li for ri, li in zip(r, ln)]
+            c = max(range(len(adj)), key=lambda j: (adj[j], -j))
+            w = min(range(len(adj)), key=lambda j: (adj[j], j))
+            diffs.append(ln[c] - ln[w])
+        gap = abs(sum(diffs) / len(diffs))
+        if best_gap is None or gap < best_gap:
+            best_alpha, best_gap = float(alpha), gap
+    return best_alpha
+
+
+def alpha_grid(cfg: PairsConfig) -> np.ndarray:
+    steps = int(round(cfg.alpha_max / cfg.alpha_step))
+    return np.round(np.arange(steps + 1) * cfg.alpha_step, 10)
+
+
+def _normalise(records: list[dict], how: str) -> dict[int, float]:
+    """Ranking score per record index: raw r, r per token, or r standardised within a language."""
+    if how == "per_token":
+        return {i: r["reward"] / max(1, r["n_tokens"]) for i, r in enumerate(records)}
+    scores = {i: r["reward"] for i, r in enumerate(records)}
+    if how == "per_language":
+        by_lang = defaultdict(list)
+        for i, r in enumerate(records):
+            by_lang[r["lang"]].append(i)
+        for idx in by_lang.values():
+            vals = np.array([scores[i] for i in idx])
+            mu, sd = vals.mean(), vals.std() or 1.0
+            for i in idx:
+                scores[i] = (scores[i] - mu) / sd
+    return scores
+
+
+def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_language=None,
+                 judge_scores: dict[tuple, float] | None = None) -> tuple[list[dict], dict]:
+    """Pick one (chosen, rejected) pair per prompt; return (pairs, stats per language).
+
+    `scored`: records with id, lang, prompt, sample, response, finished, n_tokens, reward.
+    `in_language(text, lang) -> bool` implements the language filter (None: filter off).
+    `judge_scores[(id, lang, sample)]` is needed for `selection: judge` (the oracle control).
+    """
+    scores = _normalise(scored, cfg.normalize)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, rec in enumerate(scored):
+        groups[(rec["lang"], rec["id"])].append(i)
+
+    stats: dict[str, dict] = {}
+    pairs: list[dict] = []
+    for lang in sorted({k[0] for k in groups}):
+        keys = [k for k in groups if k[0] == lang]
+        st = {"n_prompts": len(keys), "n_candidates": 0, "candidates_in_language": 0, "dropped_filters": 0,
+              "dropped_no_pair": 0, "dropped_margin": 0, "dropped_nonfinite": 0}
+        kept_keys, cand_idx = [], []
+        for key in keys:
+            idx = groups[key]
+            st["n_candidates"] += len(idx)
+            finite = [i for i in idx if np.isfinite(scores[i])]
+            st["dropped_nonfinite"] += len(idx) - len(finite)
+            keep = []
+            for i in finite:
+                rec = scored[i]
+                ok_lang = in_language is None or in_language(rec["response"], lang)
+                st["candidates_in_language"] += bool(ok_lang)
+                if (cfg.language_filter and not ok_lang) or (cfg.drop_truncated and not rec["finished"]):
+                    continue
+                keep.append(i)
+            if len(keep) < 2:
+                st["dropped_filters"] += 1
+                continue
+            kept_keys.append(key)
+            cand_idx.append(keep)
+
+        length_of = (lambda i: len(scored[i]["response"])) if cfg.length_unit == "chars" else \
+            (lambda i: scored[i]["n_tokens"])
+        alpha, curve = 0.0, None
+        if cfg.selection == "reward" and cfg.length_control and cand_idx:
+            grid = alpha_grid(cfg)
+            alpha, gaps = alpha_search([[scores[i] for i in c] for c in cand_idx],
+                                       [[length_of(i) for i in c] for c in cand_idx], grid)
+            stride = max(1, len(grid) // 100)
+            curve = [[float(grid[j]), float(gaps[j])] for j in range(0, len(grid), stride)]
+        st["alpha"] = alpha
+        if curve:
+            st["alpha_curve"] = curve
+
+        chosen_len, rejected_len, chosen_in_lang = [], [], []
+        for key, cands in zip(kept_keys, cand_idx):
+            pair = _pick(key, cands, scored, scores, length_of, alpha, cfg, seed, judge_scores)
+            if pair is None:
+                st["dropped_no_pair"] += 1
+                continue
+            c, w, margin = pair
+            if cfg.min_margin is not None and margin < cfg.min_margin:
+                st["dropped_margin"] += 1
+                continue
+            chosen_len.append(len(scored[c]["response"]))
+            rejected_len.append(len(scored[w]["response"]))
+            if in_language is not None:
+                chosen_in_lang.append(in_language(scored[c]["response"], lang))
+            pairs.append({
+                "id": key[1], "lang": lang, "prompt": scored[c]["prompt"],
+                "chosen": scored[c]["response"], "rejected": scored[w]["response"],
+                "chosen_reward": scored[c]["reward"], "rejected_reward": scored[w]["reward"],
+                "chosen_sample": scored[c]["sample"], "rejected_sample": scored[w]["sample"],
+                "alpha": alpha,
+            })
+        st["n_pairs"] = len(chosen_len)
+        st["chosen_len_mean"] = float(np.mean(chosen_len)) if chosen_len else None
+        st["rejected_len_mean"] = float(np.mean(rejected_len)) if rejected_len else None
+        st["chosen_fidelity"] = float(np.mean(chosen_in_lang)) if chosen_in_lang else None
+        st["candidate_fidelity"] = st["candidates_in_language"] / max(1, st["n_candidates"] - st["dropped_nonfinite"])
+        stats[lang] = st
+    return pairs, {"per_language": stats}
+
+
+def _pick(key, cands, scored, scores, length_of, alpha, cfg: PairsConfig, seed, judge_scores):
+    """(chosen, rejected, margin) for one prompt, or None when the candidates cannot be told apart."""
+    if cfg.selection == "random":
+        rng = random.Random(f"{seed}:{key[0]}:{key[1]}")
+        distinct = {}
+        for i in cands:
+            distinct.setdefault(scored[i]["response"], i)
+        if len(distinct) < 2:
+            return None
+        c, w = rng.sample(sorted(distinct.values()), 2)
+        return c, w, 0.0
+    if cfg.selection == "judge":
+        vals = np.array([judge_scores[(scored[i]["id"], scored[i]["lang"], scored[i]["sample"])] for i in cands])
+    else:
+        vals = np.array([scores[i] - alpha * length_of(i) for i in cands])
+    allowed = vals.copy()
+    if cfg.max_chosen_reward is not None and cfg.selection == "reward":
+        raw = np.array([scores[i] for i in cands])
+        allowed = np.where(raw > cfg.max_chosen_reward, -np.inf, vals)
+    if not np.isfinite(allowed).any():
+        return None
+    c, w = int(np.argmax(allowed)), int(np.argmin(vals))
+    if vals[c] <= vals[w] or c == w:
+        return None
+    return cands[c], cands[w], float(vals[c] - vals[w])
+
+
+def llamafactory_dataset_info(dataset_name: str, file_name: str = "pairs.jsonl") -> dict:
+    """`dataset_info.json` entry so LLaMA-Factory reads pairs.jsonl as a ranking (DPO) dataset."""
+    return {dataset_name: {"file_name": file_name, "ranking": True,
+                           "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}}}
+
+
+def sample_key(rec: dict) -> str:
+    return text_hash(rec["lang"], rec["id"], str(rec["sample"]))

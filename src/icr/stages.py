@@ -1,0 +1,272 @@
+"""The four stages of an ICR iteration, each a function from inputs to files in its own folder.
+
+    generate: policy + prompts            -> generate/shard-*.jsonl   (N samples per prompt)
+    score:    samples + reward models     -> score/shard-*.jsonl      (implicit reward per sample)
+    pairs:    scored samples              -> pairs/pairs.jsonl, stats.json, dataset_info.json
+    train:    pairs + policy + reference  -> model/                   (DPO + NLL)
+
+Each stage finishes by writing `manifest.json` with the key it was computed for; a stage whose
+manifest matches is skipped. Generation and scoring write shards of `shard_size` prompts
+atomically and resume at the first missing shard; each shard is seeded from (seed, shard index),
+so a resumed stage writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from .config import ExperimentConfig
+from .data import PromptSet
+from .errors import IcrError
+from .generation import SamplingParams, load_backend
+from .models import chat_messages, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
+from .runs import (chunk, model_key, manifest_matches, read_json, read_jsonl, read_shards, shard_path,
+                   text_hash, write_json, write_jsonl, write_manifest)
+
+log = logging.getLogger("icr")
+
+
+def _prepare_stage_dir(stage_dir: Path, key: dict) -> None:
+    """Start (or continue) a sharded stage: shards made for a different key are discarded."""
+    key_file = stage_dir / "key.json"
+    if key_file.is_file() and read_json(key_file) != key:
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not key_file.is_file():
+        write_json(key_file, key)
+
+
+def prompt_items(prompts: PromptSet, languages: list[str]) -> list[tuple[str, str, str]]:
+    """(lang, id, instruction) for every prompt, in a fixed order: language, then file order."""
+    return [(lang, p.id, p.instruction) for lang in languages for p in prompts.by_lang[lang]]
+
+
+def prompts_hash(prompts: PromptSet, languages: list[str]) -> str:
+    return text_hash(*[f"{lang}\t{pid}\t{text}" for lang, pid, text in prompt_items(prompts, languages)])
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, stage_dir: Path,
+                 *, seed: int, shard: tuple[int, int] | None = None) -> dict:
+    """Sample `generation.n` responses per prompt per language from the policy."""
+    g = cfg.generation
+    key = {"stage": "generate", "policy": model_key(policy_path), "generation": cfg.section_hash("generation"),
+           "prompts": prompts_hash(prompts, cfg.languages), "seed": seed,
+           "chat_template": cfg.models.chat_template}
+    stage_dir = Path(stage_dir)
+    if manifest_matches(stage_dir, key):
+        return {"skipped": True}
+    t0 = time.time()
+    _prepare_stage_dir(stage_dir, key)
+    items = prompt_items(prompts, cfg.languages)
+    shards = list(chunk(items, g.shard_size))
+    todo = [(i, s) for i, s in shards if not shard_path(stage_dir, i).is_file()
+            and (shard is None or i % shard[1] == shard[0])]
+    counts = {"prompts": len(items), "shards": len(shards), "shards_computed": len(todo)}
+    if todo:
+        backend = load_backend(g.backend, policy_path, device=cfg.device, dtype=cfg.models.dtype,
+                               chat_template=cfg.models.chat_template, batch_size=g.batch_size,
+                               **({"tensor_parallel_size": g.tensor_parallel_size,
+                                   "gpu_memory_utilization": g.gpu_memory_utilization} if g.backend == "vllm" else {}))
+        limit = _prompt_token_limit(backend, g)
+        for i, shard_items in todo:
+            convs = [chat_messages(text) for _, _, text in shard_items]
+            lengths = [len(ids) for ids in _encode(backend, convs)]
+            keep = [j for j, n in enumerate(lengths) if limit is None or n <= limit]
+            params = SamplingParams(n=g.n, temperature=g.temperature, top_p=g.top_p,
+                                    max_new_tokens=g.max_new_tokens, seed=seed * 100_003 + i)
+            samples = backend.generate([convs[j] for j in keep], params,
+                                       desc=f"generate shard {i + 1}/{len(shards)}") if keep else []
+            records = []
+            for j, outs in zip(keep, samples):
+                lang, pid, text = shard_items[j]
+                for k, s in enumerate(outs):
+                    records.append({"id": pid, "lang": lang, "prompt": text, "sample": k, "response": s.text,
+                                    "finished": s.finished, "n_tokens": s.n_tokens})
+            kept = set(keep)
+            skipped = [{"id": shard_items[j][1], "lang": shard_items[j][0], "prompt_tokens": lengths[j]}
+                       for j in range(len(shard_items)) if j not in kept]
+            if skipped:
+                write_jsonl(stage_dir / f"skipped-{i:05d}.jsonl", skipped)
+            write_jsonl(shard_path(stage_dir, i), records)
+        backend.close()
+    if shard is not None and any(not shard_path(stage_dir, i).is_file() for i, _ in shards):
+        return {"partial": True, **counts}
+    records = read_shards(stage_dir)
+    skipped = sum(len(read_jsonl(p)) for p in stage_dir.glob("skipped-*.jsonl"))
+    counts.update(samples=len(records), skipped_long_prompts=skipped,
+                  hit_token_limit=sum(not r["finished"] for r in records))
+    if skipped:
+        log.warning("generate: %d prompts longer than the prompt limit were skipped (see %s/skipped-*.jsonl)",
+                    skipped, stage_dir)
+    write_manifest(stage_dir, key, counts, time.time() - t0)
+    return counts
+
+
+def _encode(backend, convs):
+    tok = backend.tokenizer
+    return [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for c in convs]
+
+
+def _prompt_token_limit(backend, g) -> int | None:
+    """Prompts longer than this are skipped and reported (documented policy: skip, not error)."""
+    if g.max_prompt_tokens is not None:
+        return g.max_prompt_tokens
+    model = getattr(backend, "model", None)
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if ctx is None else max(1, ctx - g.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------------------------
+
+TRANSLATE_INSTRUCTION = ("Translate the following {language} text into English. Reply with the translation "
+                         "only.\n\n{text}")
+
+
+def load_reward_models(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
+    from .reward import RewardModels
+
+    tok_dpo = load_tokenizer(dpo_path, cfg.models.chat_template, what="reward model (policy side)")
+    tok_ref = load_tokenizer(ref_path, cfg.models.chat_template, what="reward model (reference side)")
+    check_same_tokenizer(tok_dpo, tok_ref, dpo_path, ref_path)
+    device = resolve_device(cfg.device)
+    return RewardModels(policy=load_causal_lm(dpo_path, device, cfg.models.dtype, what="reward model"),
+                        reference=load_causal_lm(ref_path, device, cfg.models.dtype, what="reward reference"),
+                        tokenizer=tok_dpo)
+
+
+def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_path: str, ref_path: str,
+              stage_dir: Path, *, translator_path: str | None = None, shard: tuple[int, int] | None = None) -> dict:
+    """Implicit reward of every sample (see `icr.reward`), shard by shard."""
+    from .languages import language_name
+    from .reward import implicit_rewards, reward_conversation
+
+    r = cfg.reward
+    samples_dir, stage_dir = Path(samples_dir), Path(stage_dir)
+    in_shards = sorted(samples_dir.glob("shard-*.jsonl"))
+    key = {"stage": "score", "reward": cfg.section_hash("reward"), "dpo": model_key(dpo_path),
+           "ref": model_key(ref_path), "samples": read_json(samples_dir / "manifest.json")["key"]
+           if (samples_dir / "manifest.json").is_file() else None,
+           "translator": model_key(translator_path) if r.variant == "translate_to_english" else None}
+    if manifest_matches(stage_dir, key):
+        return {"skipped": True}
+    t0 = time.time()
+    _prepare_stage_dir(stage_dir, key)
+    todo = [p for j, p in enumerate(in_shards) if not (stage_dir / p.name).is_file()
+            and (shard is None or j % shard[1] == shard[0])]
+    if todo:
+        rm = load_reward_models(dpo_path, ref_path, cfg)
+        translator = None
+        if r.variant == "translate_to_english":
+            translator = load_backend(cfg.generation.backend, translator_path, device=cfg.device,
+                                      dtype=cfg.models.dtype, chat_template=cfg.models.chat_template,
+                                      batch_size=cfg.generation.batch_size)
+        for path in todo:
+            records = read_jsonl(path)
+            responses = [rec["response"] for rec in records]
+            if translator is not None:
+                convs = [chat_messages(TRANSLATE_INSTRUCTION.format(language=language_name(rec["lang"]),
+                                                                    text=rec["response"])) for rec in records]
+                out = translator.generate(convs, SamplingParams(n=1, temperature=0.0,
+                                                                max_new_tokens=r.translate_max_new_tokens),
+                                          desc=f"translate {path.stem}")
+                responses = [rec["response"] if rec["lang"] == "en" else o[0].text for rec, o in zip(records, out)]
+            convs = [reward_conversation(r.variant, rec["lang"], rec["prompt"],
+                                         prompts.english(rec["id"]).instruction, r.prefix) for rec in records]
+            res = implicit_rewards(rm, convs, responses, batch_tokens=r.batch_tokens, desc=f"score {path.stem}")
+            out_records = []
+            for j, rec in enumerate(records):
+                reward = float(res["reward"][j])
+                finite = reward == reward
+                out_records.append({**rec, "reward": reward if finite else None,
+                                    "beta_reward": r.beta * reward if finite else None,
+                                    "logp_policy": float(res["logp_policy"][j]),
+                                    "logp_reference": float(res["logp_reference"][j]),
+                                    "reward_tokens": int(res["n_tokens"][j]),
+                                    **({"translation": responses[j]} if translator is not None else {})})
+            write_jsonl(stage_dir / path.name, out_records)
+        if translator is not None:
+            translator.close()
+    if shard is not None and any(not (stage_dir / p.name).is_file() for p in in_shards):
+        return {"partial": True}
+    records = read_shards(stage_dir)
+    counts = {"scored": len(records), "nonfinite": sum(rec["reward"] is None for rec in records)}
+    if counts["nonfinite"]:
+        log.warning("score: %d samples had non-finite log-probs and are excluded from pairs", counts["nonfinite"])
+    write_manifest(stage_dir, key, counts, time.time() - t0)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+# ---------------------------------------------------------------------------------------------
+
+def run_pairs(cfg: ExperimentConfig, scores_dir: Path, stage_dir: Path, *, seed: int, iteration: int,
+              judge=None) -> dict:
+    from .languages import language_identifier
+    from .pairs import llamafactory_dataset_info, select_pairs
+
+    scores_dir, stage_dir = Path(scores_dir), Path(stage_dir)
+    key = {"stage": "pairs", "pairs": cfg.section_hash("pairs"), "seed": seed,
+           "scores": read_json(scores_dir / "manifest.json")["key"]}
+    if manifest_matches(stage_dir, key):
+        return {"skipped": True}
+    t0 = time.time()
+    scored = read_shards(scores_dir)
+    for rec in scored:
+        if rec["reward"] is None:
+            rec["reward"] = float("nan")
+    identifier = language_identifier(tuple(cfg.languages))
+    judge_scores = None
+    if cfg.pairs.selection == "judge":
+        if judge is None or not hasattr(judge, "score"):
+            raise IcrError("pairs.selection: judge needs an evaluation judge that scores single answers "
+                           "(evaluation.judge: oracle or reward_model)")
+        from .evaluation.judges import JudgeItem
+
+        items = [JudgeItem(id=r["id"], lang=r["lang"], instruction=r["prompt"], output=r["response"])
+                 for r in scored]
+        judge_scores = {(r["id"], r["lang"], r["sample"]): s for r, s in zip(scored, judge.score(items))}
+    pairs, stats = select_pairs(scored, cfg.pairs, seed=seed, in_language=identifier.is_in,
+                                judge_scores=judge_scores)
+    write_jsonl(stage_dir / "pairs.jsonl", pairs)
+    write_json(stage_dir / "stats.json", stats)
+    write_json(stage_dir / "dataset_info.json", llamafactory_dataset_info(f"icr_{cfg.name}_iter{iteration}"))
+    counts = {"pairs": len(pairs), **{f"pairs_{k}": v["n_pairs"] for k, v in stats["per_language"].items()}}
+    write_manifest(stage_dir, key, counts, time.time() - t0)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+def run_train(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_dir: Path, model_dir: Path,
+              *, seed: int) -> dict:
+    from .train import train_dpo
+
+    pairs_dir, stage_dir = Path(pairs_dir), Path(stage_dir)
+    key = {"stage": "train", "train": cfg.section_hash("train"), "seed": seed, "policy": model_key(policy_path),
+           "pairs": read_json(pairs_dir / "manifest.json")["key"]}
+    if manifest_matches(stage_dir, key) and Path(model_dir).is_dir():
+        return {"skipped": True}
+    t0 = time.time()
+    key_file = stage_dir / "key.json"
+    if key_file.is_file() and read_json(key_file) != key:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # checkpoints of another setup
+    write_json(key_file, key)
+    pairs = read_jsonl(pairs_dir / "pairs.jsonl")
+    metrics = train_dpo(pairs, policy_path, policy_path, cfg.train, stage_dir, Path(model_dir), seed=seed,
+                        device=cfg.device, chat_template=cfg.models.chat_template)
+    counts = {"pairs": len(pairs), "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
+    write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
+    return counts

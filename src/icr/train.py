@@ -1,0 +1,111 @@
+"""DPO + NLL training on ICR pairs, through TRL's `DPOTrainer`.
+
+The paper's loss is DPO (beta 0.1) plus an NLL term on the chosen response (weight 1.0). Current
+TRL expresses that as `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, w]` (`rpo_alpha` is
+gone). The DPO reference is the policy the iteration starts from, loaded from its own folder and
+passed explicitly. Pairs are conversational (`prompt` = the target-language instruction as a user
+turn, `chosen`/`rejected` = assistant turns), so TRL applies the model's chat template.
+
+Checkpoints are written every `save_steps` into `out_dir/checkpoints`; a rerun resumes from the
+latest one. The final model (merged, if LoRA) and tokenizer go to `model_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import IcrError
+from .models import load_causal_lm, load_tokenizer, resolve_device
+
+
+def pairs_to_dataset(pairs: list[dict]):
+    import datasets
+
+    if not pairs:
+        raise IcrError("train: no preference pairs to train on (see the pairs stage's stats.json)")
+    return datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p["prompt"]}],
+         "chosen": [{"role": "assistant", "content": p["chosen"]}],
+         "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+        for p in pairs])
+
+
+def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs: int):
+    from trl import DPOConfig
+
+    on_gpu = device.startswith("cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    loss_type, loss_weights = (["sigmoid", "sft"], [1.0, cfg.nll_weight]) if cfg.nll_weight > 0 else (["sigmoid"], None)
+    return DPOConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        beta=cfg.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_length=cfg.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        seed=seed,
+        data_seed=seed,
+        report_to=cfg.report_to or "none",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        dataset_num_proc=None,
+        disable_tqdm=False,
+        remove_unused_columns=False,
+    )
+
+
+def _latest_checkpoint(out_dir: Path) -> str | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
+              model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None) -> dict:
+    """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics."""
+    from trl import DPOTrainer
+
+    device = resolve_device(device)
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    tokenizer = load_tokenizer(policy_path, chat_template, what="policy")
+    tokenizer.padding_side = "right"
+    policy = load_causal_lm(policy_path, device, "float32" if device == "cpu" else "auto", what="policy")
+    policy.train()
+    peft_config = None
+    ref_model = load_causal_lm(reference_path, device, "float32" if device == "cpu" else "auto", what="reference")
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLora
+
+        peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                               target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    args = dpo_config(cfg, out_dir, seed, device, len(pairs))
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=pairs_to_dataset(pairs),
+                         processing_class=tokenizer, peft_config=peft_config)
+    result = trainer.train(resume_from_checkpoint=_latest_checkpoint(out_dir))
+    model = trainer.model
+    if cfg.lora.enabled:
+        model = model.merge_and_unload()
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+            "last_log": history[-1] if history else {}}
