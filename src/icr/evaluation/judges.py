@@ -178,7 +178,8 @@ class AlpacaEvalJudge:
         pairwise_annotator = _import_alpaca_eval_annotator()
         self.annotator = pairwise_annotator(annotators_config=annotators_config, caching_path=caching_path,
                                             seed=seed, **annotator_kwargs)
-        self.name = f"alpaca_eval:{Path(annotators_config).stem}"
+        config = Path(annotators_config)
+        self.name = f"alpaca_eval:{config.parent.name if config.name == 'configs.yaml' else config.stem}"
 
     @staticmethod
     def head2head_inputs(items: list[JudgeItem]) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,136 @@
+import math
+import sys
+import types
+
+import pytest
+
+from icr.errors import IcrError
+from icr.evaluation.judges import (MULTILINGUAL_JUDGE_NOTE, AlpacaEvalJudge, CachedJudge, FakeJudge,
+                                   JudgeItem, get_judge, judge_instruction)
+
+
+def items(n=3, lang="es"):
+    return [JudgeItem(id=str(i), lang=lang, instruction=f"q{i}", output="x" * i, reference="xx") for i in range(n)]
+
+
+def test_fake_judge_prefers_longer_and_scores():
+    judge = get_judge("fake")
+    assert judge.compare(items()) == [0.0, 0.0, 0.5]
+    assert judge.score(items()) == [0.0, 1.0, 2.0]
+    h = get_judge("fake", mode="hash")
+    a = h.compare(items())
+    assert a == h.compare(items()) and all(0 <= v < 1 for v in a)
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(IcrError, match=r"did you mean 'oracle'.*available: oracle, alpaca_eval, reward_model, fake"):
+        get_judge("oracel")
+    with pytest.raises(IcrError, match="bad judge_args"):
+        get_judge("fake", colour="red")
+    with pytest.raises(IcrError, match="cannot import"):
+        get_judge("no_such_module_xyz:make")
+
+
+def test_dotted_factory_and_lazy_oracle(monkeypatch):
+    mod = types.ModuleType("my_judges")
+    mod.make = lambda scale=1: types.SimpleNamespace(name="mine", compare=lambda its: [scale] * len(its))
+    mod.bad = lambda: object()
+    monkeypatch.setitem(sys.modules, "my_judges", mod)
+    assert get_judge("my_judges:make", scale=1).compare(items(2)) == [1, 1]
+    with pytest.raises(IcrError, match="lacks a `name`"):
+        get_judge("my_judges:bad")
+
+    oracle = types.ModuleType("icr.sandbox.oracle")
+    oracle.OracleJudge = lambda **kw: types.SimpleNamespace(name="oracle", compare=lambda its: [1.0] * len(its), kw=kw)
+    monkeypatch.setitem(sys.modules, "icr.sandbox.oracle", oracle)
+    assert get_judge("oracle", world="w").kw == {"world": "w"}
+
+
+def test_cached_judge_asks_each_item_once(tmp_path):
+    inner = FakeJudge()
+    path = tmp_path / "cache.jsonl"
+    judge = CachedJudge(inner, path, chunk_size=2)
+    first = judge.compare(items(5))
+    assert inner.calls == 5 and len(path.read_text().splitlines()) == 5
+    assert judge.compare(items(5)) == first and inner.calls == 5
+    # a new process reads the file; a truncated last line is ignored
+    with open(path, "a") as fh:
+        fh.write('{"key": "abc", "val')
+    again = CachedJudge(FakeJudge(), path)
+    assert again.compare(items(5)) == first and again.judge.calls == 0 and again.hits == 5
+    # a different reference or language is a different judgement
+    changed = [JudgeItem(id="0", lang="es", instruction="q0", output="", reference="")]
+    assert again.compare(changed) == [0.5] and again.judge.calls == 1
+    # score is cached separately and ignores the reference
+    assert again.score(items(2)) == [0.0, 1.0] and again.judge.calls == 3
+    assert again.score(items(2)) == [0.0, 1.0] and again.judge.calls == 3
+
+
+def test_cached_judge_retries_failures_and_hides_missing_score(tmp_path):
+    class Flaky:
+        name = "flaky"
+        calls = 0
+
+        def compare(self, its):
+            self.calls += 1
+            return [math.nan if self.calls == 1 else 1.0 for _ in its]
+
+    judge = CachedJudge(Flaky(), tmp_path / "c.jsonl")
+    assert math.isnan(judge.compare(items(1))[0])
+    assert judge.compare(items(1)) == [1.0]
+    assert not hasattr(judge, "score")
+    assert hasattr(CachedJudge(FakeJudge(), tmp_path / "d.jsonl"), "score")
+
+
+def test_alpaca_eval_prompt_construction():
+    es, en = items(1, "es")[0], items(1, "en")[0]
+    assert judge_instruction(en) == "q0"
+    assert judge_instruction(es) == "q0\n\n" + MULTILINGUAL_JUDGE_NOTE
+    assert MULTILINGUAL_JUDGE_NOTE == ("A good output should be in the same language as the instruction, except "
+                                       "when the instruction explicitly requests the output in a different language.")
+    baseline, model = AlpacaEvalJudge.head2head_inputs([es])
+    assert baseline[0]["output"] == "xx" and model[0]["output"] == ""
+    assert baseline[0]["instruction"] == model[0]["instruction"] == judge_instruction(es)
+
+
+def test_alpaca_eval_maps_preferences():
+    class FakeAnnotator:
+        def annotate_head2head(self, outputs_1, outputs_2, is_ordered):
+            prefs = [2.0, 1.0, 1.5, None, 1.75]
+            return [{"instruction": a["instruction"], "output_1": a["output"], "output_2": b["output"], "preference": p}
+                    for a, b, p in zip(reversed(outputs_1), reversed(outputs_2), prefs)]
+
+    judge = AlpacaEvalJudge.__new__(AlpacaEvalJudge)
+    judge.annotator, judge.name = FakeAnnotator(), "alpaca_eval:fake"
+    out = judge.compare(items(5))  # annotations come back in another order: matched by content
+    assert out[4] == 1.0 and out[3] == 0.0 and out[2] == 0.5 and math.isnan(out[1]) and out[0] == 0.75
+
+
+def test_alpaca_eval_import_error_is_actionable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "alpaca_eval", None)
+    monkeypatch.setitem(sys.modules, "alpaca_eval.annotators", None)
+    with pytest.raises(IcrError, match=r"needs the alpaca-eval package: pip install 'alpaca-eval==0.6.6'"):
+        get_judge("alpaca_eval")
+
+
+def test_reward_model_judge(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from icr.tiny import build_tokenizer
+
+    tok = build_tokenizer(["hola mundo que tal", "hello world how are you"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = get_judge("reward_model", model=str(tmp_path / "rm"), device="cpu", batch_size=2)
+    assert judge.name == "reward_model:rm"
+    its = [JudgeItem("1", "es", "hola", "mundo que tal", "hello"), JudgeItem("2", "es", "hola", "hola", "hola")]
+    s_out, s_same = judge.score(its)
+    s_ref = judge.score([JudgeItem("1", "es", "hola", "hello")])[0]
+    prefs = judge.compare(its)
+    assert prefs[0] == pytest.approx(1 / (1 + math.exp(-(s_out - s_ref))), abs=1e-4)
+    assert prefs[1] == pytest.approx(0.5, abs=1e-4)
