@@ -293,8 +293,7 @@ def _build(cls, data, prefix: str, errors: list[str]):
 def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     errors: list[str] = []
     cfg = _build(ExperimentConfig, data, "", errors)
-    if not errors:
-        errors.extend(_cross_checks(cfg))
+    errors.extend(_cross_checks(cfg))
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
     return cfg

@@ -269,4 +269,7 @@ def run_train(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_di
                         device=cfg.device, chat_template=cfg.models.chat_template)
     counts = {"pairs": len(pairs), "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
     write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
+    # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
+    # several times the model's size) are no longer needed.
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
     return counts

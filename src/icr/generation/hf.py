@@ -39,6 +39,7 @@ class HFBackend:
         results: list[list[Sample] | None] = [None] * len(prompt_ids)
         pad = self.tokenizer.pad_token_id
         greedy = params.temperature == 0
+        n_return = 1 if greedy else params.n  # greedy samples are all the same: decode once, repeat
         bar = tqdm(total=len(order) * params.n, desc=desc or "generate", unit="sample", disable=desc is None,
                    leave=False)
         for b, start in enumerate(range(0, len(order), self.batch_size)):
@@ -55,17 +56,17 @@ class HFBackend:
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                 do_sample=not greedy, temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p, top_k=None if greedy else 0,
-                max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+                max_new_tokens=params.max_new_tokens, num_return_sequences=n_return,
                 eos_token_id=self.eos_ids, pad_token_id=pad)
             new = out[:, width:].cpu()
             for row, i in enumerate(idx):
-                results[i] = [self._to_sample(new[row * params.n + k].tolist(), params.max_new_tokens)
+                results[i] = [self._to_sample(new[row * n_return + (k % n_return)].tolist())
                               for k in range(params.n)]
             bar.update(len(idx) * params.n)
         bar.close()
         return results
 
-    def _to_sample(self, tokens: list[int], limit: int) -> Sample:
+    def _to_sample(self, tokens: list[int]) -> Sample:
         end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
         body = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(body, skip_special_tokens=True)

@@ -1,0 +1,165 @@
+"""Evaluate a model X-AlpacaEval style: one answer per prompt per language, judged against references.
+
+Layout under `out_dir` (the run's `eval/` folder):
+
+    <label>/<lang>/model_outputs.json   alpaca_eval model-output format (feed it to alpaca_eval directly)
+    <label>/<lang>/generation.json      what produced it (model, decoding, prompt hash) and counts
+    <label>/<lang>/judgements.<judge>.json   per-id preference, for inspection and agreement studies
+    judge_cache.jsonl                   every judgement ever paid for, by content hash
+
+Resumable at language granularity: outputs whose `generation.json` matches the current model,
+decoding and prompts are reused; judgements come from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import IcrError
+from ..runs import read_json, text_hash, write_json
+from .export import read_model_outputs, to_model_outputs, write_model_outputs
+from .judges import CachedJudge, JudgeItem
+from .metrics import fidelity, length_controlled_win_rate, mean_length, win_rate
+
+
+def _generation_key(model_path: str, params, chat_template: str | None, prompts: list[dict]) -> dict:
+    return {"model_path": str(model_path), "params": dataclasses.asdict(params),
+            "chat_template": text_hash(chat_template or ""),
+            "prompts": text_hash(*(f"{p['id']}\t{p['instruction']}" for p in prompts))}
+
+
+def _reusable(lang_dir: Path, key: dict, prompts: list[dict]) -> list[dict] | None:
+    """The saved outputs if they were made by the same model, decoding and prompts."""
+    try:
+        if read_json(lang_dir / "generation.json").get("key") != key:
+            return None
+        rows = read_model_outputs(lang_dir / "model_outputs.json")
+    except (OSError, ValueError, IcrError):
+        return None
+    same = len(rows) == len(prompts) and all(
+        str(r.get("id")) == str(p["id"]) and r["instruction"] == p["instruction"] for r, p in zip(rows, prompts))
+    return rows if same else None
+
+
+def _check_references(prompts: dict, references: dict) -> None:
+    for lang, rows in prompts.items():
+        refs = references.get(lang)
+        if refs is None:
+            raise IcrError(f"evaluation: no reference outputs for language {lang!r}")
+        missing = [str(p["id"]) for p in rows if str(p["id"]) not in refs]
+        if missing:
+            raise IcrError(f"evaluation: {len(missing)} of {len(rows)} {lang} prompts have no reference output "
+                           f"(ids {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+
+
+def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[str, list[dict]],
+                   references: dict[str, dict[str, str]], judge, cfg, out_dir: Path, *, device: str = "auto",
+                   seed: int = 42, chat_template: str | None = None, backend=None, backend_name: str = "hf",
+                   dtype: str = "auto", identifier=None) -> list[dict]:
+    """Generate, export, judge and score one model; returns one results row per language.
+
+    `cfg` is an `icr.config.EvaluationConfig` (decoding, batch size). `backend` (optional) is an
+    already loaded generation backend, used as is and not closed; otherwise `backend_name` is loaded
+    for `model_path` only if some language needs generating, and closed afterwards. `identifier`
+    defaults to the offline language identifier over the evaluated languages.
+    """
+    from ..generation import SamplingParams
+
+    out_dir = Path(out_dir)
+    _check_references(prompts, references)
+    if not isinstance(judge, CachedJudge):
+        judge = CachedJudge(judge, out_dir / "judge_cache.jsonl")
+    params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, seed=seed)
+
+    outputs: dict[str, list[dict]] = {}
+    todo = []
+    for lang, rows in prompts.items():
+        key = _generation_key(model_path, params, chat_template, rows)
+        saved = _reusable(out_dir / label / lang, key, rows)
+        if saved is None:
+            todo.append((lang, key))
+        else:
+            outputs[lang] = saved
+    if todo:
+        own = backend is None
+        if own:
+            from ..generation import load_backend
+
+            backend = load_backend(backend_name, model_path, device=device, dtype=dtype,
+                                   chat_template=chat_template, batch_size=cfg.batch_size)
+        try:
+            for lang, key in todo:
+                rows = prompts[lang]
+                samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params,
+                                           desc=f"{label} {lang}")
+                texts = [s[0].text for s in samples]
+                outputs[lang] = to_model_outputs(rows, texts, generator=label)
+                lang_dir = out_dir / label / lang
+                write_model_outputs(lang_dir / "model_outputs.json", outputs[lang])
+                write_json(lang_dir / "generation.json", {
+                    "key": key, "n": len(rows), "unfinished": sum(not s[0].finished for s in samples),
+                    "mean_tokens": sum(s[0].n_tokens for s in samples) / max(len(samples), 1)})
+        finally:
+            if own:
+                backend.close()
+
+    if identifier is None:
+        from ..languages import language_identifier
+
+        identifier = language_identifier(tuple(sorted(prompts)))
+    results = []
+    for lang in tqdm(list(prompts), desc=f"judging {label} ({judge.name})", unit="lang"):
+        rows = outputs[lang]
+        items = [JudgeItem(id=str(r["id"]), lang=lang, instruction=r["instruction"], output=r["output"],
+                           reference=references[lang][str(r["id"])]) for r in rows]
+        prefs = judge.compare(items)
+        failed = sum(math.isnan(p) for p in prefs)
+        if failed:
+            raise IcrError(f"judge {judge.name}: {failed} of {len(items)} judgements failed for {label}/{lang}; "
+                           "rerun to retry them (the others are cached)")
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", judge.name)
+        write_json(out_dir / label / lang / f"judgements.{safe}.json",
+                   [{"id": it.id, "preference": p} for it, p in zip(items, prefs)])
+        texts = [it.output for it in items]
+        wr, wr_se = win_rate(prefs)
+        results.append({
+            "model": label, "iteration": iteration, "lang": lang, "judge": judge.name, "n": len(items),
+            "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se,
+            "lc": length_controlled_win_rate(prefs, [len(t) for t in texts], [len(it.reference) for it in items]),
+            "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
+    return results
+
+
+def evaluate_models(cfg, models: list[tuple[str, str, int]], *, judge=None, backend_factory=None) -> list[dict]:
+    """Evaluate several models of a run and record them in `<run_dir>/results.json`.
+
+    `cfg` is an `icr.config.ExperimentConfig`; `models` is `[(label, model_path, iteration)]`, for
+    example `[("sft", cfg.models.sft, -1), ("M0", cfg.models.dpo, 0)]`. Prompts and references come
+    from `cfg.evaluation` for `cfg.languages`; outputs go to `<run_dir>/eval/`. `judge` overrides
+    `cfg.evaluation.judge`; `backend_factory(model_path)` (tests) overrides the generation backend.
+    Each model's rows are written as soon as it is done. Returns all new rows.
+    """
+    from .export import load_eval_prompts, load_references
+    from .judges import get_judge
+    from .results import append_results
+
+    ev = cfg.evaluation
+    prompts = load_eval_prompts(ev.prompts, cfg.languages)
+    references = load_references(ev.references, cfg.languages)
+    judge = judge or get_judge(ev.judge, **ev.judge_args)
+    out_dir = Path(cfg.run_dir) / "eval"
+    rows = []
+    for label, path, iteration in models:
+        backend = backend_factory(path) if backend_factory else None
+        new = evaluate_model(path, label, iteration, prompts, references, judge, ev, out_dir, device=cfg.device,
+                             seed=cfg.seed, chat_template=cfg.models.chat_template, backend=backend,
+                             backend_name=cfg.generation.backend, dtype=cfg.models.dtype)
+        append_results(Path(cfg.run_dir) / "results.json", new)
+        rows.extend(new)
+    return rows

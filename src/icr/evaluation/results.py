@@ -1,0 +1,109 @@
+"""`runs/<name>/results.json`: one row per (model, language, judge). Schema: docs/results-schema.md.
+
+Other tools read this file, so the schema is checked on every write and every read: a row with a
+missing, extra or mistyped field is an error naming the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import IcrError
+from ..runs import atomic_write_text
+
+# field -> (allowed types, may be null, check, description)
+SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
+    "model": ((str,), False, lambda v: v != "", "non-empty string (sft, M0, M1, ... or a control label)"),
+    "iteration": ((int,), False, lambda v: v >= -1, "integer >= -1 (-1 = sft, 0 = M0)"),
+    "lang": ((str,), False, lambda v: v != "", "non-empty language code"),
+    "judge": ((str,), False, lambda v: v != "", "non-empty judge name"),
+    "n": ((int,), False, lambda v: v >= 1, "integer >= 1"),
+    "wr": ((int, float), False, lambda v: 0 <= v <= 100, "number in [0, 100]"),
+    "wr_se": ((int, float), True, lambda v: v >= 0, "number >= 0, or null"),
+    "lc": ((int, float), True, lambda v: 0 <= v <= 100, "number in [0, 100], or null"),
+    "fidelity": ((int, float), True, lambda v: 0 <= v <= 1, "number in [0, 1], or null"),
+    "mean_len": ((int, float), False, lambda v: v >= 0, "number >= 0"),
+}
+FIELDS = tuple(SCHEMA)
+KEY = ("model", "lang", "judge")
+
+
+def _describe(row, index) -> str:
+    if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in KEY):
+        return f"results row {index} ({row['model']}, {row['lang']}, {row['judge']})"
+    return f"results row {index}"
+
+
+def validate_results(rows) -> None:
+    """Raise IcrError naming the first bad row and field; also refuses duplicate keys."""
+    if not isinstance(rows, list):
+        raise IcrError(f"results: expected a list of rows, got {type(rows).__name__}")
+    seen = {}
+    for i, row in enumerate(rows):
+        where = _describe(row, i)
+        if not isinstance(row, dict):
+            raise IcrError(f"{where}: expected an object, got {type(row).__name__}")
+        extra = sorted(set(row) - set(FIELDS))
+        if extra:
+            raise IcrError(f"{where}: unknown field {extra[0]!r} (fields: {', '.join(FIELDS)})")
+        for field, (types, nullable, check, desc) in SCHEMA.items():
+            if field not in row:
+                raise IcrError(f"{where}: missing field {field!r}")
+            value = row[field]
+            if value is None and nullable:
+                continue
+            ok = isinstance(value, types) and not isinstance(value, bool)
+            if ok and isinstance(value, float) and not math.isfinite(value):
+                ok = False
+            if not ok or not check(value):
+                raise IcrError(f"{where}: field {field!r} is {value!r}; expected {desc}")
+        key = tuple(row[k] for k in KEY)
+        if key in seen:
+            raise IcrError(f"{where}: same (model, lang, judge) as row {seen[key]}")
+        seen[key] = i
+
+
+def clean_row(row: dict) -> dict:
+    """Fields in schema order, NaN turned into null (JSON has no NaN). Missing or unknown fields
+    are kept as they are, for `validate_results` to name."""
+    order = [k for k in FIELDS if k in row] + [k for k in row if k not in SCHEMA]
+    return {k: (None if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in order}
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of a results file (validated); an absent file has no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise IcrError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    try:
+        validate_results(rows)
+    except IcrError as e:
+        raise IcrError(f"{path}: {e}") from None
+    return rows
+
+
+def append_results(path: Path, rows: list[dict]) -> list[dict]:
+    """Add rows to a results file; a row with the same (model, lang, judge) replaces the old one in
+    place. Validates everything and writes atomically. Returns the file's rows.
+
+    Not safe against two writers at once: the run lock (`icr.runs.run_lock`) keeps one per run.
+    """
+    new = [clean_row(r) for r in rows]
+    validate_results(new)
+    existing = read_results(path)
+    index = {tuple(r[k] for k in KEY): i for i, r in enumerate(existing)}
+    for row in new:
+        key = tuple(row[k] for k in KEY)
+        if key in index:
+            existing[index[key]] = row
+        else:
+            index[key] = len(existing)
+            existing.append(row)
+    atomic_write_text(Path(path), json.dumps(existing, ensure_ascii=False, indent=1) + "\n")
+    return existing

@@ -1,0 +1,249 @@
+"""`icr report RUN`: a Markdown report with plots, from whatever a run folder holds so far.
+
+Reads (each optional; a missing or unreadable part drops its section, never the report):
+    results.json                          evaluation rows (docs/results-schema.md)
+    iter<t>/pairs/stats.json              pair statistics per language (alpha, counts, lengths, alpha curve)
+    iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
+    diagnostics/reward_agreement.json     {lang: {pair_kind: {"agree": fraction, "n": count}}}
+Writes report.md and PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from .errors import IcrError
+from .evaluation.results import read_results
+from .runs import atomic_write_text
+
+MAIN_MODEL = re.compile(r"^(sft|M\d+)$")
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _model_order(row: dict) -> tuple:
+    return (row["iteration"], not MAIN_MODEL.match(row["model"]), row["model"])
+
+
+def _languages(rows: list[dict]) -> list[str]:
+    langs = list(dict.fromkeys(r["lang"] for r in rows))
+    return sorted(langs, key=lambda lang: (lang != "en", langs.index(lang)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
+    out = []
+    for judge in dict.fromkeys(r["judge"] for r in rows):
+        jrows = [r for r in rows if r["judge"] == judge]
+        langs = _languages(jrows)
+        cell = {(r["model"], r["lang"]): r for r in jrows}
+        models = list(dict.fromkeys(r["model"] for r in sorted(jrows, key=_model_order)))
+        table, details, incomplete = [], [], False
+        for m in models:
+            have = [cell[(m, lang)] for lang in langs if (m, lang) in cell]
+            incomplete |= len(have) < len(langs)
+            avg = lambda k: sum(r[k] for r in have) / len(have) if all(r[k] is not None for r in have) else None  # noqa: E731
+            mark = "" if len(have) == len(langs) else " †"
+            table.append([m] + [v for lang in langs for v in (
+                (cell[(m, lang)]["lc"], cell[(m, lang)]["wr"]) if (m, lang) in cell else ("–", "–"))]
+                + [_fmt(avg("lc")) + mark, _fmt(avg("wr")) + mark])
+            details.append([m] + [_detail(cell.get((m, lang))) for lang in langs])
+        out += [f"## Win rates against the reference — judge `{judge}`", "",
+                "LC = length-controlled win rate, WR = win rate, in % (Table 2 layout).", "",
+                _table(["Model"] + [f"{lang} {k}" for lang in langs for k in ("LC", "WR")] + ["Avg LC", "Avg WR"], table),
+                ""]
+        if incomplete:
+            out += ["† averaged over the languages evaluated for that model only.", ""]
+        out += ["Per language: WR standard error / language fidelity (%) / mean length (chars) / n.", "",
+                _table(["Model"] + langs, details), ""]
+        plot = _plot_wr(jrows, langs, run_dir, judge, plt)
+        if plot:
+            out += [f"![WR across iterations]({plot})", ""]
+    return out
+
+
+def _detail(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    fid = None if row["fidelity"] is None else 100 * row["fidelity"]
+    return f"{_fmt(row['wr_se'])} / {_fmt(fid)} / {row['mean_len']:.0f} / {row['n']}"
+
+
+def _plot_wr(rows: list[dict], langs: list[str], run_dir: Path, judge: str, plt) -> str | None:
+    main = [r for r in rows if MAIN_MODEL.match(r["model"])]
+    if plt is None or not main:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axes[0], "wr", "WR"), (axes[1], "lc", "LC")):
+        for lang in langs:
+            pts = sorted((r["iteration"], r[key]) for r in main if r["lang"] == lang and r[key] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lang)
+        ticks = sorted({r["iteration"] for r in main})
+        ax.set_xticks(ticks, ["SFT" if t == -1 else f"M{t}" for t in ticks])
+        ax.axhline(50, color="grey", lw=0.5, ls="--")
+        ax.set_title(f"{title} vs reference ({judge})")
+        ax.set_ylabel("%")
+    axes[1].legend(fontsize="small")
+    name = f"wr_by_iteration.{_safe(judge)}.png"
+    fig.tight_layout()
+    fig.savefig(run_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _iterations(run_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in run_dir.glob("iter*") if p.is_dir() and (m := re.fullmatch(r"iter(\d+)", p.name))]
+    return sorted(found)
+
+
+def _pairs_section(run_dir: Path, plt) -> list[str]:
+    rows, curves = [], []
+    for t, d in _iterations(run_dir):
+        stats = _read(d / "pairs" / "stats.json")
+        if not isinstance(stats, dict) or not isinstance(stats.get("per_language"), dict):
+            continue
+        for lang, s in stats["per_language"].items():
+            if not isinstance(s, dict):
+                continue
+            fid = s.get("chosen_fidelity")
+            rows.append([str(t), lang, _fmt(s.get("alpha"), 3), s.get("n_prompts"), s.get("n_pairs"),
+                         s.get("dropped_no_pair"), s.get("dropped_filters"), s.get("chosen_len_mean"),
+                         s.get("rejected_len_mean"), None if fid is None else 100 * fid])
+        plot = _plot_alpha(t, stats["per_language"], run_dir, plt)
+        if plot:
+            curves.append(f"![alpha search, iteration {t}]({plot})")
+    if not rows:
+        return []
+    return ["## Preference pairs", "",
+            _table(["Iter", "Lang", "α", "Prompts", "Pairs", "Dropped (no pair)", "Dropped (filters)",
+                    "Chosen len", "Rejected len", "Chosen fidelity %"], rows), ""] + \
+        [line for c in curves for line in (c, "")]
+
+
+def _plot_alpha(t: int, per_language: dict, run_dir: Path, plt) -> str | None:
+    curves = {lang: s["alpha_curve"] for lang, s in per_language.items()
+              if isinstance(s, dict) and isinstance(s.get("alpha_curve"), list) and s["alpha_curve"]}
+    if plt is None or not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lang, curve in curves.items():
+        pts = sorted((float(a), float(v)) for a, v in curve)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=lang)
+        alpha = per_language[lang].get("alpha")
+        if isinstance(alpha, (int, float)):
+            ax.axvline(alpha, color=line.get_color(), lw=0.8, ls=":")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("α (length penalty)")
+    ax.set_ylabel("mean length, chosen − rejected")
+    ax.set_title(f"α search, iteration {t} (dotted: chosen α)")
+    ax.legend(fontsize="small")
+    name = f"alpha_curve_iter{t}.png"
+    fig.tight_layout()
+    fig.savefig(run_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _agreement_section(run_dir: Path) -> list[str]:
+    data = _read(run_dir / "diagnostics" / "reward_agreement.json")
+    if not isinstance(data, dict) or not data:
+        return []
+    kinds = list(dict.fromkeys(k for v in data.values() if isinstance(v, dict) for k in v))
+    rows = []
+    for lang, per_kind in data.items():
+        if not isinstance(per_kind, dict):
+            continue
+        row = [lang]
+        for kind in kinds:
+            c = per_kind.get(kind)
+            ok = isinstance(c, dict) and isinstance(c.get("agree"), (int, float))
+            row.append(f"{100 * c['agree']:.1f} (n={c.get('n', '?')})" if ok else "–")
+        rows.append(row)
+    return ["## Reward agreement with the judge", "",
+            "% of pairs where the implicit reward orders the two answers as the judge does.", "",
+            _table(["Lang"] + kinds, rows), ""]
+
+
+def _timing_section(run_dir: Path) -> list[str]:
+    seconds: dict[str, dict[str, float]] = {}
+    columns = []
+
+    def add(column: str, stage: str, manifest: Path):
+        data = _read(manifest)
+        if isinstance(data, dict) and isinstance(data.get("seconds"), (int, float)):
+            seconds.setdefault(stage, {})[column] = float(data["seconds"])
+            if column not in columns:
+                columns.append(column)
+
+    for manifest in sorted(run_dir.glob("*/manifest.json")):
+        if not re.fullmatch(r"iter\d+", manifest.parent.name):
+            add("run", manifest.parent.name, manifest)
+    for t, d in _iterations(run_dir):
+        for manifest in sorted(d.rglob("manifest.json")):
+            add(f"iter{t}", manifest.parent.relative_to(d).as_posix(), manifest)
+    if not seconds:
+        return []
+    rows = [[stage] + [seconds[stage].get(c) for c in columns] + [sum(seconds[stage].values())] for stage in seconds]
+    rows.append(["**total**"] + [sum(s.get(c, 0) for s in seconds.values()) for c in columns]
+                + [sum(sum(s.values()) for s in seconds.values())])
+    return ["## Time per stage (seconds)", "", _table(["Stage"] + columns + ["Total"], rows), ""]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `<run_dir>/report.md` (+ PNGs) from whatever the run has produced; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise IcrError(f"{run_dir}: no such run folder")
+    plt = _pyplot()
+    rows = read_results(run_dir / "results.json")
+    body = _results_section(rows, run_dir, plt) + _agreement_section(run_dir) + _pairs_section(run_dir, plt) \
+        + _timing_section(run_dir)
+    head = [f"# ICR run report: {run_dir.name}", ""]
+    if not body:
+        head += ["Nothing to report yet: no results, pair statistics or stage manifests in this run.", ""]
+    if plt is None:
+        head += ["(Plots skipped: matplotlib is not installed; `pip install matplotlib`.)", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(head + body))
+    return path

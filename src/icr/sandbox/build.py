@@ -1,0 +1,482 @@
+"""Build the sandbox's starting pair (pi_SFT, pi0), its prompt files, references and premise check.
+
+`prepare(out_dir, **recipe)` is the config's `prepare.call` target (`icr.sandbox:prepare`). The
+caller picks `out_dir` (a cache folder keyed by the arguments); every step writes its outputs
+there and is skipped when they are already present, so a second call costs nothing.
+
+Steps, each with the reason it is there:
+
+1. **World** (`world.py`): seeded tasks dealt into disjoint splits -> `world.json`.
+2. **Tokenizer**: byte-level BPE on the pre-training and SFT text, ChatML template.
+3. **Base model** (pre-training, loss on every token): arithmetic facts and list/count worked
+   examples in shared notation (knowledge), instruction+answer documents in every language
+   (Swahili at `low_resource_ratio`), and parallel pairs ("English: ... / Spanish: ...") of the
+   same instruction and answer. The parallel data and the shared digits are what give the base
+   model cross-lingual structure, as translation data does for real multilingual LMs.
+4. **pi_SFT**: chat SFT on `sft` tasks in every language with answers drawn from
+   `world.SFT_MIX` (good, padded, wrong, wrong-language, degenerate), so its samples vary along
+   every quality; plus English instructions behind the language prefix answered in the named
+   language (the format the cross-lingual reward scores), and translation-to-English examples
+   (the format `translate_to_english` uses). Swahili gets `low_resource_ratio` of the data.
+5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
+   pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
+6. **Files for the pipeline**: `prompts/{train,eval}/{lang}.jsonl`, `references/{lang}.json`
+   (the fixed reference answers, `world.reference_answer`: correct, right language, padded with
+   one or two fillers; oracle score 0.9; it depends on nothing but the world).
+7. **Premise** (`premise.json`), measured on the `dev` tasks before any ICR: pi0 vs pi_SFT oracle
+   win rate per language (sampled at temperature 0.6, top-p 0.9), and how often pi0's implicit
+   reward log pi0(y|x) - log pi_SFT(y|x) (summed over response tokens incl. the end token) orders
+   two pi_SFT samples as the oracle does: English under the English instruction; every other
+   language under the English instruction behind the prefix (cross-lingual), and, for comparison,
+   under its own instruction (multilingual); split by the kind of pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+from ..runs import atomic_write_text, write_json
+from .oracle import OracleJudge, judge_text
+from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
+                    draw_quality, knowledge_text, monolingual_text, parallel_text, reference_answer,
+                    render_response)
+
+# The pipeline's defaults (config.RewardConfig.prefix, stages.TRANSLATE_INSTRUCTION), copied so that
+# the sandbox's models are trained and checked on exactly the formats the pipeline uses.
+PREFIX = ("Please answer the following instruction using only {language}, unless explicitly instructed to "
+          "respond in a different language.\n\n")
+TRANSLATE_INSTRUCTION = ("Translate the following {language} text into English. Reply with the translation "
+                         "only.\n\n{text}")
+
+DEFAULTS: dict = dict(
+    seed=0,                 # world, data and training seed
+    # world
+    n_eval=60,              # evaluation prompts per language (parallel ids)
+    n_dev=60,               # premise-check prompts per language
+    n_train=100,            # ICR training prompts per language
+    n_pref=400,             # English prompts whose pi_SFT samples make pi0's DPO pairs
+    n_sft=500,              # tasks behind the SFT data (each in every high-resource language)
+    low_resource_ratio=0.1, # share of SFT (and monolingual pre-training) data for Swahili
+    # model
+    vocab_size=800,         # BPE vocabulary
+    hidden_size=128,
+    num_layers=3,
+    # pre-training (all tokens)
+    pretrain_epochs=2,
+    pretrain_lr=3e-3,
+    # SFT (assistant tokens)
+    sft_epochs=3,
+    sft_lr=3e-3,
+    sft_prefixed_ratio=0.3, # per SFT task and non-English language: chance of a prefixed-English example
+    sft_translate_ratio=0.2,# per SFT task: chance of a translate-to-English example
+    # English DPO -> pi0
+    pref_samples=6,         # pi_SFT samples per English pref prompt (temperature 1)
+    pref_pairs_per_prompt=3,# oracle-labelled pairs per prompt (best-vs-worst first)
+    dpo_epochs=2,
+    dpo_beta=0.1,
+    dpo_lr=5e-4,
+    dpo_batch_size=16,
+    # premise
+    premise_samples=4,      # pi_SFT samples per dev prompt for reward accuracy (temperature 1)
+    premise_wr_samples=2,   # samples per dev prompt and model for the win rate (T 0.6, top-p 0.9)
+    max_new_tokens=24,
+)
+
+
+def prepare(out_dir: str | Path, **recipe) -> dict:
+    """Build (or reuse) everything under `out_dir`; returns paths and the premise numbers."""
+    unknown = sorted(set(recipe) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"icr.sandbox.prepare: unknown recipe argument(s) {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **recipe}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = out / "recipe.json"
+    if recipe_path.exists() and json.loads(recipe_path.read_text()) != cfg:
+        raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
+    write_json(recipe_path, cfg)
+    timings = _load_json(out / "timings.json") or {}
+    t_all = time.time()
+
+    import torch
+
+    torch.manual_seed(cfg["seed"])
+    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    if not (out / "world.json").exists():
+        write_json(out / "world.json", world.to_json())
+    _write_prompt_files(world, out)
+    oracle = OracleJudge(out)
+
+    rng = random.Random(f"sandbox-data-{cfg['seed']}")
+    pre_texts = pretraining_texts(world, rng, cfg)
+    sft_convs = sft_conversations(world, rng, cfg)
+
+    if not _is_model(out / "sft"):
+        t = time.time()
+        from ..tiny import build_model, build_tokenizer, fit_causal_lm
+
+        tok_texts = pre_texts + [m["content"] for c in sft_convs for m in c] + [PREFIX, TRANSLATE_INSTRUCTION]
+        tok = build_tokenizer(tok_texts, vocab_size=cfg["vocab_size"])
+        model = build_model(tok, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+                            max_position_embeddings=512, seed=cfg["seed"])
+        pretrain(model, tok, pre_texts, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], seed=cfg["seed"])
+        timings["pretrain_s"] = round(time.time() - t, 1)
+        t = time.time()
+        fit_causal_lm(model, tok, sft_convs, epochs=cfg["sft_epochs"], lr=cfg["sft_lr"], batch_size=32,
+                      seed=cfg["seed"])
+        model.save_pretrained(out / "sft")
+        tok.save_pretrained(out / "sft")
+        timings["sft_s"] = round(time.time() - t, 1)
+        write_json(out / "timings.json", timings)
+
+    if not _is_model(out / "dpo"):
+        sft_model, tok = _load(out / "sft")
+        t = time.time()
+        pairs = english_pairs(world, oracle, sft_model, tok, cfg)
+        from ..runs import write_jsonl
+
+        write_jsonl(out / "pi0_pairs.jsonl", pairs)
+        timings["pairs_s"] = round(time.time() - t, 1)
+        t = time.time()
+        policy, _ = _load(out / "sft")
+        train_dpo(policy, sft_model, tok, pairs, out / "dpo", cfg)
+        timings["dpo_s"] = round(time.time() - t, 1)
+        write_json(out / "timings.json", timings)
+
+    if not (out / "premise.json").exists():
+        t = time.time()
+        sft_model, tok = _load(out / "sft")
+        dpo_model, _ = _load(out / "dpo")
+        premise = measure_premise(world, oracle, dpo_model, sft_model, tok, cfg)
+        timings["premise_s"] = round(time.time() - t, 1)
+        premise["build_timings_s"] = timings
+        write_json(out / "premise.json", premise)
+        write_json(out / "timings.json", timings)
+    timings["this_call_s"] = round(time.time() - t_all, 1)
+    return {"sft": str(out / "sft"), "dpo": str(out / "dpo"), "world": str(out / "world.json"),
+            "premise": str(out / "premise.json"), "prompts": str(out / "prompts"),
+            "references": str(out / "references")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def _keep(lang: str, rng: random.Random, cfg: dict) -> bool:
+    return lang not in LOW_RESOURCE or rng.random() < cfg["low_resource_ratio"]
+
+
+def pretraining_texts(world: World, rng: random.Random, cfg: dict) -> list[str]:
+    """Knowledge (shared notation) + monolingual documents + parallel pairs, shuffled."""
+    tasks = world.split("sft") + world.split("pref")
+    texts = knowledge_text(rng)
+    for lang in LANGUAGES:
+        texts += [d for d in monolingual_text(tasks, lang) if _keep(lang, rng, cfg)]
+    texts += parallel_text(tasks, rng)
+    rng.shuffle(texts)
+    return texts
+
+
+def translate_to_english(text: str) -> str:
+    """The faithful English translation of a world answer: every language tag becomes English's."""
+    for tag in TAGS.values():
+        text = re.sub(rf"(?<![^\W\d_]){re.escape(tag)}(?=\s*:)", TAGS["en"], text)
+    return text
+
+
+def sft_conversations(world: World, rng: random.Random, cfg: dict) -> list[list[dict]]:
+    convs = []
+
+    def chat(user, assistant):
+        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+    for t in world.split("sft"):
+        for lang in LANGUAGES:
+            if _keep(lang, rng, cfg):
+                chat(t.instruction(lang), render_response(t, lang, draw_quality(rng, SFT_MIX), rng))
+            if lang != "en" and rng.random() < cfg["sft_prefixed_ratio"] and _keep(lang, rng, cfg):
+                chat(PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en"),
+                     render_response(t, lang, draw_quality(rng, SFT_MIX), rng))
+        if rng.random() < cfg["sft_translate_ratio"]:
+            lang = rng.choice([x for x in LANGUAGES if x != "en"])
+            text = render_response(t, lang, draw_quality(rng, SFT_MIX), rng)
+            chat(TRANSLATE_INSTRUCTION.format(language=LANGUAGE_WORDS[lang], text=text), translate_to_english(text))
+    rng.shuffle(convs)
+    return convs
+
+
+def _write_prompt_files(world: World, out: Path) -> None:
+    for split in ("train", "eval"):
+        for lang in LANGUAGES:
+            path = out / "prompts" / split / f"{lang}.jsonl"
+            if not path.exists():
+                atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                for r in world.prompts(split, lang)))
+    for lang in LANGUAGES:
+        path = out / "references" / f"{lang}.json"
+        if not path.exists():
+            rows = [{"id": t.id, "instruction": t.instruction(lang), "output": reference_answer(t, lang),
+                     "generator": "sandbox_reference", "dataset": f"sandbox_{lang}"} for t in world.split("eval")]
+            write_json(path, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def pretrain(model, tok, texts: list[str], epochs: int, lr: float, seed: int, block: int = 128,
+             batch_size: int = 16) -> None:
+    """Next-token training on plain text packed into fixed blocks (documents split by <|endoftext|>)."""
+    import torch
+
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    stream = []
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        stream += ids + [sep]
+    n = len(stream) // block
+    data = torch.tensor(stream[: n * block]).view(n, block)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * -(-n // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            batch = data[idx]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    model.eval()
+
+
+def train_dpo(policy, reference, tok, pairs: list[dict], out_path: Path, cfg: dict) -> None:
+    """TRL DPO (sigmoid loss) from pi_SFT toward the oracle's English choices; saves pi0."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["instruction"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, loss_type=["sigmoid"], beta=cfg["dpo_beta"],
+                         learning_rate=cfg["dpo_lr"], num_train_epochs=cfg["dpo_epochs"],
+                         per_device_train_batch_size=cfg["dpo_batch_size"], lr_scheduler_type="cosine",
+                         warmup_ratio=0.1, bf16=False, use_cpu=True, activation_checkpointing=False,
+                         gradient_checkpointing=False, report_to="none", save_strategy="no",
+                         logging_steps=10, disable_tqdm=True, seed=cfg["seed"], max_length=256,
+                         dataset_num_proc=None)
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=ds, processing_class=tok)
+        trainer.train()
+    policy.eval()
+    policy.save_pretrained(out_path)
+    tok.save_pretrained(out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling, scoring, pairs
+# ---------------------------------------------------------------------------------------------
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model, tok
+
+
+def _load_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sample(model, tok, instructions: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
+           seed: int, batch_size: int = 64) -> list[list[str]]:
+    """n sampled answers per instruction (batched `generate`, left padding, seeded per batch)."""
+    import torch
+
+    prompts = [tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for x in instructions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list = [None] * len(prompts)
+    with torch.inference_mode():
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            torch.manual_seed(seed * 1_000_003 + b)
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            new = gen[:, width:]
+            for row, i in enumerate(idx):
+                results[i] = [_decode(tok, new[row * n + k].tolist()) for k in range(n)]
+    return results
+
+
+def _decode(tok, tokens: list[int]) -> str:
+    # Text up to the end token. An answer that never ended keeps all its text (and is then
+    # judged as it stands: unfinished answers fail the grammar).
+    if tok.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tok.eos_token_id)]
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def response_logprobs(model, tok, instructions: list[str], responses: list[str], batch_size: int = 64):
+    """Summed log-prob of each response (incl. its end token) after its instruction, chat template
+    applied. Tokenised as TRL's DPOTrainer does: the response tokens are the full conversation's
+    tokens after its common prefix with the generation prompt."""
+    import torch
+
+    seqs, starts = [], []
+    for x, y in zip(instructions, responses):
+        conv = [{"role": "user", "content": x}]
+        p = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        f = tok.apply_chat_template(conv + [{"role": "assistant", "content": y}], tokenize=True,
+                                    return_dict=True)["input_ids"]
+        cut = next((i for i, (a, b) in enumerate(zip(p, f)) if a != b), min(len(p), len(f)))
+        seqs.append(f)
+        starts.append(cut)
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding
+                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, :len(seqs[i])] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            tok_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, i in enumerate(idx):
+                out[i] = float(tok_lp[row, starts[i] - 1:len(seqs[i]) - 1].sum())
+    return out
+
+
+def english_pairs(world: World, oracle: OracleJudge, sft_model, tok, cfg: dict) -> list[dict]:
+    """Oracle-labelled pairs of pi_SFT samples on the English `pref` prompts (best vs worst first,
+    then other pairs with different scores, up to `pref_pairs_per_prompt` per prompt)."""
+    tasks = world.split("pref")
+    samples = sample(sft_model, tok, [t.instruction("en") for t in tasks], cfg["pref_samples"], 1.0, 1.0,
+                     cfg["max_new_tokens"], seed=cfg["seed"])
+    rng = random.Random(f"sandbox-pairs-{cfg['seed']}")
+    pairs = []
+    for t, outs in zip(tasks, samples):
+        scored = {}
+        for o in outs:
+            scored.setdefault(o, oracle.score_text(o, t.id, "en"))
+        uniq = sorted(scored, key=lambda o: -scored[o])
+        cand = [(a, b) for a, b in itertools.combinations(uniq, 2) if scored[a] != scored[b]]
+        if not cand:
+            continue
+        first = (uniq[0], uniq[-1])
+        rest = [c for c in cand if c != first]
+        rng.shuffle(rest)
+        for a, b in [first] + rest[:cfg["pref_pairs_per_prompt"] - 1]:
+            pairs.append({"id": t.id, "instruction": t.instruction("en"), "chosen": a, "rejected": b,
+                          "chosen_score": scored[a], "rejected_score": scored[b],
+                          "kind": oracle.pair_kind(a, b, t.id, "en")})
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Premise
+# ---------------------------------------------------------------------------------------------
+
+def _agreement(r_a: float, r_b: float, s_a: float, s_b: float) -> float:
+    if r_a == r_b:
+        return 0.5
+    return 1.0 if (r_a > r_b) == (s_a > s_b) else 0.0
+
+
+def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok, cfg: dict) -> dict:
+    from collections import defaultdict
+
+    tasks = world.split("dev")
+    seed = cfg["seed"] + 7
+    res = {"split": "dev", "n_prompts": len(tasks), "win_rate_pi0_vs_sft": {}, "reward_accuracy": {},
+           "reward_accuracy_multilingual": {}, "reward_accuracy_by_kind": {}, "n_pairs": {},
+           "sample_quality": {}, "prefix": PREFIX,
+           "notes": "win rate: oracle preference of a pi0 sample over a pi_SFT sample for the same prompt "
+                    "(T 0.6, top-p 0.9; ties 0.5). reward_accuracy: share of pairs of pi_SFT samples "
+                    "(T 1.0) with different oracle scores that pi0's implicit reward orders as the "
+                    "oracle does (reward ties 0.5); English under the English instruction, other "
+                    "languages under the English instruction behind the prefix (cross-lingual); "
+                    "reward_accuracy_multilingual: under the language's own instruction."}
+    for lang in LANGUAGES:
+        instr = [t.instruction(lang) for t in tasks]
+        k = cfg["premise_wr_samples"]
+        s0 = sample(dpo_model, tok, instr, k, 0.6, 0.9, cfg["max_new_tokens"], seed)
+        s1 = sample(sft_model, tok, instr, k, 0.6, 0.9, cfg["max_new_tokens"], seed + 1)
+        wins, quality = [], {}
+        for name, ss in (("pi0", s0), ("sft", s1)):
+            v = [oracle.verdict(o, t.id, lang) for t, outs in zip(tasks, ss) for o in outs]
+            quality[name] = {"score": _mean([x.score for x in v]), "well_formed": _mean([x.well_formed for x in v]),
+                             "correct": _mean([x.correct for x in v]), "language": _mean([x.language for x in v]),
+                             "concise": _mean([x.concise for x in v])}
+        for t, a_outs, b_outs in zip(tasks, s0, s1):
+            for a, b in zip(a_outs, b_outs):
+                sa, sb = oracle.score_text(a, t.id, lang), oracle.score_text(b, t.id, lang)
+                wins.append(1.0 if sa > sb else 0.0 if sa < sb else 0.5)
+        res["win_rate_pi0_vs_sft"][lang] = _mean(wins)
+        res["sample_quality"][lang] = quality
+
+        # reward accuracy on pairs of pi_SFT samples
+        outs = sample(sft_model, tok, instr, cfg["premise_samples"], 1.0, 1.0, cfg["max_new_tokens"], seed + 2)
+        rows = []
+        for t, o in zip(tasks, outs):
+            for y in dict.fromkeys(o):
+                rows.append((t, y))
+        cross = [t.instruction("en") if lang == "en" else PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en")
+                 for t, _ in rows]
+        native = [t.instruction(lang) for t, _ in rows]
+        ys = [y for _, y in rows]
+        r_cross = _rewards(dpo_model, sft_model, tok, cross, ys)
+        r_native = r_cross if lang == "en" else _rewards(dpo_model, sft_model, tok, native, ys)
+        by_id = defaultdict(list)
+        for j, (t, y) in enumerate(rows):
+            by_id[t.id].append(j)
+        acc, acc_ml, kinds = [], [], defaultdict(list)
+        for tid, js in by_id.items():
+            for a, b in itertools.combinations(js, 2):
+                sa, sb = oracle.score_text(ys[a], tid, lang), oracle.score_text(ys[b], tid, lang)
+                if sa == sb:
+                    continue
+                acc.append(_agreement(r_cross[a], r_cross[b], sa, sb))
+                acc_ml.append(_agreement(r_native[a], r_native[b], sa, sb))
+                kinds[oracle.pair_kind(ys[a], ys[b], tid, lang)].append(acc[-1])
+        res["reward_accuracy"][lang] = _mean(acc)
+        res["reward_accuracy_multilingual"][lang] = _mean(acc_ml)
+        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(kinds.items())}
+        res["n_pairs"][lang] = len(acc)
+    return res
+
+
+def _rewards(dpo_model, sft_model, tok, instructions, responses):
+    a = response_logprobs(dpo_model, tok, instructions, responses)
+    b = response_logprobs(sft_model, tok, instructions, responses)
+    return [x - y for x, y in zip(a, b)]
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return round(sum(float(x) for x in xs) / len(xs), 4) if xs else None

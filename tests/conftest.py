@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models built offline once per session, loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"sample data {path} is absent (it lives in ../shared/data beside a developer checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict:
+    """The configs/tiny.yaml pair (pi_SFT, pi0) plus prompt files, built once."""
+    from icr.tiny import prepare
+
+    out = tmp_path_factory.mktemp("tinypair")
+    paths = prepare(out, hidden_size=64, num_layers=2, n_train=6, n_eval=3, seed=0)
+    return {**paths, "root": out}
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model(tmp_path_factory) -> str:
+    """A tiny model whose tokenizer differs from the tiny pair's."""
+    from icr.tiny import build_model, build_tokenizer
+
+    out = tmp_path_factory.mktemp("othertok")
+    tok = build_tokenizer(["completely different text corpus " * 5, "zzz yyy xxx"], vocab_size=300)
+    model = build_model(tok, hidden_size=32, num_layers=1)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run the real CLI in-process; return (exit code, stdout, stderr)."""
+    from icr.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

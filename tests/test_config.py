@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from icr.config import ExperimentConfig, config_from_dict, describe_fields, load_config
+from icr.errors import ConfigError
+
+from .conftest import REPO
+
+MINIMAL = {"name": "x", "languages": ["en", "es"], "models": {"dpo": "a", "sft": "b"},
+           "prompts": {"path": "p/{lang}.jsonl"}}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.iterations >= 1
+
+
+def test_paper_config_has_paper_settings():
+    cfg = load_config(REPO / "configs" / "paper-llama3-8b.yaml")
+    assert cfg.languages == ["en", "es", "ru", "de", "fr"]
+    g = cfg.generation
+    assert (g.n, g.temperature, g.top_p, g.max_new_tokens, cfg.seed) == (10, 0.9, 1.0, 2400, 42)
+    assert (cfg.train.beta, cfg.train.nll_weight) == (0.1, 1.0)
+    assert cfg.models.dpo == "princeton-nlp/Llama-3-Base-8B-SFT-DPO"
+    assert load_config(REPO / "configs" / "paper-llama3-8b-lowres.yaml").languages == ["en", "bn", "sw", "th"]
+
+
+def _error(data) -> str:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "cfg.yaml")
+    return str(e.value)
+
+
+def test_unknown_field_suggests_the_right_one():
+    msg = _error({**MINIMAL, "generation": {"temprature": 0.5}})
+    assert "generation.temprature: unknown field (did you mean 'temperature'?)" in msg
+
+
+@pytest.mark.parametrize("section,field,value,expect", [
+    ("generation", "n", 1, "generation.n: must be >= 2"),
+    ("generation", "temperature", -0.1, "generation.temperature: must be >= 0.0"),
+    ("generation", "top_p", 0.0, "generation.top_p: must be > 0.0"),
+    ("generation", "top_p", 1.5, "generation.top_p: must be <= 1.0"),
+    ("generation", "n", "ten", "generation.n: expected int"),
+    ("reward", "variant", "english", "reward.variant: 'english' is not one of"),
+])
+def test_bad_values_name_the_field(section, field, value, expect):
+    assert expect in _error({**MINIMAL, section: {field: value}})
+
+
+def test_all_errors_reported_at_once():
+    msg = _error({**MINIMAL, "languages": ["en", "xx"], "generation": {"n": 1, "top_p": 2}})
+    assert "languages: unknown language code 'xx'" in msg
+    assert "generation.n" in msg and "generation.top_p" in msg
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlanguages: [en\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_and_controls_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({**MINIMAL, "controls": [{"label": "r", "overrides": {"pairs": {"selection": "random"}}}]}))
+    cfg = load_config(path, ["generation.n=4"])
+    assert cfg.generation.n == 4 and cfg.controls[0]["label"] == "r"
+    msg = _error({**MINIMAL, "controls": [{"label": "r", "overrides": {"pairs": {"selction": "random"}}}]})
+    assert "pairs.selction: unknown field" in msg
+
+
+def test_describe_lists_every_field_with_help():
+    lines = describe_fields()
+    assert any(line.startswith("generation.temperature (default 0.9):") for line in lines)
+    assert all(": " in line and not line.endswith(": ") for line in lines)

@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+
+from icr.config import PairsConfig
+from icr.pairs import alpha_grid, alpha_search, alpha_search_bruteforce, llamafactory_dataset_info, select_pairs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vectorised_alpha_search_equals_bruteforce(seed):
+    rng = np.random.default_rng(seed)
+    n_prompts = 30
+    rewards = [list(rng.normal(0, 20, size=rng.integers(2, 11))) for _ in range(n_prompts)]
+    lengths = [list(rng.integers(1, 400, size=len(r)).astype(float)) for r in rewards]
+    # Make long answers score higher, as DPO models do, so alpha matters.
+    rewards = [[r + 0.05 * ln for r, ln in zip(rs, ls)] for rs, ls in zip(rewards, lengths)]
+    grid = alpha_grid(PairsConfig(alpha_step=0.01, alpha_max=0.99))
+    ours, gaps = alpha_search(rewards, lengths, grid, block=7)
+    assert ours == alpha_search_bruteforce(rewards, lengths, grid)
+    assert gaps.shape == grid.shape
+
+
+def test_paper_grid():
+    grid = alpha_grid(PairsConfig())
+    assert len(grid) == 1000 and grid[0] == 0.0 and grid[1] == 0.001 and grid[-1] == 0.999
+
+
+def _rec(pid, lang, k, response, reward, finished=True):
+    return {"id": pid, "lang": lang, "prompt": f"q{pid}", "sample": k, "response": response, "finished": finished,
+            "n_tokens": len(response.split()) + 1, "reward": reward}
+
+
+def test_best_and_worst_without_length_control():
+    recs = [_rec("a", "es", 0, "uno", 1.0), _rec("a", "es", 1, "dos dos", 3.0), _rec("a", "es", 2, "tres", -2.0)]
+    pairs, stats = select_pairs(recs, PairsConfig(length_control=False, language_filter=False))
+    assert len(pairs) == 1
+    p = pairs[0]
+    assert (p["chosen"], p["rejected"], p["chosen_reward"], p["rejected_reward"]) == ("dos dos", "tres", 3.0, -2.0)
+    assert stats["per_language"]["es"]["n_pairs"] == 1 and p["alpha"] == 0.0
+
+
+def test_all_equal_scores_give_no_pair_and_are_counted():
+    recs = [_rec("a", "es", k, "same", 0.5) for k in range(3)] + [_rec("b", "es", 0, "x", 1.0), _rec("b", "es", 1, "y", 0.0)]
+    pairs, stats = select_pairs(recs, PairsConfig(length_control=False, language_filter=False))
+    assert [p["id"] for p in pairs] == ["b"]
+    assert stats["per_language"]["es"]["dropped_no_pair"] == 1
+
+
+def test_length_control_balances_lengths():
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(40):
+        for k in range(6):
+            n = int(rng.integers(1, 60))
+            recs.append(_rec(str(i), "de", k, "w" * n, 0.2 * n + float(rng.normal(0, 1))))
+    no_lc, _ = select_pairs(recs, PairsConfig(length_control=False, language_filter=False))
+    lc, stats = select_pairs(recs, PairsConfig(length_control=True, language_filter=False))
+    gap = lambda ps: abs(np.mean([len(p["chosen"]) - len(p["rejected"]) for p in ps]))
+    assert gap(lc) < gap(no_lc) / 5
+    assert stats["per_language"]["de"]["alpha"] > 0 and lc[0]["alpha"] == stats["per_language"]["de"]["alpha"]
+
+
+def test_filters_and_options():
+    recs = [_rec("a", "es", 0, "hola amigo", 2.0), _rec("a", "es", 1, "hello friend", 9.0),
+            _rec("a", "es", 2, "adios", -1.0, finished=False), _rec("a", "es", 3, "buenas", 0.0)]
+    in_lang = lambda text, lang: not text.startswith("hello")
+    pairs, stats = select_pairs(recs, PairsConfig(length_control=False, language_filter=True), in_language=in_lang)
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("hola amigo", "adios")
+    assert stats["per_language"]["es"]["candidate_fidelity"] == 0.75
+    pairs, _ = select_pairs(recs, PairsConfig(length_control=False, language_filter=True, drop_truncated=True),
+                            in_language=in_lang)
+    assert pairs[0]["rejected"] == "buenas"
+    pairs, st = select_pairs(recs, PairsConfig(length_control=False, language_filter=False, min_margin=20.0))
+    assert pairs == [] and st["per_language"]["es"]["dropped_margin"] == 1
+    pairs, _ = select_pairs(recs, PairsConfig(length_control=False, language_filter=False, max_chosen_reward=5.0))
+    assert pairs[0]["chosen"] == "hola amigo"
+    pairs, _ = select_pairs(recs, PairsConfig(length_control=False, language_filter=False, normalize="per_token"))
+    assert pairs[0]["chosen"] == "hello friend"
+
+
+def test_nan_rewards_are_excluded_and_counted():
+    recs = [_rec("a", "es", 0, "x", float("nan")), _rec("a", "es", 1, "y", 1.0), _rec("a", "es", 2, "z", 0.0)]
+    pairs, stats = select_pairs(recs, PairsConfig(length_control=False, language_filter=False))
+    assert pairs[0]["chosen"] == "y" and stats["per_language"]["es"]["dropped_nonfinite"] == 1
+
+
+def test_random_and_judge_selection_controls():
+    recs = [_rec("a", "es", k, f"r{k}", float(k)) for k in range(5)]
+    pairs, _ = select_pairs(recs, PairsConfig(selection="random", language_filter=False), seed=1)
+    again, _ = select_pairs(recs, PairsConfig(selection="random", language_filter=False), seed=1)
+    assert pairs == again and pairs[0]["chosen"] != pairs[0]["rejected"]
+    judge = {("a", "es", k): float(-k) for k in range(5)}
+    pairs, _ = select_pairs(recs, PairsConfig(selection="judge", language_filter=False), judge_scores=judge)
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("r0", "r4")
+
+
+def test_pairs_load_with_datasets_and_llamafactory_info(tmp_path):
+    import datasets
+
+    from icr.runs import write_jsonl
+
+    recs = [_rec(str(i), "es", k, "w" * (k + 1), float(k)) for i in range(3) for k in range(3)]
+    pairs, _ = select_pairs(recs, PairsConfig(language_filter=False))
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train")
+    assert set(["id", "lang", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "alpha"]) <= set(ds.column_names)
+    info = llamafactory_dataset_info("icr_x")
+    assert info["icr_x"]["ranking"] is True and json.dumps(info)
