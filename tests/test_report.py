@@ -1,0 +1,186 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from icr.config import EvaluationConfig
+from icr.errors import IcrError
+from icr.evaluation.evaluate import evaluate_model
+from icr.evaluation.judges import FakeJudge
+from icr.evaluation.results import FIELDS, append_results, read_results, validate_results
+from icr.generation import Sample
+from icr.report import write_report
+
+
+def row(model="M1", lang="es", judge="fake", **kw):
+    base = {"model": model, "iteration": 1, "lang": lang, "judge": judge, "n": 10, "wr": 55.0, "wr_se": 3.1,
+            "lc": 52.5, "fidelity": 0.9, "mean_len": 812.3}
+    return {**base, **kw}
+
+
+# --- results.json -----------------------------------------------------------------------------
+
+def test_validate_results_names_row_and_field():
+    validate_results([row(), row(lang="de", lc=None, wr_se=None, fidelity=None)])
+    cases = [({"wr": 101.0}, "'wr' is 101.0; expected number in [0, 100]"),
+             ({"iteration": -2}, "'iteration' is -2"),
+             ({"n": True}, "'n' is True"),
+             ({"fidelity": 90}, "'fidelity' is 90; expected number in [0, 1]"),
+             ({"mean_len": None}, "'mean_len' is None"),
+             ({"lc": float("nan")}, "'lc' is nan"),
+             ({"extra": 1}, "unknown field 'extra'")]
+    for change, message in cases:
+        with pytest.raises(IcrError, match=r"results row 1 \(M1, de, fake\): .*" + message.replace("(", r"\(")
+                           .replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+            validate_results([row(), row(lang="de", **change)])
+    missing = row()
+    del missing["judge"]
+    with pytest.raises(IcrError, match=r"results row 0: missing field 'judge'"):
+        validate_results([missing])
+    with pytest.raises(IcrError, match=r"same \(model, lang, judge\) as row 0"):
+        validate_results([row(), row(wr=10.0)])
+
+
+def test_append_results_replaces_by_key(tmp_path):
+    path = tmp_path / "results.json"
+    append_results(path, [row(), row(lang="de")])
+    rows = append_results(path, [row(wr=70.0), row(model="M2", iteration=2), row(judge="oracle")])
+    assert [(r["model"], r["lang"], r["judge"], r["wr"]) for r in rows] == [
+        ("M1", "es", "fake", 70.0), ("M1", "de", "fake", 55.0), ("M2", "es", "fake", 55.0), ("M1", "es", "oracle", 55.0)]
+    assert read_results(path) == rows and list(rows[0]) == list(FIELDS)
+    append_results(path, [row(lang="ru", wr_se=float("nan"))])  # NaN is stored as null
+    assert read_results(path)[-1]["wr_se"] is None
+    with pytest.raises(IcrError, match="'wr' is -1"):
+        append_results(path, [row(wr=-1)])
+    assert len(read_results(path)) == 5  # a bad append leaves the file as it was
+    path.write_text(json.dumps([row(n=0)]))
+    with pytest.raises(IcrError, match=r"results.json: results row 0 .*'n' is 0"):
+        read_results(path)
+
+
+# --- evaluate_model ---------------------------------------------------------------------------
+
+class EchoBackend:
+    """Answers with the instruction repeated `times` times (so lengths are controllable)."""
+
+    def __init__(self, times=2):
+        self.times, self.calls, self.params = times, 0, None
+
+    def generate(self, conversations, params, desc=None):
+        self.calls += 1
+        self.params = params
+        return [[Sample(text=" ".join([c[-1]["content"]] * self.times), finished=True, n_tokens=3)]
+                for c in conversations]
+
+    def close(self):
+        raise AssertionError("a backend passed in must not be closed")
+
+
+class Ident:
+    def identify_many(self, texts):
+        return ["es" if "hola" in t else "en" for t in texts]
+
+
+PROMPTS = {"es": [{"id": "1", "instruction": "hola uno"}, {"id": "2", "instruction": "dos"}],
+           "en": [{"id": "1", "instruction": "one"}, {"id": "2", "instruction": "two two two"}]}
+REFS = {"es": {"1": "x" * 12, "2": "x" * 3}, "en": {"1": "x" * 50, "2": "x" * 3}}
+
+
+def test_evaluate_model_generates_exports_judges_and_resumes(tmp_path):
+    backend, judge = EchoBackend(), FakeJudge()
+    cfg = EvaluationConfig(max_new_tokens=64)
+    out = tmp_path / "eval"
+    rows = evaluate_model("some/model", "M1", 1, PROMPTS, REFS, judge, cfg, out, backend=backend, identifier=Ident())
+    assert backend.calls == 2 and judge.calls == 4
+    assert (backend.params.n, backend.params.temperature, backend.params.top_p, backend.params.max_new_tokens,
+            backend.params.seed) == (1, 0.6, 0.9, 64, 42)
+    validate_results(rows)
+    es = next(r for r in rows if r["lang"] == "es")
+    # "hola uno hola uno" (17) beats 12 x's; "dos dos" (7) beats 3 x's
+    assert (es["model"], es["iteration"], es["n"], es["wr"], es["fidelity"]) == ("M1", 1, 2, 100.0, 0.5)
+    assert es["mean_len"] == 12.0 and es["judge"] == "fake"
+    en = next(r for r in rows if r["lang"] == "en")
+    assert en["wr"] == 50.0 and en["fidelity"] == 1.0
+    exported = json.loads((out / "M1" / "es" / "model_outputs.json").read_text())
+    assert exported[0] == {"instruction": "hola uno", "output": "hola uno hola uno", "generator": "M1",
+                           "dataset": "x_alpaca_eval", "id": "1"}
+    assert json.loads((out / "M1" / "es" / "judgements.fake.json").read_text())[1] == {"id": "2", "preference": 1.0}
+
+    # rerun: nothing regenerated, nothing re-judged
+    judge2 = FakeJudge()
+    again = evaluate_model("some/model", "M1", 1, PROMPTS, REFS, judge2, cfg, out, backend=backend, identifier=Ident())
+    assert again == rows and backend.calls == 2 and judge2.calls == 0
+    # other decoding settings: regenerate (and judge the new answers)
+    evaluate_model("some/model", "M1", 1, PROMPTS, REFS, judge2, EvaluationConfig(max_new_tokens=32), out,
+                   backend=EchoBackend(3), identifier=Ident())
+    assert judge2.calls == 4
+
+
+def test_evaluate_model_requires_references(tmp_path):
+    with pytest.raises(IcrError, match=r"1 of 2 es prompts have no reference output \(ids 2\)"):
+        evaluate_model("m", "M0", 0, PROMPTS, {"es": {"1": "r"}, "en": REFS["en"]}, FakeJudge(), EvaluationConfig(),
+                       tmp_path, backend=EchoBackend(), identifier=Ident())
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _tiny_run(run: Path):
+    cfg = EvaluationConfig()
+    judge = FakeJudge()
+    rows = []
+    for label, it, times in (("sft", -1, 1), ("M0", 0, 2), ("M1", 1, 3), ("M1-random-pairs", 1, 1)):
+        rows += evaluate_model("m", label, it, PROMPTS, REFS, judge, cfg, run / "eval", backend=EchoBackend(times),
+                               identifier=Ident())
+    append_results(run / "results.json", rows)
+    for t in (1, 2):
+        (run / f"iter{t}" / "pairs").mkdir(parents=True)
+        (run / f"iter{t}" / "pairs" / "stats.json").write_text(json.dumps({"per_language": {
+            lang: {"alpha": 0.01 * t, "n_prompts": 100, "n_pairs": 90 - t, "dropped_no_pair": 4, "dropped_filters": 6,
+                   "chosen_len_mean": 420.5, "rejected_len_mean": 415.0, "chosen_fidelity": 0.97,
+                   "alpha_curve": [[0.0, 80.0], [0.01, 12.0], [0.02, -30.0]]}
+            for lang in ("es", "de")}}))
+        for stage, sec in (("generate", 12.5), ("reward", 3.25), ("train", 40.0)):
+            (run / f"iter{t}" / stage).mkdir()
+            (run / f"iter{t}" / stage / "manifest.json").write_text(json.dumps({"seconds": sec * t}))
+    (run / "diagnostics").mkdir()
+    (run / "diagnostics" / "reward_agreement.json").write_text(json.dumps(
+        {"es": {"oracle_pairs": {"agree": 0.8, "n": 50}, "random": {"agree": 0.55, "n": 40}}, "de": {"random": {}}}))
+
+
+def test_report_renders_a_tiny_run(tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    _tiny_run(run)
+    text = write_report(run).read_text()
+    assert "| Model | en LC | en WR | es LC | es WR | Avg LC | Avg WR |" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in lines[1:5]] == ["| sft", "| M0", "| M1", "| M1-random-pairs"]
+    m1 = next(line for line in lines if line.startswith("| M1 |"))
+    # M1 triples the instruction: en "one one one" (11) < 50 loses, the other three beat their references
+    cells = m1.strip("| ").split(" | ")
+    assert (cells[2], cells[4], cells[6]) == ("50.0", "100.0", "75.0")
+    assert float(cells[5]) == pytest.approx((float(cells[1]) + float(cells[3])) / 2, abs=0.06)
+    assert "| 1 | es | 0.010 | 100 | 89 | 4 | 6 | 420.5 | 415.0 | 97.0 |" in text
+    assert "| es | 80.0 (n=50) | 55.0 (n=40) |" in text and "| de | – | – |" in text
+    assert "| train | 40.0 | 80.0 | 120.0 |" in text and "| **total** | 55.8 | 111.5 | 167.2 |" in text
+    for png in ("wr_by_iteration.fake.png", "alpha_curve_iter1.png", "alpha_curve_iter2.png"):
+        assert f"]({png})" in text and (run / png).stat().st_size > 1000
+
+
+def test_report_renders_partial_runs(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    assert "Nothing to report yet" in write_report(run).read_text()
+    (run / "iter1" / "pairs").mkdir(parents=True)
+    (run / "iter1" / "pairs" / "stats.json").write_text("{not json")
+    (run / "iter1" / "generate").mkdir()
+    (run / "iter1" / "generate" / "manifest.json").write_text(json.dumps({"seconds": 2}))
+    (run / "diagnostics").mkdir()
+    (run / "diagnostics" / "reward_agreement.json").write_text("[]")
+    text = write_report(run).read_text()
+    assert "## Time per stage" in text and "## Preference pairs" not in text and "Win rates" not in text
+    # a model evaluated on fewer languages is flagged in the average
+    append_results(run / "results.json", [row(model="M0", iteration=0, lang="es"), row(model="M0", iteration=0,
+                                                                                      lang="de"), row(lang="es")])
+    assert "† averaged over the languages evaluated" in write_report(run).read_text()
+    with pytest.raises(IcrError, match="no such run folder"):
+        write_report(tmp_path / "nope")
