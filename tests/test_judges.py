@@ -134,3 +134,30 @@ def test_reward_model_judge(tmp_path):
     prefs = judge.compare(its)
     assert prefs[0] == pytest.approx(1 / (1 + math.exp(-(s_out - s_ref))), abs=1e-4)
     assert prefs[1] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_alpaca_eval_judge_end_to_end_offline(tmp_path):
+    """Through alpaca_eval's real PairwiseAnnotator, with its offline `test_completions` decoder
+    (always answers "M" = the second output shown) standing in for the LLM endpoint."""
+    try:
+        import alpaca_eval
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"alpaca_eval not importable ({type(e).__name__}: {e})")
+    from pathlib import Path
+
+    template = Path(alpaca_eval.__file__).parent / "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
+    config = tmp_path / "offline" / "configs.yaml"
+    config.parent.mkdir()
+    config.write_text(f"""offline:
+  prompt_template: "{template}"
+  fn_completions: "test_completions"
+  completions_kwargs: {{model_name: "test", value: "M"}}
+  fn_completion_parser: "regex_parser"
+  completion_parser_kwargs: {{outputs_to_match: {{1: '^m', 2: '^M'}}}}
+  is_randomize_output_order: false
+  batch_size: 1
+""")
+    judge = get_judge("alpaca_eval", annotators_config=str(config))
+    assert judge.name == "alpaca_eval:offline"
+    # output_2 (the model) always wins, except item 2 whose output equals its reference: alpaca_eval's tie
+    assert judge.compare(items(4)) == [1.0, 1.0, 0.5, 1.0]
