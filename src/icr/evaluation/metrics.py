@@ -100,7 +100,9 @@ def length_controlled_win_rate(prefs, output_lengths, reference_lengths) -> floa
     which only matters when the data are separable (all wins / all losses). The tests measure the
     difference to alpaca_eval's own function where it is installed.
 
-    Soft preferences are used as soft targets. When all length differences are equal (sd = 0 or
+    When the judge decides by length alone (every longer answer wins), the data are separable and
+    the intercept is not identified: LC is then an artefact of the ridge, with few prompts far
+    from 50 (alpaca_eval has the same limitation). Soft preferences are used as soft targets. When all length differences are equal (sd = 0 or
     one row) the length term is dropped and LC is the (ridge-shrunk) win rate.
     """
     y = _prefs(prefs)
