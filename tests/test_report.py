@@ -116,10 +116,16 @@ def test_evaluate_model_generates_exports_judges_and_resumes(tmp_path):
     assert judge2.calls == 4
 
 
-def test_evaluate_model_requires_references(tmp_path):
+def test_evaluate_model_references_all_or_none(tmp_path):
     with pytest.raises(IcrError, match=r"1 of 2 es prompts have no reference output \(ids 2\)"):
         evaluate_model("m", "M0", 0, PROMPTS, {"es": {"1": "r"}, "en": REFS["en"]}, FakeJudge(), EvaluationConfig(),
                        tmp_path, backend=EchoBackend(), identifier=Ident())
+    # no references for a language: judged against an empty answer, no LC
+    rows = evaluate_model("m", "M0", 0, PROMPTS, {"en": REFS["en"]}, FakeJudge(), EvaluationConfig(), tmp_path,
+                          backend=EchoBackend(), identifier=Ident())
+    es = next(r for r in rows if r["lang"] == "es")
+    assert es["wr"] == 100.0 and es["lc"] is None
+    assert next(r for r in rows if r["lang"] == "en")["lc"] is not None
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -142,6 +148,8 @@ def _tiny_run(run: Path):
         for stage, sec in (("generate", 12.5), ("reward", 3.25), ("train", 40.0)):
             (run / f"iter{t}" / stage).mkdir()
             (run / f"iter{t}" / stage / "manifest.json").write_text(json.dumps({"seconds": sec * t}))
+    (run / "controls" / "M1-random-pairs" / "iter1" / "train").mkdir(parents=True)
+    (run / "controls" / "M1-random-pairs" / "iter1" / "train" / "manifest.json").write_text('{"seconds": 7}')
     (run / "diagnostics").mkdir()
     (run / "diagnostics" / "reward_agreement.json").write_text(json.dumps(
         {"es": {"oracle_pairs": {"agree": 0.8, "n": 50}, "random": {"agree": 0.55, "n": 40}}, "de": {"random": {}}}))
@@ -161,7 +169,8 @@ def test_report_renders_a_tiny_run(tmp_path):
     assert float(cells[5]) == pytest.approx((float(cells[1]) + float(cells[3])) / 2, abs=0.06)
     assert "| 1 | es | 0.010 | 100 | 89 | 4 | 6 | 420.5 | 415.0 | 97.0 |" in text
     assert "| es | 80.0 (n=50) | 55.0 (n=40) |" in text and "| de | – | – |" in text
-    assert "| train | 40.0 | 80.0 | 120.0 |" in text and "| **total** | 55.8 | 111.5 | 167.2 |" in text
+    assert "| Stage | iter1 | iter2 | M1-random-pairs/iter1 | Total |" in text
+    assert "| train | 40.0 | 80.0 | 7.0 | 127.0 |" in text and "| **total** | 55.8 | 111.5 | 7.0 | 174.2 |" in text
     for png in ("wr_by_iteration.fake.png", "alpha_curve_iter1.png", "alpha_curve_iter2.png"):
         assert f"]({png})" in text and (run / png).stat().st_size > 1000
 

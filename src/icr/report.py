@@ -4,6 +4,7 @@ Reads (each optional; a missing or unreadable part drops its section, never the 
     results.json                          evaluation rows (docs/results-schema.md)
     iter<t>/pairs/stats.json              pair statistics per language (alpha, counts, lengths, alpha curve)
     iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
+                                          and controls/<label>/iter<t>/<stage>/manifest.json
     diagnostics/reward_agreement.json     {lang: {pair_kind: {"agree": fraction, "n": count}}}
 Writes report.md and PNGs beside it.
 """
@@ -219,9 +220,11 @@ def _timing_section(run_dir: Path) -> list[str]:
     for manifest in sorted(run_dir.glob("*/manifest.json")):
         if not re.fullmatch(r"iter\d+", manifest.parent.name):
             add("run", manifest.parent.name, manifest)
-    for t, d in _iterations(run_dir):
-        for manifest in sorted(d.rglob("manifest.json")):
-            add(f"iter{t}", manifest.parent.relative_to(d).as_posix(), manifest)
+    runs = [("", run_dir)] + [(f"{c.name}/", c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
+    for prefix, base in runs:
+        for t, d in _iterations(base):
+            for manifest in sorted(d.rglob("manifest.json")):
+                add(f"{prefix}iter{t}", manifest.parent.relative_to(d).as_posix(), manifest)
     if not seconds:
         return []
     rows = [[stage] + [seconds[stage].get(c) for c in columns] + [sum(seconds[stage].values())] for stage in seconds]

@@ -49,8 +49,8 @@ def _reusable(lang_dir: Path, key: dict, prompts: list[dict]) -> list[dict] | No
 def _check_references(prompts: dict, references: dict) -> None:
     for lang, rows in prompts.items():
         refs = references.get(lang)
-        if refs is None:
-            raise IcrError(f"evaluation: no reference outputs for language {lang!r}")
+        if not refs:
+            continue  # reference-free: the judge compares against an empty answer
         missing = [str(p["id"]) for p in rows if str(p["id"]) not in refs]
         if missing:
             raise IcrError(f"evaluation: {len(missing)} of {len(rows)} {lang} prompts have no reference output "
@@ -62,6 +62,11 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
                    seed: int = 42, chat_template: str | None = None, backend=None, backend_name: str = "hf",
                    dtype: str = "auto", identifier=None) -> list[dict]:
     """Generate, export, judge and score one model; returns one results row per language.
+
+    A language without references (absent or empty in `references`) is judged against an empty
+    reference answer: meaningful for judges that grade answers on their own (the sandbox oracle:
+    WR = share of answers better than nothing); its `lc` is null. A language whose references
+    miss some prompt ids is an error.
 
     `cfg` is an `icr.config.EvaluationConfig` (decoding, batch size). `backend` (optional) is an
     already loaded generation backend, used as is and not closed; otherwise `backend_name` is loaded
@@ -117,7 +122,7 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
     for lang in tqdm(list(prompts), desc=f"judging {label} ({judge.name})", unit="lang"):
         rows = outputs[lang]
         items = [JudgeItem(id=str(r["id"]), lang=lang, instruction=r["instruction"], output=r["output"],
-                           reference=references[lang][str(r["id"])]) for r in rows]
+                           reference=references.get(lang, {}).get(str(r["id"]), "")) for r in rows]
         prefs = judge.compare(items)
         failed = sum(math.isnan(p) for p in prefs)
         if failed:
@@ -131,7 +136,8 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
         results.append({
             "model": label, "iteration": iteration, "lang": lang, "judge": judge.name, "n": len(items),
             "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se,
-            "lc": length_controlled_win_rate(prefs, [len(t) for t in texts], [len(it.reference) for it in items]),
+            "lc": length_controlled_win_rate(prefs, [len(t) for t in texts], [len(it.reference) for it in items])
+            if references.get(lang) else None,
             "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
     return results
 
