@@ -148,7 +148,8 @@ def _pairs_section(run_dir: Path, plt) -> list[str]:
             if not isinstance(s, dict):
                 continue
             fid = s.get("chosen_fidelity")
-            rows.append([str(t), lang, _fmt(s.get("alpha"), 3), s.get("n_prompts"), s.get("n_pairs"),
+            alpha = s.get("alpha")
+            rows.append([str(t), lang, f"{alpha:.3g}" if isinstance(alpha, (int, float)) else "–", s.get("n_prompts"), s.get("n_pairs"),
                          s.get("dropped_no_pair"), s.get("dropped_filters"), s.get("chosen_len_mean"),
                          s.get("rejected_len_mean"), None if fid is None else 100 * fid])
         plot = _plot_alpha(t, stats["per_language"], run_dir, plt)
@@ -176,7 +177,7 @@ def _plot_alpha(t: int, per_language: dict, run_dir: Path, plt) -> str | None:
             ax.axvline(alpha, color=line.get_color(), lw=0.8, ls=":")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("α (length penalty)")
-    ax.set_ylabel("mean length, chosen − rejected")
+    ax.set_ylabel("mean length difference, chosen vs rejected")
     ax.set_title(f"α search, iteration {t} (dotted: chosen α)")
     ax.legend(fontsize="small")
     name = f"alpha_curve_iter{t}.png"
