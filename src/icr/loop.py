@@ -94,7 +94,8 @@ def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
         for child in run_dir.iterdir():
             if child.name != ".lock":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-    atomic_write_text(saved, resolved)
+    if not saved.is_file():
+        atomic_write_text(saved, resolved)
 
 
 def model_paths(cfg: ExperimentConfig, run_dir: Path, iterations: int) -> dict[int, str]:
@@ -176,6 +177,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     """The `icr run` entry point: prepare, main loop, controls, results and report."""
     prepared = run_prepare(cfg)
     cfg = resolve_placeholders(cfg, prepared)
+    preflight(cfg)
     run_dir = cfg.run_dir
     with run_lock(run_dir):
         check_run_folder(cfg, run_dir, force)
@@ -194,6 +196,18 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
             append_results(run_dir / "results.json", rows)
             write_report(run_dir)
     return run_dir
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Check every input before anything is written: prompts, models, tokenizers, templates."""
+    from .models import check_same_tokenizer, load_tokenizer
+
+    load_prompt_set(cfg.prompts, cfg.languages)
+    if cfg.evaluation.enabled:
+        load_prompt_set(cfg.evaluation.prompts, cfg.languages)
+    tok_dpo = load_tokenizer(cfg.models.dpo, cfg.models.chat_template, what="models.dpo")
+    tok_sft = load_tokenizer(cfg.models.sft, cfg.models.chat_template, what="models.sft")
+    check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
 
 
 def _make_judge(cfg: ExperimentConfig):
