@@ -22,6 +22,19 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def icr_cache(tmp_path_factory):
+    """Prepared models of tests go to a temporary cache, never into the checkout."""
+    path = tmp_path_factory.mktemp("icr-cache")
+    old = os.environ.get("ICR_CACHE")
+    os.environ["ICR_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ICR_CACHE", None)
+    else:
+        os.environ["ICR_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> dict:
     """The configs/tiny.yaml pair (pi_SFT, pi0) plus prompt files, built once."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,7 @@ DATA_FILES = ["iter*/generate/shard-*.jsonl", "iter*/score/shard-*.jsonl", "iter
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("icrcache")
-    old = os.environ.get("ICR_CACHE")
-    os.environ["ICR_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ICR_CACHE")
-    else:
-        os.environ["ICR_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache):
+def tiny_run(tmp_path_factory):
     from icr.cli import main
 
     root = tmp_path_factory.mktemp("runs")
@@ -91,7 +78,7 @@ def test_interrupted_stage_resumes_to_the_same_bytes(tiny_run, cli):
 
 
 @pytest.mark.slow
-def test_same_config_and_seed_give_identical_data_files(tiny_run, tmp_path, cache):
+def test_same_config_and_seed_give_identical_data_files(tiny_run, tmp_path):
     from icr.cli import main
 
     assert main(["run", str(TINY), "--set", f"run_root={tmp_path}", "-q"]) == 0

@@ -194,7 +194,8 @@ def _pick(key, cands, scored, scores, length_of, alpha, cfg: PairsConfig, seed, 
     if not np.isfinite(allowed).any():
         return None
     c, w = int(np.argmax(allowed)), int(np.argmin(vals))
-    if vals[c] <= vals[w] or c == w:
+    # Identical texts can differ in score by float noise (different padding in a batch): never a pair.
+    if vals[c] <= vals[w] or scored[cands[c]]["response"] == scored[cands[w]]["response"]:
         return None
     return cands[c], cands[w], float(vals[c] - vals[w])
 

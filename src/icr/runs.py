@@ -119,6 +119,42 @@ def chunk(items: list, size: int) -> Iterator[tuple[int, list]]:
         yield index, items[start:start + size]
 
 
+def append_journal(stage_dir: Path, event: dict) -> None:
+    """Append one line to `journal.jsonl`: which process finished which shard, when.
+
+    Written after the shard's rename, so a shard in the journal twice was computed twice (the
+    kill-and-resume harness checks that this never happens)."""
+    line = dumps_record({**event, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n"
+    with open(Path(stage_dir) / "journal.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+def read_journal(stage_dir: Path) -> list[dict]:
+    path = Path(stage_dir) / "journal.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    return out
+
+
+def check_free_disk(folder: Path, needed_bytes: int, what: str) -> None:
+    """Warn when the disk holding `folder` has less free space than a stage expects to write."""
+    import logging
+    import shutil as _shutil
+
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    free = _shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        logging.getLogger("icr").warning(
+            "%s: may write up to %.1f GB but only %.1f GB are free on %s", what, needed_bytes / 1e9, free / 1e9, probe)
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests
 # ---------------------------------------------------------------------------------------------

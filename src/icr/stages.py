@@ -23,8 +23,8 @@ from .data import PromptSet
 from .errors import IcrError
 from .generation import SamplingParams, load_backend
 from .models import chat_messages, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
-from .runs import (chunk, model_key, manifest_matches, read_json, read_jsonl, read_shards, shard_path,
-                   text_hash, write_json, write_jsonl, write_manifest)
+from .runs import (append_journal, check_free_disk, chunk, manifest_matches, model_key, read_json, read_jsonl,
+                   read_shards, shard_path, text_hash, write_json, write_jsonl, write_manifest)
 
 log = logging.getLogger("icr")
 
@@ -70,6 +70,9 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
             and (shard is None or i % shard[1] == shard[0])]
     counts = {"prompts": len(items), "shards": len(shards), "shards_computed": len(todo)}
     if todo:
+        # Upper bound: every sample at the token limit, ~4 bytes per token of JSON-escaped text, x2 for scores.
+        n_todo = sum(len(s) for _, s in todo)
+        check_free_disk(stage_dir, n_todo * g.n * (g.max_new_tokens * 4 + 400) * 2, "generate")
         backend = load_backend(g.backend, policy_path, device=cfg.device, dtype=cfg.models.dtype,
                                chat_template=cfg.models.chat_template, batch_size=g.batch_size,
                                **({"tensor_parallel_size": g.tensor_parallel_size,
@@ -95,6 +98,7 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
             if skipped:
                 write_jsonl(stage_dir / f"skipped-{i:05d}.jsonl", skipped)
             write_jsonl(shard_path(stage_dir, i), records)
+            append_journal(stage_dir, {"shard": i})
         backend.close()
     if shard is not None and any(not shard_path(stage_dir, i).is_file() for i, _ in shards):
         return {"partial": True, **counts}
@@ -194,6 +198,7 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
                                     "reward_tokens": int(res["n_tokens"][j]),
                                     **({"translation": responses[j]} if translator is not None else {})})
             write_jsonl(stage_dir / path.name, out_records)
+            append_journal(stage_dir, {"shard": path.name})
         if translator is not None:
             translator.close()
     if shard is not None and any(not (stage_dir / p.name).is_file() for p in in_shards):

@@ -12,6 +12,7 @@ latest one. The final model (merged, if LoRA) and tokenizer go to `model_dir`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -70,8 +71,14 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
 
 
 def _latest_checkpoint(out_dir: Path) -> str | None:
+    """The newest *complete* checkpoint. The Trainer writes trainer_state.json last, so a checkpoint
+    without it was interrupted mid-save: it is deleted, and the one before it is used."""
     ckpts = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    for ckpt in reversed(ckpts):
+        if (ckpt / "trainer_state.json").is_file():
+            return str(ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
@@ -95,7 +102,12 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     args = dpo_config(cfg, out_dir, seed, device, len(pairs))
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=pairs_to_dataset(pairs),
                          processing_class=tokenizer, peft_config=peft_config)
-    result = trainer.train(resume_from_checkpoint=_latest_checkpoint(out_dir))
+    resume = _latest_checkpoint(out_dir)
+    if resume is not None:
+        # Recorded so the kill-and-resume harness can show training resumed mid-epoch.
+        with open(out_dir / "resumed.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"checkpoint": Path(resume).name}) + "\n")
+    result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     if cfg.lora.enabled:
         model = model.merge_and_unload()

@@ -1,0 +1,102 @@
+"""Reliability: kill-and-resume, one writer per run folder, full disk, long prompts, identical answers."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from icr.errors import IcrError
+from icr.runs import atomic_write_text, run_lock
+
+from .conftest import REPO
+from .test_loop import TINY, _one_line_error
+
+
+@pytest.mark.slow
+def test_kill_and_resume_harness_quick(tmp_path):
+    """bench/kill_resume.py --quick: 3 SIGKILLs across stages; same bytes, same weights, no shard twice."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kill_resume.py"), "--quick", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert result["kills"] >= 2 and not result["mismatched_files"] and not result["recomputed_shards"]
+    assert result["max_weight_diff"] <= 1e-5
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir):
+        with pytest.raises(IcrError, match="in use by process"):
+            with run_lock(run_dir):
+                pass
+    # A lock left by a process that no longer exists (killed run) does not block the resume.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (run_dir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with run_lock(run_dir):
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    assert not (run_dir / ".lock").exists()
+
+
+def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli):
+    run_dir = tmp_path / "tiny"
+    with run_lock(run_dir):
+        code, _, err = cli("run", TINY, "--set", f"run_root={tmp_path}")
+    assert "in use by process" in _one_line_error(code, err)
+
+
+def test_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "shard-00000.jsonl"
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(IcrError, match="no space left on device"):
+        atomic_write_text(target, "data\n" * 100)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_full_disk_during_a_run_exits_2(tmp_path, cli, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, _, err = cli("run", TINY, "--set", f"run_root={tmp_path}")
+    assert "no space left on device" in _one_line_error(code, err)
+
+
+def test_long_prompts_are_skipped_and_reported(tmp_path, tiny_pair):
+    from icr.config import load_config
+    from icr.data import load_prompt_set
+    from icr.stages import run_generate
+
+    cfg = load_config(TINY, [f"run_root={tmp_path}", f"models.dpo={tiny_pair['dpo']}",
+                             f"models.sft={tiny_pair['sft']}",
+                             f"prompts.path={tiny_pair['root']}/prompts/train/{{lang}}.jsonl",
+                             "generation.max_prompt_tokens=14", "generation.n=2"])
+    prompts = load_prompt_set(cfg.prompts, cfg.languages)
+    stage = tmp_path / "gen"
+    counts = run_generate(cfg, tiny_pair["dpo"], prompts, stage, seed=1)
+    assert counts["skipped_long_prompts"] > 0
+    assert counts["samples"] == 2 * (counts["prompts"] - counts["skipped_long_prompts"])
+    skipped = [json.loads(line) for p in stage.glob("skipped-*.jsonl") for line in p.read_text().splitlines()]
+    assert all(s["prompt_tokens"] > 14 for s in skipped)
+
+
+def test_identical_responses_never_form_a_pair():
+    from icr.config import PairsConfig
+    from icr.pairs import select_pairs
+
+    recs = [{"id": "a", "lang": "es", "prompt": "q", "sample": k, "response": "", "finished": True, "n_tokens": 1,
+             "reward": 0.1 + 1e-9 * k} for k in range(4)]
+    pairs, stats = select_pairs(recs, PairsConfig(language_filter=False))
+    assert pairs == [] and stats["per_language"]["es"]["dropped_no_pair"] == 1
