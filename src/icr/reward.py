@@ -10,13 +10,27 @@ the reference log-probs `DPOTrainer` computes for the same pairs (tested):
   prompt ids. They therefore include the end-of-turn token (and whatever the model's own
   template puts after an assistant turn).
 
-Speed (see bench/score.py): sequences are sorted by length and packed into batches under a token
-budget with right padding; the output head and log-softmax are applied only at positions that
-predict a response token; both models consume the same batches in one pass over the data.
+Speed (see bench/score.py, BENCHMARKS.md). Two exact paths, both feeding every model the same
+batches in one pass over the data, both applying the output head only at positions that predict a
+response token (log-prob = logit - logsumexp, in chunks; never a log-softmax over the prompt):
+
+- shared prompt (default where the model allows): each *distinct* prompt is run once (prompts
+  sorted by length, right-padded batches under the token budget) and its keys/values kept; the
+  responses of that batch of prompts are then sorted by length across prompts and run in
+  sub-batches on top of the gathered prompt caches (explicit positions and a 4-D mask, so prompts
+  of different lengths share a sub-batch with no padding in the response part). The first response
+  token's log-prob comes from the prompt pass; a response's last token is never fed.
+- plain (fallback): prompt + response per row, sorted by total length, packed under the budget.
+
+The shared-prompt path needs a model whose decoder takes `cache=` and builds a plain
+`DynamicCache` (full attention on every layer: Llama, Qwen2/3, Mistral without a sliding window,
+...) with sdpa or eager attention; other models (sliding-window or hybrid caches, flash-attention
+kernels that take no 4-D mask, no separable decoder) take the plain path, model by model.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -88,6 +102,21 @@ def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+HEAD_CHUNK = 4096  # positions per output-head call: bounds the (positions x vocabulary) logits tensor
+
+
+def _token_logprobs(head, softcap, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each row of `hidden` (positions x hidden size), in fp32, head applied in chunks."""
+    out = []
+    for s in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[s:s + HEAD_CHUNK]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        tgt = targets[s:s + HEAD_CHUNK].unsqueeze(-1)
+        out.append(logits.gather(-1, tgt).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 @torch.inference_mode()
 def _batch_logprobs(model, ids, mask, resp_mask, targets) -> torch.Tensor:
     """Summed log-probs of target tokens at positions where resp_mask is set; one value per row."""
@@ -96,33 +125,23 @@ def _batch_logprobs(model, ids, mask, resp_mask, targets) -> torch.Tensor:
     head, softcap = _output_head(model)
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        logits = head(hidden[resp_mask])  # only the positions that predict response tokens
+        token_lp = _token_logprobs(head, softcap, hidden[resp_mask], targets[resp_mask])
     else:  # generic fallback: full logits
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[resp_mask]
-    logits = logits.float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[resp_mask].unsqueeze(-1)).squeeze(-1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[resp_mask].float()
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[resp_mask].unsqueeze(-1)).squeeze(-1)
     rows = torch.nonzero(resp_mask)[:, 0]
     out = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     out.index_add_(0, rows, token_lp.double())
     return out
 
 
-def sequence_logprobs(models: list, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
-                      pad_id: int, batch_tokens: int = 8192, padding_side: str = "right",
-                      desc: str | None = None) -> np.ndarray:
-    """Summed log-probs of each response given its prompt, for each model: array (len(models), n).
-
-    Every model sees the same batches, in one pass over the data.
-    """
+def _plain_logprobs(models, prompt_ids, response_ids, pad_id, batch_tokens, padding_side, bar) -> np.ndarray:
+    """Prompt + response per row, rows sorted by length and packed under the token budget."""
     n = len(prompt_ids)
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     out = np.zeros((len(models), n), dtype=np.float64)
     device = next(models[0].parameters()).device
-    batches = make_batches(lengths, batch_tokens)
-    bar = tqdm(total=n, desc=desc or "score", unit="resp", disable=desc is None, leave=False)
-    for batch in batches:
+    for batch in make_batches(lengths, batch_tokens):
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -142,7 +161,164 @@ def sequence_logprobs(models: list, prompt_ids: list[list[int]], response_ids: l
         for m, model in enumerate(models):
             out[m, batch] = _batch_logprobs(model, ids, mask, resp_mask, targets).cpu().numpy()
         bar.update(len(batch))
-    bar.close()
+    return out
+
+
+def supports_shared_prompt(model) -> bool:
+    """Whether `model`'s prompt keys/values can be computed once and reused under a 4-D mask."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    decoder, (head, _) = _decoder(model), _output_head(model)
+    config = getattr(model, "config", None)
+    if decoder is None or head is None or config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False  # flash-attention kernels take no 4-D mask
+    try:
+        if "cache" not in inspect.signature(decoder.forward).parameters:
+            return False
+        layers = DynamicCache(config=config).layers
+    except Exception:  # noqa: BLE001 - any surprise means: take the plain path
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@torch.inference_mode()
+def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_tokens, padding_side,
+                            bar) -> np.ndarray:
+    """Each distinct prompt run once per model; its responses run on its cached keys/values.
+
+    Distinct prompts are sorted by length and packed into batches under `batch_tokens` (padded
+    on `padding_side`); the responses of one such prompt batch are sorted by length *across* its
+    prompts and run in right-padded sub-batches of at most `batch_tokens` response positions, on
+    a cache gathered from the prompt batch (rows = the responses' prompts, columns = the window
+    every row's prompt lies in, masked per row). Positions are explicit (prompt length + offset).
+    """
+    from transformers.cache_utils import DynamicCache
+
+    n = len(prompt_ids)
+    out = np.zeros((len(models), n), dtype=np.float64)
+    device = next(models[0].parameters()).device
+    distinct: dict[tuple, int] = {}
+    prompts, owner = [], []
+    for p in prompt_ids:
+        k = distinct.setdefault(tuple(p), len(prompts))
+        if k == len(prompts):
+            prompts.append(p)
+        owner.append(k)
+    by_prompt: list[list[int]] = [[] for _ in prompts]
+    for i, k in enumerate(owner):
+        if response_ids[i]:  # an empty response has log-prob 0
+            by_prompt[k].append(i)
+    heads = [_output_head(model) for model in models]
+    decoders = [_decoder(model) for model in models]
+    dtypes = [next(model.parameters()).dtype for model in models]
+    for group in make_batches([len(p) for p in prompts], batch_tokens):
+        group = [k for k in group if by_prompt[k]]
+        if not group:
+            continue
+        lens = torch.tensor([len(prompts[k]) for k in group])
+        width = int(lens.max())
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, k in enumerate(group):
+            off = width - len(prompts[k]) if padding_side == "left" else 0
+            ids[row, off:off + len(prompts[k])] = torch.tensor(prompts[k])
+            mask[row, off:off + len(prompts[k])] = 1
+        last = torch.full_like(lens, width - 1) if padding_side == "left" else lens - 1
+        items = [i for k in group for i in by_prompt[k]]
+        row_of = {k: row for row, k in enumerate(group)}
+        item_rows = torch.tensor([row_of[owner[i]] for i in items])
+        first = torch.tensor([response_ids[i][0] for i in items])
+        ids, mask, pos = ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        kvs = []
+        for m, model in enumerate(models):
+            res = decoders[m](input_ids=ids, attention_mask=mask, position_ids=pos,
+                              cache=DynamicCache(config=model.config), use_cache=True)
+            kvs.append([(layer.keys, layer.values) for layer in res.cache.layers])
+            # the last prompt position predicts each response's first token
+            hid = res.last_hidden_state[torch.arange(len(group), device=device), last.to(device)]
+            lp = _token_logprobs(*heads[m], hid[item_rows.to(device)], first.to(device))
+            out[m, items] = lp.double().cpu().numpy()
+            del res, hid
+        valid = mask.bool()
+        # the rest of each response: feed tokens [0, len-1), predict tokens [1, len)
+        rest = [i for i in items if len(response_ids[i]) > 1]
+        rest_len = [len(response_ids[i]) - 1 for i in rest]
+        for batch in make_batches(rest_len, batch_tokens):
+            sel = [rest[j] for j in batch]
+            rows = torch.tensor([row_of[owner[i]] for i in sel], device=device)
+            plen = lens[[row_of[owner[i]] for i in sel]]
+            win = int(plen.max())
+            c0, c1 = (width - win, width) if padding_side == "left" else (0, win)
+            r = max(len(response_ids[i]) - 1 for i in sel)
+            inp = torch.full((len(sel), r), pad_id, dtype=torch.long)
+            targets = torch.zeros_like(inp)
+            tmask = torch.zeros_like(inp, dtype=torch.bool)
+            for b, i in enumerate(sel):
+                resp = response_ids[i]
+                inp[b, :len(resp) - 1] = torch.tensor(resp[:-1])
+                targets[b, :len(resp) - 1] = torch.tensor(resp[1:])
+                tmask[b, :len(resp) - 1] = True
+            inp, targets, tmask = inp.to(device), targets.to(device), tmask.to(device)
+            positions = plen.to(device)[:, None] + torch.arange(r, device=device)[None, :]
+            causal = torch.ones((r, r), dtype=torch.bool, device=device).tril()
+            allowed = torch.cat([valid[rows, c0:c1][:, None, :].expand(-1, r, -1),
+                                 causal[None].expand(len(sel), -1, -1)], dim=-1)[:, None]
+            masks: dict = {}
+            for m, model in enumerate(models):
+                if dtypes[m] not in masks:
+                    masks[dtypes[m]] = torch.zeros(allowed.shape, dtype=dtypes[m], device=device).masked_fill(
+                        ~allowed, torch.finfo(dtypes[m]).min)
+                cache = DynamicCache([(k.index_select(0, rows)[:, :, c0:c1], v.index_select(0, rows)[:, :, c0:c1])
+                                      for k, v in kvs[m]])
+                hidden = decoders[m](input_ids=inp, attention_mask=masks[dtypes[m]], position_ids=positions,
+                                     cache=cache, use_cache=True).last_hidden_state
+                lp = _token_logprobs(*heads[m], hidden[tmask], targets[tmask])
+                sums = torch.zeros(len(sel), dtype=torch.float64, device=device)
+                sums.index_add_(0, torch.nonzero(tmask)[:, 0], lp.double())
+                out[m, sel] += sums.cpu().numpy()
+                del cache, hidden
+        bar.update(sum(len(by_prompt[k]) for k in group))
+        del kvs
+    return out
+
+
+def sequence_logprobs(models: list, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
+                      pad_id: int, batch_tokens: int = 8192, padding_side: str = "right",
+                      desc: str | None = None, shared_prompt: bool | None = None) -> np.ndarray:
+    """Summed log-probs of each response given its prompt, for each model: array (len(models), n).
+
+    `shared_prompt`: None (default) takes the shared-prompt path for every model that supports it
+    (`supports_shared_prompt`) and the plain path for the others; True insists on it (ValueError
+    where a model can't); False always takes the plain path. Both give the same sums (to float
+    rounding; tested within 1e-4 in fp32). Models on the same path see the same batches, in one
+    pass over the data. Every prompt must have at least one token.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (its last one predicts the first response token)")
+    n = len(prompt_ids)
+    out = np.zeros((len(models), n), dtype=np.float64)
+    if n == 0 or not models:
+        return out
+    if shared_prompt is False:
+        fast = [False] * len(models)
+    else:
+        fast = [supports_shared_prompt(model) for model in models]
+        if shared_prompt and not all(fast):
+            raise ValueError("shared_prompt=True, but a model's keys/values can't be reused "
+                             "(see supports_shared_prompt)")
+    for use_fast in (True, False):
+        which = [m for m, f in enumerate(fast) if f == use_fast]
+        if not which:
+            continue
+        bar = tqdm(total=n, desc=desc or "score", unit="resp", disable=desc is None, leave=False)
+        fn = _shared_prompt_logprobs if use_fast else _plain_logprobs
+        out[which] = fn([models[m] for m in which], prompt_ids, response_ids, pad_id, batch_tokens,
+                        padding_side, bar)
+        bar.close()
     return out
 
 
@@ -156,18 +332,31 @@ class RewardModels:
 
 
 def implicit_rewards(rm: RewardModels, conversations: list[list[dict]], responses: list[str], *,
-                     batch_tokens: int = 8192, desc: str | None = None) -> dict[str, np.ndarray]:
+                     batch_tokens: int = 8192, desc: str | None = None,
+                     shared_prompt: bool | None = None) -> dict[str, np.ndarray]:
     """Implicit rewards of `responses[i]` under `conversations[i]`.
 
     Returns arrays `reward` (= logp_policy - logp_reference), `logp_policy`, `logp_reference`,
     `n_tokens` (response tokens incl. end-of-turn). Non-finite log-probs come back as NaN and are
-    for the caller to exclude and report.
+    for the caller to exclude and report. `shared_prompt`: see `sequence_logprobs` (default: the
+    fastest exact path each model allows).
     """
-    pairs = [tokenize_pair(rm.tokenizer, c, r) for c, r in zip(conversations, responses)]
-    prompt_ids = [p for p, _ in pairs]
-    response_ids = [r for _, r in pairs]
+    prompt_cache: dict[str, list[int]] = {}  # the N responses of a prompt share its template
+    prompt_ids, response_ids = [], []
+    for conv, response in zip(conversations, responses):
+        key = repr(conv)
+        if key not in prompt_cache:
+            prompt_cache[key] = rm.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = prompt_cache[key]
+        full = rm.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}],
+                                                tokenize=True, return_dict=True)["input_ids"]
+        cut = common_prefix_length(prompt, full)  # as tokenize_pair
+        prompt_ids.append(prompt[:cut])
+        response_ids.append(full[cut:])
     lp = sequence_logprobs([rm.policy, rm.reference], prompt_ids, response_ids,
-                           pad_id=rm.tokenizer.pad_token_id, batch_tokens=batch_tokens, desc=desc)
+                           pad_id=rm.tokenizer.pad_token_id, batch_tokens=batch_tokens, desc=desc,
+                           shared_prompt=shared_prompt)
     reward = lp[0] - lp[1]
     reward[~np.isfinite(reward)] = math.nan
     return {"reward": reward, "logp_policy": lp[0], "logp_reference": lp[1],
