@@ -1,0 +1,135 @@
+"""Beyond one process, on the CPU: 2-process (gloo) DPO+NLL training through `accelerate launch`
+equals 1 process with the same effective batch; generate + score split across 2 concurrent local
+workers equal the unsharded stages byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+ACCEL = REPO / "configs" / "accelerate"
+
+
+def _pairs(root: Path, n: int = 16) -> list[dict]:
+    prompts = [json.loads(line)["instruction"] for line in (root / "prompts/train/en.jsonl").read_text().splitlines()]
+    return [{"prompt": f"{prompts[i % len(prompts)]} ({i})",
+             "chosen": f"The answer is {i} and it is good.", "rejected": f"no {i * 7} bad bad"} for i in range(n)]
+
+
+def _log_losses(out_dir: Path) -> list[tuple[int, float]]:
+    ckpt = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+
+def test_shipped_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = {p.stem for p in ACCEL.glob("*.yaml")}
+    assert {"ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "cpu_2proc"} <= names
+    for path in ACCEL.glob("*.yaml"):
+        cfg = load_config_from_file(str(path))  # accelerate's own parser: unknown keys fail here
+        raw = yaml.safe_load(path.read_text())
+        assert cfg.num_processes == raw["num_processes"] >= 2, path
+    paper = yaml.safe_load((REPO / "configs" / "paper-llama3-8b.yaml").read_text())
+    assert (REPO / paper["train"]["accelerate_config"]).is_file()
+
+
+def test_accelerate_command_line(monkeypatch):
+    from icr.distributed import accelerate_command, mixed_precision, resolve_accelerate_config
+
+    assert resolve_accelerate_config("ddp") == ACCEL / "ddp.yaml"
+    with pytest.raises(Exception, match="deepspeed_zero3"):
+        resolve_accelerate_config("zero4")
+    assert mixed_precision("auto", "cpu") == "no" and mixed_precision("auto", "cuda") == "bf16"
+    monkeypatch.setenv("ICR_ACCELERATE_ARGS", "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1")
+    cmd = accelerate_command(ACCEL / "ddp.yaml", "icr.train_worker", ["job.json"], num_processes=16, precision="bf16")
+    assert cmd[-3:] == ["-m", "icr.train_worker", "job.json"]
+    assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert "--main_process_port" not in cmd  # several machines: the port comes with the node arguments
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pair, tmp_path):
+    """2 processes x batch 2 (DDP on CPU, gloo) vs 1 process x batch 4, DPO + NLL, 4 optimizer steps.
+
+    Same samples per optimizer step (the distributed sampler hands each rank half of the same
+    global batch), DDP averages gradients, and the logged loss is averaged over ranks. The sigmoid
+    (DPO) term is a per-pair mean, so it is the same function of the global batch; the NLL term is
+    a token mean per rank, averaged over ranks, so it differs from the 4-pair token mean by the
+    ranks' token-count imbalance (small here). Tolerance: losses within 1e-3 relative; final weights
+    within 5% of the training update's size (seen: 8e-6 relative loss, 2% of the update).
+    """
+    from safetensors.torch import load_file
+
+    from icr.config import TrainConfig
+    from icr.distributed import train_dpo_launched
+    from icr.train import train_dpo
+
+    root = tiny_pair["root"]
+    pairs = _pairs(root)
+    common = dict(learning_rate=1e-3, epochs=1, warmup_ratio=0.0, lr_scheduler="constant", logging_steps=1,
+                  save_steps=1000, max_length=128, nll_weight=1.0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    m1 = train_dpo(pairs, tiny_pair["dpo"], tiny_pair["sft"], TrainConfig(per_device_batch_size=4, **common),
+                   one, one / "model", seed=42, device="cpu")
+    m2 = train_dpo_launched(pairs, tiny_pair["dpo"], tiny_pair["sft"],
+                            TrainConfig(per_device_batch_size=2, accelerate_config="cpu_2proc", **common),
+                            two, two / "model", seed=42, device="cpu")
+    assert m2["num_processes"] == 2 and m2["backend"] == "gloo" and "MULTI_CPU" in m2["distributed_type"]
+    assert m1["steps"] == m2["steps"] == 4
+    l1, l2 = _log_losses(one), _log_losses(two)
+    assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(l1, l2):
+        assert abs(a - b) <= 1e-3 * abs(a), (l1, l2)
+    assert abs(m1["train_loss"] - m2["train_loss"]) <= 1e-3 * abs(m1["train_loss"])
+    w1, w2 = load_file(one / "model/model.safetensors"), load_file(two / "model/model.safetensors")
+    w0 = load_file(Path(tiny_pair["dpo"]) / "model.safetensors")
+    update = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert update > 1e-3 and diff <= 0.05 * update, (diff, update)
+    assert (two / "model/tokenizer_config.json").is_file()
+    assert not list(two.glob(".rank*-model"))  # only the main process wrote a model
+
+
+def _digest(stage_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(stage_dir.glob("shard-*.jsonl"))}
+
+
+@pytest.mark.slow
+def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_path):
+    from icr.config import load_config
+    from icr.data import load_prompt_set
+    from icr.distributed import run_generate_sharded, run_score_sharded
+    from icr.loop import resolve_placeholders
+    from icr.runs import read_json
+    from icr.stages import run_generate, run_score
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_root={tmp_path}", "generation.shard_size=4",
+                                                       "generation.max_new_tokens=12"])
+    cfg = resolve_placeholders(cfg, tiny_pair["root"])
+    prompts = load_prompt_set(cfg.prompts, cfg.languages)
+    dpo, sft = tiny_pair["dpo"], tiny_pair["sft"]
+    a, b = tmp_path / "unsharded", tmp_path / "sharded"
+    ga = run_generate(cfg, dpo, prompts, a / "generate", seed=42)
+    sa = run_score(cfg, a / "generate", prompts, dpo, sft, a / "score")
+    gb = run_generate_sharded(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
+    sb = run_score_sharded(cfg, b / "generate", prompts, dpo, sft, b / "score", workers=2)
+    assert gb["workers"] == sb["workers"] == 2
+    assert ga["shards"] >= 3  # both workers had work: shards 0, 2, .. and 1, 3, ..
+    for stage in ("generate", "score"):
+        assert _digest(a / stage) == _digest(b / stage) and _digest(a / stage)
+        ma, mb = read_json(a / stage / "manifest.json"), read_json(b / stage / "manifest.json")
+        assert ma["key"] == mb["key"]
+    assert all(gb[k] == ga[k] for k in ("prompts", "shards", "samples", "skipped_long_prompts"))
+    assert sb["scored"] == sa["scored"]
+    assert not (b / "generate.workers").exists() and not (b / "score.workers").exists()
+    # A finished stage is not redone: no worker is started.
+    again = run_generate_sharded(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
+    assert again == {"skipped": True}
