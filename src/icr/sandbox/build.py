@@ -22,7 +22,7 @@ Steps, each with the reason it is there:
    pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
 6. **Files for the pipeline**: `prompts/{train,eval}/{lang}.jsonl`, `references/{lang}.json`
    (the fixed reference answers, `world.reference_answer`: correct, right language, padded with
-   one or two fillers; oracle score 0.9; it depends on nothing but the world).
+   one or two fillers; oracle score 0.8; it depends on nothing but the world).
 7. **Premise** (`premise.json`), measured on the `dev` tasks before any ICR: pi0 vs pi_SFT oracle
    win rate per language (sampled at temperature 0.6, top-p 0.9), and how often pi0's implicit
    reward log pi0(y|x) - log pi_SFT(y|x) (summed over response tokens incl. the end token) orders
@@ -65,12 +65,14 @@ DEFAULTS: dict = dict(
     # model
     vocab_size=800,         # BPE vocabulary
     hidden_size=128,
-    num_layers=3,
+    num_layers=2,
     # pre-training (all tokens)
-    pretrain_epochs=2,
+    knowledge_repeats=5,    # times each add/sub fact appears in the pre-training corpus
+    knowledge_algorithmic=500, # worked max/min/count examples (each) in shared notation
+    pretrain_steps=1200,     # batches of 32 documents
     pretrain_lr=3e-3,
     # SFT (assistant tokens)
-    sft_epochs=3,
+    sft_epochs=2,
     sft_lr=3e-3,
     sft_prefixed_ratio=0.3, # per SFT task and non-English language: chance of a prefixed-English example
     sft_translate_ratio=0.2,# per SFT task: chance of a translate-to-English example
@@ -79,12 +81,13 @@ DEFAULTS: dict = dict(
     pref_pairs_per_prompt=3,# oracle-labelled pairs per prompt (best-vs-worst first)
     dpo_epochs=2,
     dpo_beta=0.1,
-    dpo_lr=5e-4,
+    dpo_lr=1e-4,
     dpo_batch_size=16,
     # premise
     premise_samples=4,      # pi_SFT samples per dev prompt for reward accuracy (temperature 1)
     premise_wr_samples=2,   # samples per dev prompt and model for the win rate (T 0.6, top-p 0.9)
     max_new_tokens=24,
+    threads=1,              # torch threads while building (see _prepare)
 )
 
 
@@ -105,6 +108,19 @@ def prepare(out_dir: str | Path, **recipe) -> dict:
 
     import torch
 
+    # One thread: on a shared 2-core machine, two OpenMP threads competing with other processes
+    # ran tiny-model training 10-20x slower than one (measured: 700 vs 15,000 tokens/s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        return _prepare(out, cfg, timings, t_all)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
+    import torch
+
     torch.manual_seed(cfg["seed"])
     world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
     if not (out / "world.json").exists():
@@ -120,11 +136,12 @@ def prepare(out_dir: str | Path, **recipe) -> dict:
         t = time.time()
         from ..tiny import build_model, build_tokenizer, fit_causal_lm
 
-        tok_texts = pre_texts + [m["content"] for c in sft_convs for m in c] + [PREFIX, TRANSLATE_INSTRUCTION]
+        tok_texts = (pre_texts + [m["content"] for c in sft_convs for m in c]
+                     + [PREFIX, TRANSLATE_INSTRUCTION, "user\nassistant\n"] * 20)
         tok = build_tokenizer(tok_texts, vocab_size=cfg["vocab_size"])
         model = build_model(tok, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
                             max_position_embeddings=512, seed=cfg["seed"])
-        pretrain(model, tok, pre_texts, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], seed=cfg["seed"])
+        pretrain(model, tok, pre_texts, steps=cfg["pretrain_steps"], lr=cfg["pretrain_lr"], seed=cfg["seed"])
         timings["pretrain_s"] = round(time.time() - t, 1)
         t = time.time()
         fit_causal_lm(model, tok, sft_convs, epochs=cfg["sft_epochs"], lr=cfg["sft_lr"], batch_size=32,
@@ -174,7 +191,7 @@ def _keep(lang: str, rng: random.Random, cfg: dict) -> bool:
 def pretraining_texts(world: World, rng: random.Random, cfg: dict) -> list[str]:
     """Knowledge (shared notation) + monolingual documents + parallel pairs, shuffled."""
     tasks = world.split("sft") + world.split("pref")
-    texts = knowledge_text(rng)
+    texts = knowledge_text(rng, n_algorithmic=cfg["knowledge_algorithmic"], repeats=cfg["knowledge_repeats"])
     for lang in LANGUAGES:
         texts += [d for d in monolingual_text(tasks, lang) if _keep(lang, rng, cfg)]
     texts += parallel_text(tasks, rng)
@@ -229,30 +246,31 @@ def _write_prompt_files(world: World, out: Path) -> None:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def pretrain(model, tok, texts: list[str], epochs: int, lr: float, seed: int, block: int = 128,
-             batch_size: int = 16) -> None:
-    """Next-token training on plain text packed into fixed blocks (documents split by <|endoftext|>)."""
+def pretrain(model, tok, texts: list[str], steps: int, lr: float, seed: int, batch_size: int = 32) -> None:
+    """Next-token training on every token of short documents, `steps` batches drawn at random
+    (documents end with <|endoftext|>; batches padded to their longest document)."""
     import torch
 
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
-    stream = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        stream += ids + [sep]
-    n = len(stream) // block
-    data = torch.tensor(stream[: n * block]).view(n, block)
+    docs = [ids + [sep] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * -(-n // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
-    g = torch.Generator().manual_seed(seed)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.1, 1 - s / steps))
+    rng = random.Random(seed)
     model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=g).split(batch_size):
-            batch = data[idx]
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+    for _ in range(steps):
+        batch = [docs[rng.randrange(len(docs))] for _ in range(batch_size)]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, d in enumerate(batch):
+            ids[row, :len(d)] = torch.tensor(d)
+            labels[row, :len(d)] = torch.tensor(d)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
     model.eval()
 
 
@@ -270,7 +288,7 @@ def train_dpo(policy, reference, tok, pairs: list[dict], out_path: Path, cfg: di
         args = DPOConfig(output_dir=tmp, loss_type=["sigmoid"], beta=cfg["dpo_beta"],
                          learning_rate=cfg["dpo_lr"], num_train_epochs=cfg["dpo_epochs"],
                          per_device_train_batch_size=cfg["dpo_batch_size"], lr_scheduler_type="cosine",
-                         warmup_ratio=0.1, bf16=False, use_cpu=True, activation_checkpointing=False,
+                         warmup_steps=5, bf16=False, use_cpu=True, activation_checkpointing=False,
                          gradient_checkpointing=False, report_to="none", save_strategy="no",
                          logging_steps=10, disable_tqdm=True, seed=cfg["seed"], max_length=256,
                          dataset_num_proc=None)

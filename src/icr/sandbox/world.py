@@ -2,8 +2,9 @@
 
 What the world is
 -----------------
-Five task families whose answer is one integer that code can check: `add` (a + b), `sub` (a - b),
-`max` and `min` of a short list of digits, and `count` (how many `*` in a string of `*` and `o`).
+Five task families whose answer is one integer that code can check, of graded difficulty for a
+small model: `add` (a + b, digits), `larger` (the larger of two digits), `max` (of 3-4 distinct
+digits), `last` (the last of 3-4 digits) and `count` (how many `*` in a string of 3-6 `*`/`o`).
 Every task has an instruction in English, Spanish, German, French, Russian and Swahili (three
 phrasings per family and language; the phrasing index is part of the task, so the six
 instructions of one id are translations of each other). Swahili is the low-resource language: the
@@ -52,7 +53,7 @@ from pathlib import Path
 
 LANGUAGES: tuple[str, ...] = ("en", "es", "de", "fr", "ru", "sw")
 LOW_RESOURCE: tuple[str, ...] = ("sw",)
-FAMILIES: tuple[str, ...] = ("add", "sub", "max", "min", "count")
+FAMILIES: tuple[str, ...] = ("add", "larger", "max", "last", "count")
 SPLITS: tuple[str, ...] = ("eval", "dev", "train", "pref", "sft")
 
 # The language tag that opens every answer. Single words, so the parser is unambiguous.
@@ -61,7 +62,7 @@ TAGS: dict[str, str] = {"en": "Answer", "es": "Respuesta", "de": "Antwort", "fr"
 FILLER = "..."  # the padding unit: shared by all languages
 MAX_FILLER = 6  # more than this many fillers in a row is a runaway, not an answer
 
-# Three phrasings per family and language. Placeholders: {a} {b} (add/sub), {xs} (max/min), {s} (count).
+# Three phrasings per family and language. Placeholders: {a} {b} (add/larger), {xs} (max/last), {s} (count).
 TEMPLATES: dict[str, dict[str, tuple[str, str, str]]] = {
     "add": {
         "en": ("What is {a} + {b}?", "Compute {a} + {b}.", "Add: {a} + {b}"),
@@ -71,29 +72,29 @@ TEMPLATES: dict[str, dict[str, tuple[str, str, str]]] = {
         "ru": ("Сколько будет {a} + {b}?", "Вычисли {a} + {b}.", "Сложи: {a} + {b}"),
         "sw": ("Ni ngapi {a} + {b}?", "Hesabu {a} + {b}.", "Jumlisha: {a} + {b}"),
     },
-    "sub": {
-        "en": ("What is {a} - {b}?", "Compute {a} - {b}.", "Subtract: {a} - {b}"),
-        "es": ("¿Cuánto es {a} - {b}?", "Calcula {a} - {b}.", "Resta: {a} - {b}"),
-        "de": ("Was ist {a} - {b}?", "Berechne {a} - {b}.", "Subtrahiere: {a} - {b}"),
-        "fr": ("Combien font {a} - {b} ?", "Calcule {a} - {b}.", "Soustrais : {a} - {b}"),
-        "ru": ("Сколько будет {a} - {b}?", "Вычисли {a} - {b}.", "Вычти: {a} - {b}"),
-        "sw": ("Ni ngapi {a} - {b}?", "Hesabu {a} - {b}.", "Toa: {a} - {b}"),
+    "larger": {
+        "en": ("Which is larger: {a} or {b}?", "Larger number: {a} or {b}", "Pick the bigger number: {a} or {b}."),
+        "es": ("¿Cuál es mayor: {a} o {b}?", "Número mayor: {a} o {b}", "Elige el número más grande: {a} o {b}."),
+        "de": ("Was ist größer: {a} oder {b}?", "Größere Zahl: {a} oder {b}", "Wähle die größere Zahl: {a} oder {b}."),
+        "fr": ("Lequel est plus grand : {a} ou {b} ?", "Nombre le plus grand : {a} ou {b}", "Choisis le plus grand nombre : {a} ou {b}."),
+        "ru": ("Что больше: {a} или {b}?", "Большее число: {a} или {b}", "Выбери большее число: {a} или {b}."),
+        "sw": ("Kipi ni kikubwa: {a} au {b}?", "Namba kubwa: {a} au {b}", "Chagua namba kubwa: {a} au {b}."),
     },
     "max": {
         "en": ("Which number is largest: {xs}?", "Largest number: {xs}", "Find the maximum of {xs}."),
-        "es": ("¿Qué número es el mayor: {xs}?", "Número mayor: {xs}", "Encuentra el máximo de {xs}."),
+        "es": ("¿Qué número es el mayor: {xs}?", "Número más grande: {xs}", "Encuentra el máximo de {xs}."),
         "de": ("Welche Zahl ist am größten: {xs}?", "Größte Zahl: {xs}", "Finde das Maximum von {xs}."),
         "fr": ("Quel nombre est le plus grand : {xs} ?", "Plus grand nombre : {xs}", "Trouve le maximum de {xs}."),
         "ru": ("Какое число самое большое: {xs}?", "Наибольшее число: {xs}", "Найди максимум из {xs}."),
         "sw": ("Ni namba gani kubwa zaidi: {xs}?", "Namba kubwa zaidi: {xs}", "Tafuta kubwa zaidi kati ya {xs}."),
     },
-    "min": {
-        "en": ("Which number is smallest: {xs}?", "Smallest number: {xs}", "Find the minimum of {xs}."),
-        "es": ("¿Qué número es el menor: {xs}?", "Número menor: {xs}", "Encuentra el mínimo de {xs}."),
-        "de": ("Welche Zahl ist am kleinsten: {xs}?", "Kleinste Zahl: {xs}", "Finde das Minimum von {xs}."),
-        "fr": ("Quel nombre est le plus petit : {xs} ?", "Plus petit nombre : {xs}", "Trouve le minimum de {xs}."),
-        "ru": ("Какое число самое маленькое: {xs}?", "Наименьшее число: {xs}", "Найди минимум из {xs}."),
-        "sw": ("Ni namba gani ndogo zaidi: {xs}?", "Namba ndogo zaidi: {xs}", "Tafuta ndogo zaidi kati ya {xs}."),
+    "last": {
+        "en": ("What is the last number in {xs}?", "Last number: {xs}", "Name the final number of {xs}."),
+        "es": ("¿Cuál es el último número en {xs}?", "Último número: {xs}", "Di el número final de {xs}."),
+        "de": ("Was ist die letzte Zahl in {xs}?", "Letzte Zahl: {xs}", "Nenne die letzte Zahl von {xs}."),
+        "fr": ("Quel est le dernier nombre dans {xs} ?", "Dernier nombre : {xs}", "Donne le nombre final de {xs}."),
+        "ru": ("Какое последнее число в {xs}?", "Последнее число: {xs}", "Назови последнее число из {xs}."),
+        "sw": ("Namba ya mwisho katika {xs} ni ipi?", "Namba ya mwisho: {xs}", "Taja namba ya mwisho ya {xs}."),
     },
     "count": {
         "en": ("How many stars are in {s}?", "Count the stars: {s}", "Number of * in {s}?"),
@@ -118,7 +119,7 @@ DEGENERATE_KINDS: tuple[str, ...] = ("loop", "stutter", "empty", "filler_run", "
 class Task:
     id: str
     family: str
-    operands: tuple  # (a, b) for add/sub; digits for max/min; the star string for count
+    operands: tuple  # (a, b) for add/larger; digits for max/last; the star string for count
     template: int  # phrasing index, the same in every language
     split: str = ""
 
@@ -138,12 +139,12 @@ class Task:
 def solve(family: str, operands) -> int:
     if family == "add":
         return operands[0] + operands[1]
-    if family == "sub":
-        return operands[0] - operands[1]
+    if family == "larger":
+        return max(operands)
     if family == "max":
         return max(operands)
-    if family == "min":
-        return min(operands)
+    if family == "last":
+        return operands[-1]
     if family == "count":
         return operands[0].split().count("*")
     raise ValueError(f"unknown task family {family!r}")
@@ -151,9 +152,9 @@ def solve(family: str, operands) -> int:
 
 def format_instruction(family: str, operands, template: int, lang: str) -> str:
     text = TEMPLATES[family][lang][template]
-    if family in ("add", "sub"):
+    if family in ("add", "larger"):
         return text.format(a=operands[0], b=operands[1])
-    if family in ("max", "min"):
+    if family in ("max", "last"):
         return text.format(xs=", ".join(str(x) for x in operands))
     return text.format(s=operands[0])
 
@@ -162,12 +163,12 @@ def _instance_space(family: str, rng: random.Random, cap: int) -> list[tuple]:
     """Distinct operand tuples of a family, in a seeded order (at most `cap`)."""
     if family == "add":
         space = [(a, b) for a in range(10) for b in range(10)]
-    elif family == "sub":
-        space = [(a, b) for a in range(19) for b in range(10) if b <= a]
-    elif family in ("max", "min"):
+    elif family == "larger":
+        space = [(a, b) for a in range(10) for b in range(10) if a != b]
+    elif family in ("max", "last"):
         seen, space = set(), []
         for _ in range(cap * 4):
-            xs = tuple(rng.randrange(10) for _ in range(rng.randint(3, 5)))
+            xs = tuple(rng.sample(range(10), rng.randint(3, 4)))
             if len(set(xs)) == len(xs) and xs not in seen:  # distinct digits: one clear answer
                 seen.add(xs)
                 space.append(xs)
@@ -175,7 +176,7 @@ def _instance_space(family: str, rng: random.Random, cap: int) -> list[tuple]:
                 break
     elif family == "count":
         space = []
-        for n in range(3, 9):
+        for n in range(3, 7):
             for mask in range(2 ** n):
                 s = " ".join("*" if mask >> i & 1 else "o" for i in range(n))
                 if "*" in s:
@@ -195,7 +196,7 @@ class World:
     sizes: dict[str, int] = field(default_factory=dict)
 
     def split(self, name: str) -> list[Task]:
-        return [t for t in self.tasks.values() if t.split == name]
+        return sorted((t for t in self.tasks.values() if t.split == name), key=lambda t: t.id)
 
     def prompts(self, split: str, lang: str) -> list[dict]:
         """The prompt-set rows the pipeline reads: `{"instruction_id", "instruction"}`."""
@@ -236,7 +237,7 @@ def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int =
     for fam in FAMILIES:
         ops = _instance_space(fam, rng, per_family * 3)
         # each operand tuple with a seeded phrasing; the phrasing varies, the problem does not repeat
-        # within a family unless the family's space is smaller than needed (add, sub): then a
+        # within a family unless the family's space is smaller than needed (add, larger): then a
         # problem recurs under another phrasing, still as a distinct task id.
         cands = [(o, rng.randrange(3)) for o in ops]
         if len(cands) < per_family:
@@ -257,7 +258,7 @@ def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int =
         for k in range(sizes[split]):
             fam, ops, tmpl = ordered[pos]
             pos += 1
-            tid = f"{split}-{fam}-{k:04d}"
+            tid = f"{split}-{k:04d}-{fam}"  # sorts in dealing order
             tasks[tid] = Task(tid, fam, ops, tmpl, split)
     return World(seed=seed, tasks=tasks, sizes=sizes)
 
@@ -274,7 +275,7 @@ def answer_text(lang: str, number: int, n_filler: int = 0) -> str:
 def wrong_number(task: Task, rng: random.Random) -> int:
     """A plausible mistake: off by one or two, or (lists) another listed number."""
     ans = task.answer
-    if task.family in ("max", "min") and rng.random() < 0.5:
+    if task.family in ("larger", "max", "last") and rng.random() < 0.5:
         return rng.choice([x for x in task.operands if x != ans])
     cands = [ans + d for d in (-2, -1, 1, 2) if ans + d >= 0]
     return rng.choice(cands)
@@ -337,7 +338,7 @@ SFT_MIX: dict[str, float] = {"good": 0.40, "padded": 0.20, "wrong": 0.12, "wrong
 
 def reference_answer(task: Task, lang: str) -> str:
     """The fixed reference answer of the evaluation: correct, in the right language, padded with one
-    or two fillers (chosen by a hash of the id, never by a model). Oracle score 0.9: a concise
+    or two fillers (chosen by a hash of the id, never by a model). Oracle score 0.8: a concise
     correct answer beats it, a padded correct one ties, anything worse loses."""
     n_fill = 1 + int(hashlib.sha256(task.id.encode()).hexdigest(), 16) % 2
     return answer_text(lang, task.answer, n_fill)
@@ -351,17 +352,19 @@ LANGUAGE_WORDS = {"en": "English", "es": "Spanish", "de": "German", "fr": "Frenc
                   "sw": "Swahili"}
 
 
-def knowledge_text(rng: random.Random, n_algorithmic: int = 300) -> list[str]:
-    """Language-neutral facts: every add/sub fact, and max/min/count worked in shared notation."""
-    lines = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
-    lines += [f"{a} - {b} = {a - b}" for a in range(19) for b in range(10) if b <= a]
+def knowledge_text(rng: random.Random, n_algorithmic: int = 300, repeats: int = 1) -> list[str]:
+    """Language-neutral knowledge in shared notation: every addition fact (`repeats` times) and
+    `n_algorithmic` worked examples of each of larger/max/last/count."""
+    lines = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)] * repeats
     for _ in range(n_algorithmic):
-        xs = [rng.randrange(10) for _ in range(rng.randint(3, 5))]
+        a, b = rng.sample(range(10), 2)
+        lines.append(f"larger {a} {b} = {max(a, b)}")
+        xs = rng.sample(range(10), rng.randint(3, 4))
         lines.append(f"max {', '.join(map(str, xs))} = {max(xs)}")
-        lines.append(f"min {', '.join(map(str, xs))} = {min(xs)}")
-        s = " ".join(rng.choice("*o") for _ in range(rng.randint(3, 8)))
-        lines.append(f"count * in {s} = {s.split().count('*')}")
-    return lines
+        lines.append(f"last {', '.join(map(str, xs))} = {xs[-1]}")
+        st = " ".join(rng.choice("*o") for _ in range(rng.randint(3, 6)))
+        lines.append(f"count * in {st} = {st.split().count('*')}")
+    return [" " + x for x in lines]  # leading space: the digits tokenise as they do inside instructions
 
 
 def parallel_text(tasks: list[Task], rng: random.Random, langs=LANGUAGES) -> list[str]:
