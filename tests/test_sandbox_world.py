@@ -71,8 +71,8 @@ def test_rendered_qualities_are_what_they_say(lang):
         assert judge_text(reference_answer(t, lang), t.answer, lang).score == pytest.approx(0.8)
 
 
-TINY = dict(n_eval=4, n_dev=3, n_train=4, n_pref=12, n_sft=25, vocab_size=400, hidden_size=32, num_layers=1,
-            pretrain_steps=5, sft_epochs=1, knowledge_repeats=1, knowledge_algorithmic=20, pref_samples=3,
+TINY = dict(n_eval=4, n_dev=3, n_train=4, n_pref=12, n_sft=40, vocab_size=400, hidden_size=64, num_layers=1,
+            pretrain_steps=60, sft_epochs=8, knowledge_repeats=1, knowledge_algorithmic=20, pref_samples=4,
             pref_pairs_per_prompt=2, dpo_epochs=1, dpo_batch_size=8, premise_samples=2, premise_wr_samples=1,
             max_new_tokens=8)
 

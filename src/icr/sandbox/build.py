@@ -413,6 +413,10 @@ def english_pairs(world: World, oracle: OracleJudge, sft_model, tok, cfg: dict) 
             pairs.append({"id": t.id, "instruction": t.instruction("en"), "chosen": a, "rejected": b,
                           "chosen_score": scored[a], "rejected_score": scored[b],
                           "kind": oracle.pair_kind(a, b, t.id, "en")})
+    if not pairs:
+        raise ValueError("icr.sandbox: no two pi_SFT samples of any English pref prompt differ in oracle score, so "
+                         "there is nothing for DPO to learn; train pi_SFT longer (pretrain_steps, sft_epochs) or "
+                         "sample more (pref_samples)")
     return pairs
 
 
