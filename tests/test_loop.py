@@ -160,3 +160,27 @@ def test_help_has_examples(cli):
     sub = parser._subparsers._group_actions[0].choices
     for name, p in sub.items():
         assert "example" in p.format_help(), name
+
+
+@pytest.mark.slow
+def test_run_with_evaluation_controls_and_diagnostics(tmp_path, cli):
+    """Evaluation after each iteration, a random-pairs control, reward agreement, report: all wired."""
+    code, _, err = cli(
+        "run", TINY, "--set", f"run_root={tmp_path}", "--set", "iterations=1",
+        "--set", "evaluation.enabled=true", "--set", "evaluation.judge=fake",
+        "--set", "evaluation.prompts.path={prepared}/prompts/eval/{lang}.jsonl",
+        "--set", "evaluation.max_new_tokens=16", "--set", "evaluation.reward_agreement=true",
+        "--set", "controls=[{label: random-pairs, overrides: {pairs: {selection: random}}}]")
+    assert code == 0, err
+    run = tmp_path / "tiny"
+    rows = json.loads((run / "results.json").read_text())
+    assert {(r["model"], r["lang"]) for r in rows} == {
+        (m, lang) for m in ("sft", "M0", "M1", "M1-random-pairs") for lang in ("en", "es", "de")}
+    assert {r["iteration"] for r in rows if r["model"] == "sft"} == {-1}
+    assert "random-pairs iter1 generate reused from the main run" in err
+    control_pairs = (run / "controls/random-pairs/iter1/pairs/pairs.jsonl").read_text()
+    assert control_pairs != (run / "iter1/pairs/pairs.jsonl").read_text()
+    agreement = json.loads((run / "diagnostics/reward_agreement.json").read_text())
+    assert set(agreement) == {"en", "es", "de"} and all(0 <= v["all"]["agree"] <= 1 for v in agreement.values())
+    report = (run / "report.md").read_text()
+    assert "M1-random-pairs" in report and "es WR" in report

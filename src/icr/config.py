@@ -157,6 +157,8 @@ class EvaluationConfig:
     max_new_tokens: int = _f(2048, "Token limit per answer (paper: 2048).", min=1)
     batch_size: int = _f(16, "Prompts per generate call.", min=1)
     models: list = _f(["sft", "M0"], "Models evaluated before iterating (besides each M_t).")
+    reward_agreement: bool = _f(False, "After scoring, measure how often the reward orders two samples as the judge "
+                                "does, per language and pair kind (needs a judge that scores single answers).")
 
 
 @dataclass
@@ -383,7 +385,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:  # e.g. a path starting with {prepared}: take it as a plain string
+            node[parts[-1]] = raw
     return config_from_dict(data, str(path))
 
 

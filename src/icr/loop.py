@@ -121,15 +121,20 @@ def _model_label(t: int, label: str | None) -> str:
 
 
 def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, judge=None,
-             timings: dict | None = None) -> list[dict]:
-    """Iterate generate -> score -> pairs -> train; evaluate when configured; return result rows."""
+             timings: dict | None = None, results_path: Path | None = None, reuse_from: Path | None = None) -> list[dict]:
+    """Iterate generate -> score -> pairs -> train; evaluate when configured; return result rows.
+
+    Result rows are added to `results_path` as each model is evaluated. `reuse_from` (a control's
+    main run) lends finished generate/score stages whose keys match (same policy, seed, settings).
+    """
     from .stages import run_generate, run_pairs, run_score, run_train
 
     timings = {} if timings is None else timings
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
     paths = model_paths(cfg, run_dir, cfg.iterations)
     rows: list[dict] = []
-    evaluate = _evaluator(cfg, run_dir, judge) if cfg.evaluation.enabled else None
+    evaluate = _evaluator(cfg, run_dir, judge, results_path or run_dir / "results.json") \
+        if cfg.evaluation.enabled else None
     if evaluate and label is None:
         for name in cfg.evaluation.models:
             t = {"sft": -1, "M0": 0}.get(name)
@@ -141,24 +146,48 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
         seed = cfg.seed + t - 1
         dpo, ref = reward_pair(cfg, paths, t)
         for stage, fn in (
-            ("generate", lambda: run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed)),
+            ("generate", lambda: run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed,
+                                              reuse=reuse_from and reuse_from / f"iter{t}" / "generate")),
             ("score", lambda: run_score(cfg, it / "generate", prompts, dpo, ref, it / "score",
-                                        translator_path=paths[t - 1])),
+                                        translator_path=paths[t - 1],
+                                        reuse=reuse_from and reuse_from / f"iter{t}" / "score")),
             ("pairs", lambda: run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=judge)),
             ("train", lambda: run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)),
         ):
             t0 = time.time()
             result = fn()
-            status = "skipped (manifest matches)" if result.get("skipped") else "done"
+            status = ("skipped (manifest matches)" if result.get("skipped") else
+                      "reused from the main run" if result.get("reused") else "done")
             log.info("%s iter%d %-8s %s %s", label or cfg.name, t, stage, status,
-                     "" if result.get("skipped") else json.dumps(result))
+                     "" if result.get("skipped") or result.get("reused") else json.dumps(result))
             timings[f"{label + '/' if label else ''}iter{t}/{stage}"] = round(time.time() - t0, 2)
+            if stage == "score" and cfg.evaluation.reward_agreement and judge is not None:
+                _agreement(run_dir, it / "score", t, judge)
         if evaluate:
             rows += evaluate(paths[t], _model_label(t, label), t)
     return rows
 
 
-def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge):
+def _agreement(run_dir: Path, scores_dir: Path, t: int, judge) -> None:
+    """diagnostics/reward_agreement_iter<t>.json (iteration 1 also as reward_agreement.json, the
+    agreement of pi0's reward, which the report shows)."""
+    from .diagnostics import reward_agreement
+    from .runs import read_shards
+
+    out = run_dir / "diagnostics" / f"reward_agreement_iter{t}.json"
+    key = read_json(scores_dir / "manifest.json")["key"]
+    if out.is_file() and read_json(out).get("key") == key:
+        return
+    if not hasattr(judge, "score"):
+        raise IcrError("evaluation.reward_agreement: the judge cannot score single answers (use oracle or reward_model)")
+    agreement = reward_agreement(read_shards(scores_dir), judge)
+    write_json(out, {"key": key, "agreement": agreement})
+    if t == 1:
+        write_json(run_dir / "diagnostics" / "reward_agreement.json", agreement)
+    log.info("reward agreement iter%d: %s", t, {lang: round(v["all"]["agree"], 3) for lang, v in agreement.items()})
+
+
+def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
     from .evaluation.evaluate import evaluate_model
     from .evaluation.export import load_references
 
@@ -167,8 +196,12 @@ def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge):
     references = load_references(ev.references, cfg.languages) if ev.references else {}
 
     def evaluate(model_path: str, label: str, t: int) -> list[dict]:
-        return evaluate_model(model_path, label, t, eval_prompts, references, judge, ev, run_dir / "eval",
+        from .evaluation.results import append_results
+
+        rows = evaluate_model(model_path, label, t, eval_prompts, references, judge, ev, run_dir / "eval",
                               device=cfg.device, seed=cfg.seed, chat_template=cfg.models.chat_template)
+        append_results(results_path, rows)
+        return rows
 
     return evaluate
 
@@ -187,14 +220,13 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         for i, control in enumerate(cfg.controls):
             label = control["label"]
             ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")
-            rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings)
+            rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings,
+                             results_path=run_dir / "results.json", reuse_from=run_dir)
         write_json(run_dir / "timings.json", timings)
         if cfg.evaluation.enabled:
-            from .evaluation.results import append_results
             from .report import write_report
 
-            append_results(run_dir / "results.json", rows)
-            write_report(run_dir)
+            log.info("report: %s", write_report(run_dir))
     return run_dir
 
 
@@ -211,7 +243,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def _make_judge(cfg: ExperimentConfig):
-    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge"
+    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge" or cfg.evaluation.reward_agreement
             or any(c.get("overrides", {}).get("pairs", {}).get("selection") == "judge" for c in cfg.controls)):
         return None
     from .evaluation.judges import CachedJudge, get_judge

@@ -14,6 +14,7 @@ so a resumed stage writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,21 @@ def _prepare_stage_dir(stage_dir: Path, key: dict) -> None:
         write_json(key_file, key)
 
 
+def _reuse(stage_dir: Path, key: dict, reuse_dir: Path | None) -> bool:
+    """Take a finished stage with the same key from another run folder (e.g. a control's first
+    iteration samples from the same pi0 with the same seed as the main run): hard links, no work."""
+    if reuse_dir is None or not manifest_matches(reuse_dir, key):
+        return False
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(reuse_dir, stage_dir, copy_function=os.link)
+    except OSError:  # another file system: copy
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        shutil.copytree(reuse_dir, stage_dir)
+    return True
+
+
 def prompt_items(prompts: PromptSet, languages: list[str]) -> list[tuple[str, str, str]]:
     """(lang, id, instruction) for every prompt, in a fixed order: language, then file order."""
     return [(lang, p.id, p.instruction) for lang in languages for p in prompts.by_lang[lang]]
@@ -53,7 +69,7 @@ def prompts_hash(prompts: PromptSet, languages: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, stage_dir: Path,
-                 *, seed: int, shard: tuple[int, int] | None = None) -> dict:
+                 *, seed: int, shard: tuple[int, int] | None = None, reuse: Path | None = None) -> dict:
     """Sample `generation.n` responses per prompt per language from the policy."""
     g = cfg.generation
     key = {"stage": "generate", "policy": model_key(policy_path), "generation": cfg.section_hash("generation"),
@@ -62,6 +78,8 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
     stage_dir = Path(stage_dir)
     if manifest_matches(stage_dir, key):
         return {"skipped": True}
+    if _reuse(stage_dir, key, reuse):
+        return {"reused": str(reuse)}
     t0 = time.time()
     _prepare_stage_dir(stage_dir, key)
     items = prompt_items(prompts, cfg.languages)
@@ -149,7 +167,8 @@ def load_reward_models(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
 
 
 def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_path: str, ref_path: str,
-              stage_dir: Path, *, translator_path: str | None = None, shard: tuple[int, int] | None = None) -> dict:
+              stage_dir: Path, *, translator_path: str | None = None, shard: tuple[int, int] | None = None,
+              reuse: Path | None = None) -> dict:
     """Implicit reward of every sample (see `icr.reward`), shard by shard."""
     from .languages import language_name
     from .reward import implicit_rewards, reward_conversation
@@ -163,6 +182,8 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
            "translator": model_key(translator_path) if r.variant == "translate_to_english" else None}
     if manifest_matches(stage_dir, key):
         return {"skipped": True}
+    if _reuse(stage_dir, key, reuse):
+        return {"reused": str(reuse)}
     t0 = time.time()
     _prepare_stage_dir(stage_dir, key)
     todo = [p for j, p in enumerate(in_shards) if not (stage_dir / p.name).is_file()
