@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _common(p)
 
+    p = sub.add_parser("sandbox", help="the built-in sandbox: build the starting pair, run ablations",
+                       description="The sandbox world (see docs/sandbox.md).\n\nexamples:\n"
+                                   "  icr sandbox build                      # world + pi_SFT + pi0, prints the premise check\n"
+                                   "  icr sandbox ablate --seeds 1,2         # every ablation, 2 seeds, mean and spread\n"
+                                   "  icr sandbox ablate --only baseline,multilingual-reward --iterations 1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["build", "ablate"])
+    p.add_argument("--config", default="configs/sandbox.yaml", help="base sandbox config")
+    p.add_argument("--only", default=None, help="comma-separated ablation labels (default: all)")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
+    p.add_argument("--iterations", type=int, default=1, help="ICR iterations per ablation run (default 1)")
+    p.add_argument("--sizes", action="store_true", help="add the model-size sweep (rebuilds the pair per size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _common(p)
+
     p = sub.add_parser("report", help="write report.md and plots for a run folder",
                        description="Render runs/<name>/report.md and PNGs from results.json and stage files.\n\n"
                                    "example:\n  icr report runs/tiny",
@@ -212,6 +227,8 @@ def _dispatch(args) -> None:
         _stage(args)
     elif args.command == "evaluate":
         _evaluate(args)
+    elif args.command == "sandbox":
+        _sandbox(args)
     elif args.command == "report":
         from .report import write_report
 
@@ -219,6 +236,30 @@ def _dispatch(args) -> None:
         if not run_dir.is_dir():
             raise IcrError(f"{run_dir}: run folder not found")
         print(write_report(run_dir))
+
+
+def _sandbox(args) -> None:
+    from .config import load_config
+    from .loop import run_prepare
+
+    cfg = load_config(args.config, args.set)
+    if args.action == "build":
+        prepared = run_prepare(cfg)
+        premise = prepared / "premise.json"
+        print(f"starting pair in {prepared}")
+        if premise.is_file():
+            print(premise.read_text())
+        return
+    from .sandbox.ablate import ABLATIONS, SIZES, run_ablations
+
+    labels = args.only.split(",") if args.only else list(ABLATIONS) + (list(SIZES) if args.sizes else [])
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise IcrError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    out_root = Path(cfg.run_root) / f"{cfg.name}-ablate"
+    run_ablations(cfg, labels, seeds, args.iterations, out_root, sizes=args.sizes)
+    print((out_root / "ablations.md").read_text())
 
 
 def _evaluate(args) -> None:
