@@ -204,37 +204,45 @@ def worker_envs(workers: int, device: str, gpus_per_worker: int = 1) -> list[dic
             for _ in range(workers)]
 
 
-def run_generate_sharded(cfg, policy_path: str, prompts, stage_dir: Path, *, seed: int, workers: int = 1) -> dict:
-    """`stages.run_generate`, split across `workers` local processes (1: in this process)."""
+def run_generate_sharded(cfg, policy_path: str, prompts, stage_dir: Path, *, seed: int, workers: int = 1,
+                         **stage_kwargs) -> dict:
+    """`stages.run_generate`, split across `workers` local processes (1: in this process).
+
+    Other keyword arguments (e.g. `reuse=`) go to the in-process calls only: the first one, which
+    checks the manifest and prepares the folder before any worker starts."""
     from .stages import run_generate
 
     if workers <= 1:
-        return run_generate(cfg, policy_path, prompts, stage_dir, seed=seed)
+        return run_generate(cfg, policy_path, prompts, stage_dir, seed=seed, **stage_kwargs)
     args = {"policy_path": policy_path, "stage_dir": str(stage_dir), "seed": seed}
     return _run_sharded("generate", cfg, args, workers,
-                        lambda shard: run_generate(cfg, policy_path, prompts, stage_dir, seed=seed, shard=shard))
+                        lambda shard, **kw: run_generate(cfg, policy_path, prompts, stage_dir, seed=seed, shard=shard,
+                                                         **kw), stage_kwargs)
 
 
 def run_score_sharded(cfg, samples_dir: Path, prompts, dpo_path: str, ref_path: str, stage_dir: Path, *,
-                      translator_path: str | None = None, workers: int = 1) -> dict:
+                      translator_path: str | None = None, workers: int = 1, **stage_kwargs) -> dict:
     """`stages.run_score`, split across `workers` local processes (1: in this process)."""
     from .stages import run_score
 
     if workers <= 1:
-        return run_score(cfg, samples_dir, prompts, dpo_path, ref_path, stage_dir, translator_path=translator_path)
+        return run_score(cfg, samples_dir, prompts, dpo_path, ref_path, stage_dir, translator_path=translator_path,
+                         **stage_kwargs)
     args = {"samples_dir": str(samples_dir), "dpo_path": dpo_path, "ref_path": ref_path,
             "stage_dir": str(stage_dir), "translator_path": translator_path}
     return _run_sharded("score", cfg, args, workers,
-                        lambda shard: run_score(cfg, samples_dir, prompts, dpo_path, ref_path, stage_dir,
-                                                translator_path=translator_path, shard=shard))
+                        lambda shard, **kw: run_score(cfg, samples_dir, prompts, dpo_path, ref_path, stage_dir,
+                                                      translator_path=translator_path, shard=shard, **kw),
+                        stage_kwargs)
 
 
-def _run_sharded(stage: str, cfg, args: dict, workers: int, call) -> dict:
+def _run_sharded(stage: str, cfg, args: dict, workers: int, call, stage_kwargs: dict) -> dict:
     """Prepare in-process, run the workers, merge in-process (the merge only reads shards)."""
     from .runs import read_json, write_json
 
     stage_dir = Path(args["stage_dir"])
-    first = call(_NO_SHARD)  # manifest check + stale-shard cleanup, before any worker starts
+    # Manifest check (and reuse, if asked) + stale-shard cleanup, before any worker starts.
+    first = call(_NO_SHARD, **stage_kwargs)
     if first.get("skipped") or not first.get("partial"):
         return first
     job_dir = stage_dir.parent / f"{stage_dir.name}.workers"
