@@ -6,7 +6,9 @@ Runs the real CLI in this process on a fresh run root (`--set run_root=<temp>`) 
 a temp folder (so `prepare` builds the tiny pair anew and is timed too). Each stage function of
 icr.stages is wrapped to record its wall time and the peak resident memory while it ran (a
 thread samples /proc/self/status VmRSS every 20 ms; the sampler is reset at each stage start).
-The run's own timings.json is read back and reported beside ours. --quick: 1 iteration, n=2.
+The run's own timings.json is read back and reported beside ours. --quick: 1 iteration, n=2, and
+the existing ICR_CACHE (a prepared tiny pair is reused, so `prepare` is a cache hit); the full run
+uses a fresh temp ICR_CACHE. The temp folders are removed at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,7 +53,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="icr-bench-pipeline-")
-    os.environ["ICR_CACHE"] = str(Path(tmp) / "cache")
+    if not args.quick:
+        os.environ["ICR_CACHE"] = str(Path(tmp) / "cache")
     sets = [f"run_root={Path(tmp) / 'runs'}"]
     if args.quick:
         sets += ["iterations=1", "generation.n=2"]
@@ -97,6 +101,7 @@ def main() -> None:
     figures = {"bench": "pipeline", "config": os.path.relpath(args.config, REPO), "total_s": round(total, 2),
                "peak_rss_mb": round(peak_rss_mb(), 1), "stages": per, "stage_calls": stages,
                "run_timings": timings, "sets": sets, "quick": args.quick}
+    shutil.rmtree(tmp, ignore_errors=True)
     finish("pipeline: " + ", ".join(f"{k} {v['seconds']} s / {v['peak_rss_mb']} MiB" for k, v in per.items())
            + f"; total {figures['total_s']} s (icr {' '.join(cmd)})", figures)
 
