@@ -103,3 +103,19 @@ def test_implicit_rewards_default_path_equals_plain(models):
     for key in ("reward", "logp_policy", "logp_reference"):
         np.testing.assert_allclose(fast[key], plain[key], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(fast["n_tokens"], plain["n_tokens"])
+
+
+def test_split_sorted_covers_all_within_budget_and_beats_greedy_padding():
+    from icr.reward import make_batches, split_sorted
+
+    g = np.random.default_rng(0)
+    lengths = g.integers(1, 120, size=60).tolist()
+    batches = split_sorted(lengths, 1024, overhead=16)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 or len(b) == 1 for b in batches)
+
+    def cost(bs):
+        return sum(len(b) * max(lengths[i] for i in b) + 16 for b in bs)
+
+    assert cost(batches) <= cost(make_batches(lengths, 1024))
+    assert split_sorted([], 10, 1) == [] and split_sorted([500], 10, 1) == [[0]]

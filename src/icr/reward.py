@@ -102,7 +102,36 @@ def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-HEAD_CHUNK = 4096  # positions per output-head call: bounds the (positions x vocabulary) logits tensor
+def split_sorted(lengths: list[int], batch_tokens: int, overhead: int) -> list[list[int]]:
+    """Indices sorted by length (longest first), cut into contiguous sub-batches of least cost.
+
+    Cost of a sub-batch = rows x its longest + `overhead` (the fixed cost of one forward, in
+    token-equivalents); rows x longest <= batch_tokens unless a single row. Exact minimum by
+    dynamic programming over the sorted lengths: it pays padding only where another forward
+    would cost more (greedy packing to the budget pads every row to the longest of the lot).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not order:
+        return []
+    width = np.array([lengths[i] for i in order], dtype=np.int64)
+    n = len(order)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        starts = np.arange(j)
+        cost = best[:j] + (j - starts) * width[:j] + overhead
+        cost[((j - starts) * width[:j] > batch_tokens) & (j - starts > 1)] = np.inf
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], k
+    batches, j = [], n
+    while j > 0:
+        batches.append(order[cut[j]:j])
+        j = int(cut[j])
+    return batches[::-1]
+
+
+HEAD_CHUNK = 4096
+SUBBATCH_OVERHEAD_CPU = 96  # see split_sorted  # positions per output-head call: bounds the (positions x vocabulary) logits tensor
 
 
 def _token_logprobs(head, softcap, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -190,7 +219,8 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
 
     Distinct prompts are sorted by length and packed into batches under `batch_tokens` (padded
     on `padding_side`); the responses of one such prompt batch are sorted by length *across* its
-    prompts and run in right-padded sub-batches of at most `batch_tokens` response positions, on
+    prompts and cut into right-padded sub-batches (`split_sorted`: least padding plus per-forward
+    overhead, at most `batch_tokens` response positions each), run on
     a cache gathered from the prompt batch (rows = the responses' prompts, columns = the window
     every row's prompt lies in, masked per row). Positions are explicit (prompt length + offset).
     """
@@ -213,6 +243,9 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
     heads = [_output_head(model) for model in models]
     decoders = [_decoder(model) for model in models]
     dtypes = [next(model.parameters()).dtype for model in models]
+    # fixed cost of one forward in token-equivalents: small on CPU (padding is what costs), large on
+    # an accelerator (a forward of few tokens leaves it idle)
+    overhead = SUBBATCH_OVERHEAD_CPU if device.type == "cpu" else max(SUBBATCH_OVERHEAD_CPU, batch_tokens // 4)
     for group in make_batches([len(p) for p in prompts], batch_tokens):
         group = [k for k in group if by_prompt[k]]
         if not group:
@@ -245,7 +278,7 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
         # the rest of each response: feed tokens [0, len-1), predict tokens [1, len)
         rest = [i for i in items if len(response_ids[i]) > 1]
         rest_len = [len(response_ids[i]) - 1 for i in rest]
-        for batch in make_batches(rest_len, batch_tokens):
+        for batch in split_sorted(rest_len, batch_tokens, overhead):
             sel = [rest[j] for j in batch]
             rows = torch.tensor([row_of[owner[i]] for i in sel], device=device)
             plen = lens[[row_of[owner[i]] for i in sel]]
