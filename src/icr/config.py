@@ -169,6 +169,8 @@ class ExperimentConfig:
     languages: list = _f(["en", "es", "ru", "de", "fr"], "Target languages (ISO 639-1); English instructions are always loaded.")
     iterations: int = _f(2, "ICR iterations (paper: 2).", min=1)
     device: str = _f("auto", "auto | cpu | cuda.", choices=("auto", "cpu", "cuda"))
+    workers: int = _f(1, "Local worker processes that split generate and score by shard (each its own GPU(s); on "
+                      "CPU a share of cores). 1 = this process. Outputs do not depend on it.", min=1)
     prepare: PrepareConfig | None = _f(None, "Optional builder of local models/data, run first.")
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "pi0 and pi_SFT."})
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Training prompts (parallel by id)."})

@@ -127,7 +127,8 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
     Result rows are added to `results_path` as each model is evaluated. `reuse_from` (a control's
     main run) lends finished generate/score stages whose keys match (same policy, seed, settings).
     """
-    from .stages import run_generate, run_pairs, run_score, run_train
+    from .distributed import run_generate_sharded, run_score_sharded
+    from .stages import run_pairs, run_train
 
     timings = {} if timings is None else timings
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
@@ -146,11 +147,12 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
         seed = cfg.seed + t - 1
         dpo, ref = reward_pair(cfg, paths, t)
         for stage, fn in (
-            ("generate", lambda: run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed,
-                                              reuse=reuse_from and reuse_from / f"iter{t}" / "generate")),
-            ("score", lambda: run_score(cfg, it / "generate", prompts, dpo, ref, it / "score",
-                                        translator_path=paths[t - 1],
-                                        reuse=reuse_from and reuse_from / f"iter{t}" / "score")),
+            ("generate", lambda: run_generate_sharded(
+                cfg, paths[t - 1], prompts, it / "generate", seed=seed, workers=cfg.workers,
+                reuse=reuse_from and reuse_from / f"iter{t}" / "generate")),
+            ("score", lambda: run_score_sharded(
+                cfg, it / "generate", prompts, dpo, ref, it / "score", translator_path=paths[t - 1],
+                workers=cfg.workers, reuse=reuse_from and reuse_from / f"iter{t}" / "score")),
             ("pairs", lambda: run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=judge)),
             ("train", lambda: run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)),
         ):

@@ -142,7 +142,8 @@ def _prompt_token_limit(backend, g) -> int | None:
     if g.max_prompt_tokens is not None:
         return g.max_prompt_tokens
     model = getattr(backend, "model", None)
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) \
+        or getattr(backend, "max_model_len", None)
     return None if ctx is None else max(1, ctx - g.max_new_tokens)
 
 
@@ -291,11 +292,16 @@ def run_train(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_di
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # checkpoints of another setup
     write_json(key_file, key)
     pairs = read_jsonl(pairs_dir / "pairs.jsonl")
-    metrics = train_dpo(pairs, policy_path, policy_path, cfg.train, stage_dir, Path(model_dir), seed=seed,
-                        device=cfg.device, chat_template=cfg.models.chat_template)
+    if cfg.train.accelerate_config:
+        from .distributed import train_dpo_launched as train_fn
+    else:
+        train_fn = train_dpo
+    metrics = train_fn(pairs, policy_path, policy_path, cfg.train, stage_dir, Path(model_dir), seed=seed,
+                       device=cfg.device, chat_template=cfg.models.chat_template)
     counts = {"pairs": len(pairs), "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
     write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
     # several times the model's size) are no longer needed.
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(stage_dir / "launch", ignore_errors=True)
     return counts

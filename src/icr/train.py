@@ -81,6 +81,35 @@ def _latest_checkpoint(out_dir: Path) -> str | None:
     return None
 
 
+def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
+    """Write the trained model to `model_dir` atomically (a temporary folder, then a rename).
+
+    Every rank takes part in `trainer.save_model`, which gathers ZeRO-3/FSDP-sharded weights and
+    writes on the main process only; LoRA adapters are merged into the weights first.
+    """
+    main = trainer.is_world_process_zero()
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if cfg.lora.enabled:
+        ds_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3:
+            raise IcrError("train.lora: merging LoRA adapters under DeepSpeed ZeRO-3 is not supported; "
+                           "use ZeRO-2, DDP or FSDP")
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if main:
+            merged.save_pretrained(tmp)
+    else:
+        trainer.save_model(str(tmp))
+    if main:
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp, model_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
 def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
               model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None) -> dict:
     """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics."""
@@ -88,6 +117,9 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
 
     device = resolve_device(device)
     out_dir, model_dir = Path(out_dir), Path(model_dir)
+    # The training arguments come first: under DeepSpeed ZeRO-3 they switch on sharded loading and
+    # bind each rank to its device before any model is built.
+    args = dpo_config(cfg, out_dir, seed, device, len(pairs))
     tokenizer = load_tokenizer(policy_path, chat_template, what="policy")
     tokenizer.padding_side = "right"
     policy = load_causal_lm(policy_path, device, "float32" if device == "cpu" else "auto", what="policy")
@@ -99,7 +131,6 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
 
         peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    args = dpo_config(cfg, out_dir, seed, device, len(pairs))
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=pairs_to_dataset(pairs),
                          processing_class=tokenizer, peft_config=peft_config)
     resume = _latest_checkpoint(out_dir)
@@ -108,16 +139,7 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
         with open(out_dir / "resumed.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"checkpoint": Path(resume).name}) + "\n")
     result = trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model
-    if cfg.lora.enabled:
-        model = model.merge_and_unload()
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    _save_final(trainer, tokenizer, cfg, model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
             "last_log": history[-1] if history else {}}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     # group (nccl on GPUs, gloo on CPU), so "cuda" below is this rank's device.
     state = PartialState(cpu=job["device"] == "cpu")
     pairs = read_jsonl(job["pairs"])
+    # train_dpo saves through trainer.save_model on every rank (gathering sharded weights);
+    # only the main process writes model_dir.
     model_dir = Path(job["model_dir"])
-    # Every rank holds the whole model under DDP, and train_dpo saves it from each rank: only the
-    # main process writes the real folder; the others write a private copy that is removed.
-    # (Sharded weights, ZeRO-3/FSDP, need train_dpo to save through trainer.save_model: see
-    # docs/distributed.md.)
-    if not state.is_main_process:
-        model_dir = Path(job["out_dir"]) / f".rank{state.process_index}-model"
     metrics = train_dpo(pairs, job["policy_path"], job["reference_path"], train_config_from_dict(job["train"]),
                         Path(job["out_dir"]), model_dir, seed=job["seed"], device=job["device"],
                         chat_template=job.get("chat_template"))
@@ -59,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(job["result"] + ".tmp")
         tmp.write_text(json.dumps(metrics, default=str), encoding="utf-8")
         os.replace(tmp, job["result"])
-    else:
-        shutil.rmtree(model_dir, ignore_errors=True)
     state.wait_for_everyone()
     state.destroy_process_group() if hasattr(state, "destroy_process_group") else None
     return 0
