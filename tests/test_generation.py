@@ -35,11 +35,11 @@ def test_greedy_is_deterministic_across_n(tiny_pair):
     assert out[0][0] == out[0][1]
 
 
-def test_unknown_backend_and_missing_vllm():
+def test_unknown_backend_and_missing_vllm(tiny_pair):
     with pytest.raises(IcrError, match="unknown backend 'fast'"):
-        load_backend("fast", "x")
+        load_backend("fast", tiny_pair["dpo"])
     try:
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(IcrError, match="vllm is not installed"):
-            load_backend("vllm", "x")
+            load_backend("vllm", tiny_pair["dpo"])
