@@ -69,3 +69,22 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def plain_logprob(model, prompt, response):
+    """The obvious way: one sequence, full logits, full log-softmax (the scorers' reference)."""
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(response))
+
+
+@pytest.fixture(scope="session")
+def models(tiny_pair):
+    """(tokenizer, pi0, pi_SFT) of the tiny pair, loaded through from_pretrained."""
+    from icr.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_pair["dpo"])
+    return tok, load_causal_lm(tiny_pair["dpo"], "cpu"), load_causal_lm(tiny_pair["sft"], "cpu")

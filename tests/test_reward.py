@@ -2,29 +2,18 @@
 
 import numpy as np
 import pytest
-import torch
 
 from icr.errors import IcrError
 from icr.models import check_same_tokenizer, load_causal_lm, load_tokenizer
 from icr.reward import (RewardModels, implicit_rewards, make_batches, reward_conversation, sequence_logprobs,
                         tokenize_pair)
 
+from .conftest import plain_logprob
+
 PREFIX = ("Please answer the following instruction using only {language}, unless explicitly instructed to "
           "respond in a different language.\n\n")
 
 
-def plain_logprob(model, prompt, response):
-    """The obvious way: one sequence, full logits, full log-softmax."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(response))
-
-
-@pytest.fixture(scope="module")
-def models(tiny_pair):
-    tok = load_tokenizer(tiny_pair["dpo"])
-    return tok, load_causal_lm(tiny_pair["dpo"], "cpu"), load_causal_lm(tiny_pair["sft"], "cpu")
 
 
 def _examples(tok):

@@ -55,6 +55,15 @@ def _reuse(stage_dir: Path, key: dict, reuse_dir: Path | None) -> bool:
     return True
 
 
+def _already_done(stage_dir: Path, key: dict, reuse: Path | None) -> dict | None:
+    """The result of a stage that needs no work: finished here, or lent by another run folder."""
+    if manifest_matches(stage_dir, key):
+        return {"skipped": True}
+    if _reuse(stage_dir, key, reuse):
+        return {"reused": str(reuse)}
+    return None
+
+
 def prompt_items(prompts: PromptSet, languages: list[str]) -> list[tuple[str, str, str]]:
     """(lang, id, instruction) for every prompt, in a fixed order: language, then file order."""
     return [(lang, p.id, p.instruction) for lang in languages for p in prompts.by_lang[lang]]
@@ -76,10 +85,9 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
            "prompts": prompts_hash(prompts, cfg.languages), "seed": seed,
            "chat_template": cfg.models.chat_template}
     stage_dir = Path(stage_dir)
-    if manifest_matches(stage_dir, key):
-        return {"skipped": True}
-    if _reuse(stage_dir, key, reuse):
-        return {"reused": str(reuse)}
+    done = _already_done(stage_dir, key, reuse)
+    if done:
+        return done
     t0 = time.time()
     _prepare_stage_dir(stage_dir, key)
     items = prompt_items(prompts, cfg.languages)
@@ -181,10 +189,9 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
            "ref": model_key(ref_path), "samples": read_json(samples_dir / "manifest.json")["key"]
            if (samples_dir / "manifest.json").is_file() else None,
            "translator": model_key(translator_path) if r.variant == "translate_to_english" else None}
-    if manifest_matches(stage_dir, key):
-        return {"skipped": True}
-    if _reuse(stage_dir, key, reuse):
-        return {"reused": str(reuse)}
+    done = _already_done(stage_dir, key, reuse)
+    if done:
+        return done
     t0 = time.time()
     _prepare_stage_dir(stage_dir, key)
     todo = [p for j, p in enumerate(in_shards) if not (stage_dir / p.name).is_file()

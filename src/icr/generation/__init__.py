@@ -29,6 +29,14 @@ class Sample:
     n_tokens: int
 
 
+def sample_from_tokens(tokens: list[int], eos_ids, tokenizer) -> Sample:
+    """A generated token list cut at the first end token (which counts in `n_tokens`, not in text)."""
+    end = next((j for j, t in enumerate(tokens) if t in eos_ids), None)
+    body = tokens if end is None else tokens[:end]
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    return Sample(text=text, finished=end is not None, n_tokens=len(body) + (end is not None))
+
+
 class GenerationBackend(Protocol):
     tokenizer: object
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import load_causal_lm, load_tokenizer, resolve_device
-from . import Sample, SamplingParams
+from . import Sample, SamplingParams, sample_from_tokens
 
 
 class HFBackend:
@@ -67,10 +67,7 @@ class HFBackend:
         return results
 
     def _to_sample(self, tokens: list[int]) -> Sample:
-        end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
-        body = tokens if end is None else tokens[:end]
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        return Sample(text=text, finished=end is not None, n_tokens=len(body) + (end is not None))
+        return sample_from_tokens(tokens, self.eos_ids, self.tokenizer)
 
     def close(self) -> None:
         self.model = None

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import IcrError
 from ..models import load_tokenizer
-from . import Sample, SamplingParams
+from . import Sample, SamplingParams, sample_from_tokens
 
 
 def _import_vllm():
@@ -155,10 +155,7 @@ class VLLMBackend:
         return results
 
     def _to_sample(self, tokens: list[int]) -> Sample:
-        end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
-        body = tokens if end is None else tokens[:end]
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        return Sample(text=text, finished=end is not None, n_tokens=len(body) + (end is not None))
+        return sample_from_tokens(tokens, self.eos_ids, self.tokenizer)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

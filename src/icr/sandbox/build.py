@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from ..runs import atomic_write_text, write_json
-from .oracle import OracleJudge, judge_text
+from .oracle import OracleJudge
 from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
                     draw_quality, knowledge_text, monolingual_text, parallel_text, reference_answer,
                     render_response)
