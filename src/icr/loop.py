@@ -208,8 +208,11 @@ def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
     return evaluate
 
 
-def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
-    """The `icr run` entry point: prepare, main loop, controls, results and report."""
+def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Path | None = None) -> Path:
+    """The `icr run` entry point: prepare, main loop, controls, results and report.
+
+    `reuse_from`: another run folder whose finished stages with identical keys are hard-linked
+    instead of recomputed (ablations share the baseline's first-iteration samples and scores)."""
     prepared = run_prepare(cfg)
     cfg = resolve_placeholders(cfg, prepared)
     preflight(cfg)
@@ -218,7 +221,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         check_run_folder(cfg, run_dir, force)
         judge = _make_judge(cfg)
         timings: dict = {}
-        rows = run_loop(cfg, run_dir, judge=judge, timings=timings)
+        rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from)
         for i, control in enumerate(cfg.controls):
             label = control["label"]
             ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")

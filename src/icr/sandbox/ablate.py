@@ -44,6 +44,8 @@ def run_ablations(base: ExperimentConfig, labels: list[str], seeds: list[int], i
     from ..loop import run_experiment
 
     table = {**ABLATIONS, **(SIZES if sizes else {})}
+    # the baseline first: the others borrow its identical stages (same pi0, seed and sampling)
+    labels = sorted(labels, key=lambda label: label != "baseline")
     unknown = [label for label in labels if label not in table]
     if unknown:
         from ..errors import IcrError
@@ -60,7 +62,8 @@ def run_ablations(base: ExperimentConfig, labels: list[str], seeds: list[int], i
                          "iterations": iterations, "controls": []})
             over.setdefault("evaluation", {})["models"] = ["M0"]
             cfg = with_overrides(base, over, f"ablation {label}")
-            runs[(label, seed)] = run_experiment(cfg)
+            baseline = runs.get(("baseline", seed))
+            runs[(label, seed)] = run_experiment(cfg, reuse_from=baseline)
     summary = summarise(runs, base.languages, iterations)
     write_json(out_root / "ablations.json", summary)
     atomic_write_text(out_root / "ablations.md", render(summary, seeds, iterations))
