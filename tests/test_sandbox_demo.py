@@ -23,6 +23,7 @@ def _overrides(root):
 def test_reduced_sandbox_demo(tmp_path, cli):
     code, out, err = cli("run", SANDBOX, *_overrides(tmp_path))
     assert code == 0, err
+    assert "| M2-random-pairs |" in out and "fidelity" in out  # the table is printed, controls included
     run = tmp_path / "sandbox"
     rows = json.loads((run / "results.json").read_text())
     models = {"sft", "M0", "M1", "M2", "M1-oracle-pairs", "M2-oracle-pairs", "M1-random-pairs", "M2-random-pairs"}

@@ -215,8 +215,13 @@ def _dispatch(args) -> None:
     if args.command == "run":
         from .loop import run_experiment
 
+        from .report import headline
+
         run_dir = run_experiment(load_config(args.config, args.set), force=args.force)
-        print(f"icr: run finished: {run_dir}")
+        table = headline(run_dir)
+        if table:
+            print(table + "\n")
+        print(f"icr: run finished: {run_dir}" + (f" (report: {run_dir / 'report.md'})" if table else ""))
     elif args.command == "validate":
         for path in args.config:
             load_config(path)

@@ -251,3 +251,18 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(head + body))
     return path
+
+
+def headline(run_dir: Path) -> str:
+    """The win-rate section(s) of `report.md`: per-language LC/WR of every model and control, then
+    SE / language fidelity / length (what `icr run` prints at the end); '' if there are none."""
+    path = Path(run_dir) / "report.md"
+    if not path.is_file():
+        return ""
+    out, keep = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## Win rates")
+        if keep and not line.startswith("!["):
+            out.append(line)
+    return "\n".join(out).strip()
