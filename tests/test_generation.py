@@ -43,3 +43,14 @@ def test_unknown_backend_and_missing_vllm(tiny_pair):
     except ImportError:
         with pytest.raises(IcrError, match="vllm is not installed"):
             load_backend("vllm", tiny_pair["dpo"])
+
+
+def test_prefill_once_gives_the_same_samples_as_generate_expansion(tiny_pair):
+    """Each prompt encoded once and its cache copied to the N samples: same logits, same draws."""
+    backend = load_backend("hf", tiny_pair["dpo"], device="cpu", batch_size=4)
+    convs = [[{"role": "user", "content": "Name a colour." + " please" * (3 * i)}] for i in range(6)]
+    params = SamplingParams(n=5, temperature=0.9, max_new_tokens=16, seed=11)
+    once = backend.generate(convs, params)
+    backend.prefill_once = False
+    expanded = backend.generate(convs, params)
+    assert once == expanded

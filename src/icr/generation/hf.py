@@ -17,11 +17,15 @@ from . import Sample, SamplingParams, sample_from_tokens
 
 class HFBackend:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto",
-                 chat_template: str | None = None, batch_size: int = 8, model=None, tokenizer=None):
+                 chat_template: str | None = None, batch_size: int = 8, model=None, tokenizer=None,
+                 prefill_once: bool = True):
         self.device = resolve_device(device)
         self.tokenizer = tokenizer or load_tokenizer(model_path, chat_template, what="policy")
         self.model = model or load_causal_lm(model_path, self.device, dtype, what="policy")
         self.batch_size = batch_size
+        # Prefill each prompt once for its N samples (needs a model whose cache can be copied
+        # along the batch; transformers' DynamicCache can). False: generate's own expansion.
+        self.prefill_once = prefill_once
         gen_eos = self.model.generation_config.eos_token_id
         eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) if gen_eos is not None else set()
         eos.add(self.tokenizer.eos_token_id)
@@ -51,13 +55,22 @@ class HFBackend:
                 p = prompt_ids[i]
                 ids[row, width - len(p):] = torch.tensor(p)
                 mask[row, width - len(p):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            extra = {"num_return_sequences": n_return}
+            if n_return > 1 and self.prefill_once and width > 1:
+                # Encode each prompt once: prefill the batch's prompts (all but the last token), copy
+                # the cache to the N samples, and let generate continue from it. Same logits, same
+                # random draws as generate's own expansion, without N prefills per prompt.
+                cache = self._prefill(ids[:, :-1], mask[:, :-1])
+                cache.batch_repeat_interleave(n_return)
+                ids, mask = ids.repeat_interleave(n_return, 0), mask.repeat_interleave(n_return, 0)
+                extra = {"cache": cache}
             torch.manual_seed(params.seed * 1_000_003 + b)
             out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                input_ids=ids, attention_mask=mask,
                 do_sample=not greedy, temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p, top_k=None if greedy else 0,
-                max_new_tokens=params.max_new_tokens, num_return_sequences=n_return,
-                eos_token_id=self.eos_ids, pad_token_id=pad)
+                max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=pad, **extra)
             new = out[:, width:].cpu()
             for row, i in enumerate(idx):
                 results[i] = [self._to_sample(new[row * n_return + (k % n_return)].tolist())
@@ -65,6 +78,15 @@ class HFBackend:
             bar.update(len(idx) * params.n)
         bar.close()
         return results
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        # generate's own position rule for left padding: cumulative mask, padding at 0
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+        return cache
 
     def _to_sample(self, tokens: list[int]) -> Sample:
         return sample_from_tokens(tokens, self.eos_ids, self.tokenizer)
