@@ -1,12 +1,12 @@
 """Kill-and-resume harness: SIGKILL `icr run configs/tiny.yaml` at random moments, resume, compare.
 
-    python bench/kill_resume.py --kills 12          # the full harness (a few minutes on 2 CPU cores)
+    python bench/kill_resume.py --kills 14          # the full harness (a few minutes on 2 CPU cores)
     python bench/kill_resume.py --kills 3 --quick   # what the test suite runs
 
 1. An uninterrupted reference run.
 2. The same config in another folder, killed with SIGKILL (process group) at moments spread over
    every stage: each kill waits for a progress file of a chosen stage (a generation shard, a scoring
-   shard, a training checkpoint, a saved model, ...) and then a random 0-400 ms more, so kills land
+   shard, a training checkpoint, a saved model, ...) and then a random 0-150 ms more, so kills land
    mid-generation, mid-scoring, mid-training and between stages. After each kill the same command is
    started again; at the end it runs to completion.
 3. Checks: generation/score shards, pairs and stats byte-identical to the reference; final model
@@ -32,16 +32,23 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = ["generation.shard_size=2", "train.save_steps=2", "train.per_device_batch_size=2"]
+OVERRIDES = ["generation.shard_size=1", "train.save_steps=1", "train.per_device_batch_size=2"]
 
-# Progress files, in the order a run creates them; a kill waits for one, then a random delay.
-TRIGGERS = [
-    "iter1/generate/shard-00001.jsonl", "iter1/generate/shard-00006.jsonl", "iter1/score/shard-00002.jsonl",
-    "iter1/score/shard-00007.jsonl", "iter1/pairs/pairs.jsonl", "iter1/train/checkpoints/checkpoint-2/trainer_state.json",
-    "iter1/train/checkpoints/checkpoint-6/trainer_state.json", "iter1/model/config.json",
-    "iter2/generate/shard-00003.jsonl", "iter2/score/shard-00004.jsonl",
-    "iter2/train/checkpoints/checkpoint-4/trainer_state.json", "iter2/train/checkpoints/checkpoint-10/trainer_state.json",
-]
+
+def triggers() -> list[str]:
+    """Progress files in the order a run creates them (36 prompts -> 36 shards per stage, 18
+    optimizer steps per epoch); a kill waits for one of them, then a random delay."""
+    out = []
+    for t in (1, 2):
+        out += [f"iter{t}/generate/shard-{i:05d}.jsonl" for i in (2, 12, 24)]
+        out += [f"iter{t}/score/shard-{i:05d}.jsonl" for i in (3, 15, 30)]
+        out += [f"iter{t}/pairs/pairs.jsonl"]
+        out += [f"iter{t}/train/checkpoints/checkpoint-{k}/trainer_state.json" for k in (3, 9, 15)]
+        out += [f"iter{t}/model/config.json"]
+    return out
+
+
+TRIGGERS = triggers()
 DATA = ["iter*/generate/shard-*.jsonl", "iter*/score/shard-*.jsonl", "iter*/pairs/pairs.jsonl", "iter*/pairs/stats.json"]
 
 
@@ -112,17 +119,15 @@ def harness(kills: int, seed: int, workdir: Path, atol: float) -> dict:
     ref_seconds = time.time() - t0
     ref, killed = workdir / "ref" / "tiny", workdir / "killed" / "tiny"
     cmd = icr_cmd(workdir / "killed")
-    # Spread kills over the stages: walk the trigger list in order, skipping ahead at random.
+    # Spread kills over the stages: a random subset of the triggers, in run order; a trigger the
+    # resumed run has already passed is skipped, so every kill lands at a new moment.
     chosen = sorted(rng.sample(range(len(TRIGGERS)), min(kills, len(TRIGGERS))))
-    while len(chosen) < kills:
-        chosen.append(rng.randrange(len(TRIGGERS)))
-    chosen.sort()
     events = []
     for k in chosen:
         trigger = TRIGGERS[k]
-        if (killed / trigger).exists() and (killed / "iter2" / "model").exists():
-            break
-        outcome = run_and_kill(cmd, environment, killed, trigger, rng.uniform(0.0, 0.4))
+        if (killed / trigger).exists():
+            continue
+        outcome = run_and_kill(cmd, environment, killed, trigger, rng.uniform(0.0, 0.15))
         events.append({"trigger": trigger, "outcome": outcome})
     run_to_end(cmd, environment)
 
@@ -142,12 +147,13 @@ def harness(kills: int, seed: int, workdir: Path, atol: float) -> dict:
             "mismatched_files": mismatched, "max_weight_diff": weight_diff, "weights_ok": weight_diff <= atol,
             "atol": atol, "recomputed_shards": recomputed, "train_resumes_from_checkpoint": resumes,
             "reference_seconds": round(ref_seconds, 1), "events": events,
+            "killed_at": [e["trigger"] for e in events if e["outcome"].startswith("killed")],
             "ok": not mismatched and weight_diff <= atol and not recomputed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=12)
+    parser.add_argument("--kills", type=int, default=14)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--atol", type=float, default=1e-5, help="max abs weight difference allowed")
     parser.add_argument("--workdir", type=Path, default=None)
