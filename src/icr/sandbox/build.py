@@ -323,71 +323,25 @@ def _load_json(path: Path):
 
 def sample(model, tok, instructions: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
            seed: int, batch_size: int = 64) -> list[list[str]]:
-    """n sampled answers per instruction (batched `generate`, left padding, seeded per batch)."""
-    import torch
+    """n sampled answers per instruction, through the pipeline's own `hf` backend (the same
+    batching, seeding and end-of-turn rule as `icr generate`)."""
+    from ..generation import SamplingParams
+    from ..generation.hf import HFBackend
 
-    prompts = [tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=True)["input_ids"] for x in instructions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list = [None] * len(prompts)
-    with torch.inference_mode():
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
-            torch.manual_seed(seed * 1_000_003 + b)
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            new = gen[:, width:]
-            for row, i in enumerate(idx):
-                results[i] = [_decode(tok, new[row * n + k].tolist()) for k in range(n)]
-    return results
-
-
-def _decode(tok, tokens: list[int]) -> str:
-    # Text up to the end token. An answer that never ended keeps all its text (and is then
-    # judged as it stands: unfinished answers fail the grammar).
-    if tok.eos_token_id in tokens:
-        tokens = tokens[:tokens.index(tok.eos_token_id)]
-    return tok.decode(tokens, skip_special_tokens=True)
+    backend = HFBackend("unused", device="cpu", model=model, tokenizer=tok, batch_size=batch_size)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    return [[s.text for s in outs] for outs in backend.generate([[{"role": "user", "content": x}] for x in instructions],
+                                                               params)]
 
 
 def response_logprobs(model, tok, instructions: list[str], responses: list[str], batch_size: int = 64):
-    """Summed log-prob of each response (incl. its end token) after its instruction, chat template
-    applied. Tokenised as TRL's DPOTrainer does: the response tokens are the full conversation's
-    tokens after its common prefix with the generation prompt."""
-    import torch
+    """Summed log-prob of each response (incl. its end token) after its instruction, through the
+    pipeline's scorer (`icr.reward`: TRL's tokenisation, exact to 1e-4 against the plain path)."""
+    from ..reward import sequence_logprobs, tokenize_pair
 
-    seqs, starts = [], []
-    for x, y in zip(instructions, responses):
-        conv = [{"role": "user", "content": x}]
-        p = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        f = tok.apply_chat_template(conv + [{"role": "assistant", "content": y}], tokenize=True,
-                                    return_dict=True)["input_ids"]
-        cut = next((i for i, (a, b) in enumerate(zip(p, f)) if a != b), min(len(p), len(f)))
-        seqs.append(f)
-        starts.append(cut)
-    out = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # right padding
-                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, :len(seqs[i])] = 1
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            tok_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            for row, i in enumerate(idx):
-                out[i] = float(tok_lp[row, starts[i] - 1:len(seqs[i]) - 1].sum())
-    return out
+    pairs = [tokenize_pair(tok, [{"role": "user", "content": x}], y) for x, y in zip(instructions, responses)]
+    return [float(v) for v in sequence_logprobs([model], [p for p, _ in pairs], [r for _, r in pairs],
+                                                pad_id=tok.pad_token_id)[0]]
 
 
 def english_pairs(world: World, oracle: OracleJudge, sft_model, tok, cfg: dict) -> list[dict]:
