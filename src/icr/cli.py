@@ -160,9 +160,10 @@ def _stage(args) -> None:
     else:
         with run_lock(run_dir):
             if args.command == "pairs":
-                from .loop import _make_judge
+                from .loop import _judge_if_needed
 
-                result = run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=_make_judge(cfg))
+                result = run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t,
+                                   judge=_judge_if_needed(cfg))
             else:
                 result = run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)
     print(result)
@@ -273,7 +274,7 @@ def _evaluate(args) -> None:
     from .evaluation.evaluate import evaluate_model
     from .evaluation.export import load_references
     from .evaluation.results import append_results
-    from .loop import _make_judge, resolve_placeholders, run_prepare
+    from .loop import make_judge, resolve_placeholders, run_prepare
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
@@ -282,8 +283,7 @@ def _evaluate(args) -> None:
         raise IcrError("evaluation.prompts.path: required for icr evaluate")
     prompts = load_prompt_set(ev.prompts, cfg.languages).as_rows()
     refs = load_references(ev.references, cfg.languages) if ev.references else {}
-    cfg.evaluation.enabled = True
-    rows = evaluate_model(args.model, args.label, args.iteration, prompts, refs, _make_judge(cfg), ev,
+    rows = evaluate_model(args.model, args.label, args.iteration, prompts, refs, make_judge(cfg), ev,
                           cfg.run_dir / "eval", device=cfg.device, seed=cfg.seed,
                           chat_template=cfg.models.chat_template)
     append_results(cfg.run_dir / "results.json", rows)

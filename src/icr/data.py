@@ -8,6 +8,7 @@ English instruction. Errors name the file and line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ class Prompt:
 class PromptSet:
     """`{lang: [Prompt, ...]}` in file order, plus lookup of the English counterpart by id."""
 
-    def __init__(self, by_lang: dict[str, list[Prompt]]):
+    def __init__(self, by_lang: dict[str, list[Prompt]], english: dict[str, Prompt] | None = None):
         self.by_lang = by_lang
-        self._english = {p.id: p for p in by_lang.get("en", [])}
+        self._english = english if english is not None else {p.id: p for p in by_lang.get("en", [])}
 
     @property
     def languages(self) -> list[str]:
@@ -141,28 +142,22 @@ def load_language(source: PromptSource, lang: str) -> list[Prompt]:
 
 
 def load_prompt_set(source: PromptSource, languages: list[str]) -> PromptSet:
-    """Load every language (English always) and check that each prompt has its English counterpart."""
+    """Load every language (English always) and check that each prompt has its English counterpart.
+
+    `limit` picks the first prompts of each target language; counterparts are looked up by id in the
+    whole English file, so a file in another order still finds them.
+    """
     check_language_codes(languages)
-    wanted = ["en"] + [lang for lang in languages if lang != "en"]
-    by_lang = {lang: load_language(source, lang) for lang in wanted}
-    english_ids = {p.id for p in by_lang["en"]}
-    if source.limit:
-        # The limit picks the first prompts of each file; a parallel set keeps the same ids, but a
-        # reordered file would not, so the English side is not limited: counterparts are looked up by id.
-        full_en = load_language(PromptSource(**{**source.__dict__, "limit": None}), "en")
-        english_ids = {p.id for p in full_en}
-        by_lang["en"] = [p for p in full_en if p.id in {q.id for q in by_lang["en"]}]
-        english_full = {p.id: p for p in full_en}
-    else:
-        english_full = {p.id: p for p in by_lang["en"]}
-    for lang in wanted[1:]:
+    full_en = load_language(dataclasses.replace(source, limit=None), "en")
+    english = {p.id: p for p in full_en}
+    by_lang = {"en": full_en[: source.limit] if source.limit else full_en}
+    for lang in languages:
+        if lang == "en":
+            continue
+        by_lang[lang] = load_language(source, lang)
         for pos, p in enumerate(by_lang[lang], 1):
-            if p.id not in english_ids:
-                where = source.path.replace("{lang}", lang)
-                raise DataError(f"{where}: prompt {pos} (id {p.id}) has no English counterpart in "
-                                f"{source.path.replace('{lang}', 'en')}")
-    ps = PromptSet({lang: by_lang[lang] for lang in wanted if lang in languages or lang == "en"})
-    ps._english = english_full
-    if "en" not in languages:
-        ps.by_lang.pop("en")
-    return ps
+            if p.id not in english:
+                raise DataError(f"{source.path.replace('{lang}', lang)}: prompt {pos} (id {p.id}) has no English "
+                                f"counterpart in {source.path.replace('{lang}', 'en')}")
+    order = ["en"] + [lang for lang in languages if lang != "en"]
+    return PromptSet({lang: by_lang[lang] for lang in order if lang in languages}, english=english)

@@ -23,8 +23,6 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from .config import ExperimentConfig, config_from_dict, dump_config, with_overrides
 from .data import load_prompt_set
 from .errors import IcrError
@@ -219,7 +217,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     run_dir = cfg.run_dir
     with run_lock(run_dir):
         check_run_folder(cfg, run_dir, force)
-        judge = _make_judge(cfg)
+        judge = _judge_if_needed(cfg)
         timings: dict = {}
         rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from)
         for i, control in enumerate(cfg.controls):
@@ -247,19 +245,17 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
 
 
-def _make_judge(cfg: ExperimentConfig):
-    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge" or cfg.evaluation.reward_agreement
-            or any(c.get("overrides", {}).get("pairs", {}).get("selection") == "judge" for c in cfg.controls)):
-        return None
+def make_judge(cfg: ExperimentConfig):
+    """The configured evaluation judge, with its judgements cached in the run folder."""
     from .evaluation.judges import CachedJudge, get_judge
 
     judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
     return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
 
 
-def load_yaml(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-
-
-__all__ = ["run_experiment", "run_loop", "run_prepare", "resolve_placeholders", "reward_pair", "model_paths",
-           "read_json"]
+def _judge_if_needed(cfg: ExperimentConfig):
+    """The judge when the run uses one (evaluation, judge-chosen pairs, reward agreement), else None."""
+    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge" or cfg.evaluation.reward_agreement
+            or any(c.get("overrides", {}).get("pairs", {}).get("selection") == "judge" for c in cfg.controls)):
+        return None
+    return make_judge(cfg)

@@ -76,13 +76,6 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto",
     return model
 
 
-def tokenizer_fingerprint(tok) -> tuple:
-    """What must agree for two models to be scored on the same token ids."""
-    vocab = tok.get_vocab()
-    return (len(vocab), tuple(sorted(vocab.items()))[:: max(1, len(vocab) // 4096)],
-            tok.eos_token_id, tok.chat_template)
-
-
 def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
     if tok_a.get_vocab() != tok_b.get_vocab():
         raise IcrError(f"reward models {name_a!r} and {name_b!r} have different tokenizers "

@@ -15,7 +15,6 @@ from collections import defaultdict
 import numpy as np
 
 from .config import PairsConfig
-from .runs import text_hash
 
 
 def _pad(groups: list[list[float]], fill: float) -> np.ndarray:
@@ -204,7 +203,3 @@ def llamafactory_dataset_info(dataset_name: str, file_name: str = "pairs.jsonl")
     """`dataset_info.json` entry so LLaMA-Factory reads pairs.jsonl as a ranking (DPO) dataset."""
     return {dataset_name: {"file_name": file_name, "ranking": True,
                            "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}}}
-
-
-def sample_key(rec: dict) -> str:
-    return text_hash(rec["lang"], rec["id"], str(rec["sample"]))
