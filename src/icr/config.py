@@ -44,8 +44,11 @@ class PrepareConfig:
 
 @dataclass
 class ModelsConfig:
-    dpo: str = _f("", "pi0: the English preference-aligned (DPO) model; hub id or local folder.")
-    sft: str = _f("", "pi_SFT: the reference model pi0 was trained from; must share pi0's tokenizer.")
+    dpo: str = _f("", "pi0: the English preference-aligned (DPO) model; hub id, local folder, or a GGUF file "
+                  "(`path/model.gguf`, or `folder_or_repo::model.gguf`; dequantized once into a cached normal "
+                  "checkpoint under ICR_CACHE/gguf/, needs `pip install icr[gguf]`).")
+    sft: str = _f("", "pi_SFT: the reference model pi0 was trained from; must share pi0's tokenizer "
+                  "(same spellings as dpo, GGUF included).")
     chat_template: str | None = _f(
         None, "Jinja chat template (text or path to a .jinja file) for tokenizers that lack one.")
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")

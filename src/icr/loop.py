@@ -26,15 +26,9 @@ from pathlib import Path
 from .config import ExperimentConfig, config_from_dict, dump_config, with_overrides
 from .data import load_prompt_set
 from .errors import IcrError
-from .runs import atomic_write_text, read_json, run_lock, text_hash, write_json
+from .runs import atomic_write_text, cache_root, read_json, run_lock, text_hash, write_json
 
 log = logging.getLogger("icr")
-
-
-def cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("ICR_CACHE", ".cache/icr"))
 
 
 def run_prepare(cfg: ExperimentConfig) -> Path | None:

@@ -240,12 +240,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def cache_root() -> Path:
+    """Where icr keeps what it builds once for many runs (prepared folders, converted GGUF files)."""
+    return Path(os.environ.get("ICR_CACHE", ".cache/icr"))
+
+
 def model_key(name_or_path: str | None) -> str | None:
     """Identity of a model for stage keys: a hub id as is; a local folder by its weight files
-    (name, size, modification time), so retraining a run's model invalidates what was built on it."""
+    (name, size, modification time), so retraining a run's model invalidates what was built on it;
+    a local GGUF file (`x.gguf` or `folder::x.gguf`) by its size and modification time."""
     if name_or_path is None:
         return None
-    path = Path(name_or_path)
+    path = Path(name_or_path.replace("::", "/", 1)) if "::" in name_or_path else Path(name_or_path)
+    if path.is_file():
+        st = path.stat()
+        return text_hash(str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}")
     if not path.is_dir():
         return name_or_path
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))

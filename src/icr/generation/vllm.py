@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from ..errors import IcrError
-from ..models import load_tokenizer
+from ..models import is_gguf, load_tokenizer, local_model_path, resolve_dtype
 from . import Sample, SamplingParams, sample_from_tokens
 
 
@@ -113,6 +113,8 @@ class VLLMBackend:
                  chat_template: str | None = None, batch_size: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
                  engine_args: dict | None = None, llm=None, **_):
+        if is_gguf(model_path):  # vLLM gets the converted checkpoint (see icr.models)
+            model_path = local_model_path(model_path, str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), "policy")
         self.tokenizer = load_tokenizer(model_path, chat_template, what="policy")
         self.llm = llm or make_llm(model_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
