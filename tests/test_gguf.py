@@ -109,13 +109,15 @@ def test_not_a_gguf_file_is_a_clear_error_and_leaves_nothing(tmp_path, icr_cache
 
 @pytest.mark.slow
 def test_training_a_gguf_policy_saves_a_normal_checkpoint(tiny_gguf, tmp_path):
-    """The train stage loads the policy from the GGUF spec and saves an ordinary checkpoint."""
+    """The train stage loads the policy from the GGUF spec and saves an ordinary checkpoint;
+    `train.freeze` keeps the (tied) embedding as it was."""
     from icr.config import TrainConfig
     from icr.train import train_dpo
 
     pairs = [{"prompt": "Compute 2 + 3.", "chosen": "Answer: 5.", "rejected": "Answer: 7."},
              {"prompt": "Compute 1 + 1.", "chosen": "Answer: 2.", "rejected": "Answer: 9."}]
-    cfg = TrainConfig(epochs=1, per_device_batch_size=2, learning_rate=1e-3, max_length=64, save_steps=100)
+    cfg = TrainConfig(epochs=1, per_device_batch_size=2, learning_rate=1e-3, max_length=64, save_steps=100,
+                      freeze=["embed_tokens"])
     spec = str(tiny_gguf["path"])
     train_dpo(pairs, spec, spec, cfg, tmp_path / "train", tmp_path / "model", seed=0, device="cpu",
               chat_template=TEMPLATE)
@@ -126,5 +128,17 @@ def test_training_a_gguf_policy_saves_a_normal_checkpoint(tiny_gguf, tmp_path):
     assert tok.chat_template == TEMPLATE and len(tok.get_vocab()) == len(tiny_gguf["tokens"])
     import torch
 
-    changed = any(not torch.equal(model.state_dict()[k], v) for k, v in tiny_gguf["state"].items())
-    assert changed, "training changed no weight"
+    trained = model.state_dict()
+    assert torch.equal(trained["model.embed_tokens.weight"], tiny_gguf["state"]["model.embed_tokens.weight"])
+    changed = [k for k, v in tiny_gguf["state"].items() if not torch.allclose(trained[k], v, atol=1e-6)]
+    assert "model.layers.0.mlp.up_proj.weight" in changed
+
+
+def test_freeze_naming_no_parameter_is_an_error(tiny_gguf):
+    from icr.train import freeze_parameters
+
+    model = load_causal_lm(str(tiny_gguf["path"]), "cpu", "float32")
+    assert freeze_parameters(model, ["embed_tokens"]) == model.model.embed_tokens.weight.numel()
+    assert not model.lm_head.weight.requires_grad  # tied to the embedding
+    with pytest.raises(IcrError, match="train.freeze"):
+        freeze_parameters(model, ["embedding_typo"])

@@ -16,6 +16,17 @@ WORDS = ["▁the", "▁The", "▁is", "▁of", "▁and", "▁Answer", "▁answer
          "▁Respuesta", "▁Antwort", "▁Réponse", "▁Ответ", "▁Jibu", "user", "model", "▁larger", "▁last"]
 
 
+def world_conversations(n_tasks: int = 60, seed: int = 0) -> list[list[dict]]:
+    """Sandbox-world chats in every language with the SFT mix of good and flawed answers."""
+    import random
+
+    from icr.sandbox.build import DEFAULTS, sft_conversations
+    from icr.sandbox.world import build_world
+
+    world = build_world(seed + 100, 1, 1, 1, 1, n_tasks)
+    return sft_conversations(world, random.Random(seed), DEFAULTS)
+
+
 def vocabulary() -> tuple[list[str], list[int]]:
     """Tokens and their GGUF token types (1 normal, 2 unknown, 3 control, 6 byte)."""
     tokens, types = [], []
@@ -28,16 +39,22 @@ def vocabulary() -> tuple[list[str], list[int]]:
     chars = ["▁", "\n", ":", ".", ",", "?", "!", "+", "*", "-", "(", ")", "'"] + [str(d) for d in range(10)]
     chars += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     chars += list("áéíóúñüöäßçèêàОтвеиьяпрсу")
-    for t in dict.fromkeys(chars + WORDS):
+    # every prefix of a word too: the GGUF carries no merges, and transformers rebuilds them from
+    # pairs of tokens that are both in the vocabulary, so a word is one token only if its prefixes are
+    prefixes = [w[:i] for w in WORDS for i in range(2, len(w) + 1)]
+    for t in dict.fromkeys(chars + prefixes):
         tokens.append(t)
         types.append(1)
     return tokens, types
 
 
-def write_tiny_gemma_gguf(path: str | Path, seed: int = 0, chat_template: str | None = None) -> dict:
-    """Write the tiny model to `path` (a .gguf file); returns its HF state dict and config for checks."""
-    import gguf
-    import numpy as np
+def write_tiny_gemma_gguf(path: str | Path, seed: int = 0, chat_template: str | None = None,
+                          fit: list[list[dict]] | None = None, fit_epochs: int = 3) -> dict:
+    """Write the tiny model to `path` (a .gguf file); returns its HF state dict and config for checks.
+
+    `fit`: conversations the model is first fitted to (Gemma turn format, plain loop), so the
+    stand-in already writes answers in the world's format as the real base does 3-shot; a random
+    32-wide model needs far more SFT than a test can afford before any of its samples is well-formed."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -51,9 +68,31 @@ def write_tiny_gemma_gguf(path: str | Path, seed: int = 0, chat_template: str | 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.1)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
     path = Path(path)
+    if fit:
+        _write(path, model, cfg, tokens, types, chat_template)
+        from transformers import AutoTokenizer
+
+        from icr.sandbox.gemma import GEMMA_CHAT_TEMPLATE
+        from icr.tiny import fit_causal_lm
+
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny model: one thread is 10x faster than two contended ones
+        try:
+            fit_causal_lm(model, tok, fit, epochs=fit_epochs, lr=1e-2, batch_size=16, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
+    _write(path, model, cfg, tokens, types, chat_template)
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "config": cfg, "tokens": tokens}
+
+
+def _write(path: Path, model, cfg, tokens, types, chat_template) -> None:
+    import gguf
+    import numpy as np
+
+    state = model.state_dict()
     w = gguf.GGUFWriter(str(path), arch="gemma3")
     w.add_name("tiny-gemma3-test")
     w.add_context_length(cfg.max_position_embeddings)
@@ -94,4 +133,3 @@ def write_tiny_gemma_gguf(path: str | Path, seed: int = 0, chat_template: str | 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"state": state, "config": cfg, "tokens": tokens}

