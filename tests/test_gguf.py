@@ -116,7 +116,7 @@ def test_training_a_gguf_policy_saves_a_normal_checkpoint(tiny_gguf, tmp_path):
 
     pairs = [{"prompt": "Compute 2 + 3.", "chosen": "Answer: 5.", "rejected": "Answer: 7."},
              {"prompt": "Compute 1 + 1.", "chosen": "Answer: 2.", "rejected": "Answer: 9."}]
-    cfg = TrainConfig(epochs=1, per_device_batch_size=2, learning_rate=1e-3, max_length=64, save_steps=100,
+    cfg = TrainConfig(epochs=2, per_device_batch_size=2, learning_rate=1e-3, warmup_ratio=0.0, max_length=64, save_steps=100,
                       freeze=["embed_tokens"])
     spec = str(tiny_gguf["path"])
     train_dpo(pairs, spec, spec, cfg, tmp_path / "train", tmp_path / "model", seed=0, device="cpu",
