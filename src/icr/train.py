@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .compat import checkpointing_kwargs
 from .config import TrainConfig
 from .errors import IcrError
 from .models import load_causal_lm, load_tokenizer, resolve_device
@@ -54,7 +55,6 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         max_length=cfg.max_length,
         truncation_mode="keep_start",
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        activation_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16,
         use_cpu=not on_gpu,
         seed=seed,
@@ -67,6 +67,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         dataset_num_proc=None,
         disable_tqdm=False,
         remove_unused_columns=False,
+        **checkpointing_kwargs(cfg.gradient_checkpointing),
     )
 
 
