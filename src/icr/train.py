@@ -71,6 +71,33 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
     )
 
 
+def training_dtypes(device: str, *, deepspeed: bool = False, lora: bool = False) -> tuple[str, str]:
+    """(policy dtype, reference dtype) for training on `device`.
+
+    The trained policy is held in fp32 ("master weights") and, with `train.precision` bf16 (the
+    default on GPUs), computed in bf16 under the Trainer's autocast. Held in bf16, AdamW's updates
+    at the paper's learning rate (5e-7) are mostly smaller than half a bf16 step of the weight they
+    change and round away: on an H100 a bf16-held run changed 0.22% of the weights (issue 10;
+    tests/test_train_precision.py reproduces it on CPU). DeepSpeed keeps fp32 masters in its own
+    optimizer and casts the module to bf16 itself, so there the policy is loaded as for inference;
+    with LoRA the base weights are frozen and PEFT keeps the adapters in fp32, so likewise.
+    The reference only runs forward passes: bf16 on GPUs, fp32 on CPU (models.dtype "auto").
+
+    The saved model keeps the dtype it was trained in (fp32 masters are saved in fp32: 32 GB for an
+    8B model instead of 16). Rounding them to bf16 at the end would throw away most of an
+    iteration's training at the paper's learning rate, since the accumulated change of most weights
+    is still below half a bf16 step (measured in tests/test_train_precision.py); the next iteration
+    trains from the exact fp32 weights, while sampling and scoring load them in bf16 (models.dtype).
+    """
+    inference = "float32" if device == "cpu" else "auto"
+    return (inference if deepspeed or lora else "float32"), inference
+
+
+def _deepspeed_active(args) -> bool:
+    """Whether this training runs under DeepSpeed (set by `accelerate launch` with a DeepSpeed config)."""
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def _latest_checkpoint(out_dir: Path) -> str | None:
     """The newest *complete* checkpoint. The Trainer writes trainer_state.json last, so a checkpoint
     without it was interrupted mid-save: it is deleted, and the one before it is used."""
@@ -123,10 +150,11 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     args = dpo_config(cfg, out_dir, seed, device, len(pairs))
     tokenizer = load_tokenizer(policy_path, chat_template, what="policy")
     tokenizer.padding_side = "right"
-    policy = load_causal_lm(policy_path, device, "float32" if device == "cpu" else "auto", what="policy")
+    policy_dtype, reference_dtype = training_dtypes(device, deepspeed=_deepspeed_active(args), lora=cfg.lora.enabled)
+    policy = load_causal_lm(policy_path, device, policy_dtype, what="policy")
     policy.train()
     peft_config = None
-    ref_model = load_causal_lm(reference_path, device, "float32" if device == "cpu" else "auto", what="reference")
+    ref_model = load_causal_lm(reference_path, device, reference_dtype, what="reference")
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLora
 
