@@ -35,6 +35,43 @@ def pairs_to_dataset(pairs: list[dict]):
         for p in pairs])
 
 
+def shared_dataset(dataset, folder: Path):
+    """`dataset` saved to `folder` by the main process and loaded back from there by every process.
+
+    TRL's `precompute_ref_log_probs` writes the reference log-probs with `Dataset.map` into a cache
+    file named after the dataset's own cache folder. A dataset built in memory has none, so each
+    process used a random file in its own temporary folder and the other ranks could not find the
+    main process's file (`FileNotFoundError .../cache-....arrow` with 2 processes). A dataset loaded
+    from disk has a cache folder, the same on every rank: the main process tokenises and writes the
+    caches first (TRL runs its preparation main-process-first) and the others read them. Several
+    machines need `folder` on storage they share, as for the model folder.
+    """
+    import datasets
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset.save_to_disk(str(tmp))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(folder))
+
+
+def check_one_device_per_process(device: str, cuda_devices: int, world_size: int) -> None:
+    """Refuse a single training process that sees several GPUs.
+
+    The Trainer wraps the model in torch DataParallel then, which TRL's DPOTrainer does not support
+    (it fails inside TRL). Several GPUs are used through `accelerate launch` (train.accelerate_config).
+    """
+    if device.startswith("cuda") and cuda_devices > 1 and world_size <= 1:
+        raise IcrError(f"train: {cuda_devices} GPUs are visible to one training process; set "
+                       "train.accelerate_config (ddp, deepspeed_zero2, deepspeed_zero3, fsdp or your own "
+                       "accelerate config file) to train on all of them, or CUDA_VISIBLE_DEVICES=0 to train on one")
+
+
 def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs: int):
     from trl import DPOConfig
 
@@ -143,7 +180,11 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics."""
     from trl import DPOTrainer
 
+    import torch
+
     device = resolve_device(device)
+    check_one_device_per_process(device, torch.cuda.device_count() if device.startswith("cuda") else 0,
+                                 int(os.environ.get("WORLD_SIZE", "1")))
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     # The training arguments come first: under DeepSpeed ZeRO-3 they switch on sharded loading and
     # bind each rank to its device before any model is built.
@@ -160,7 +201,11 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
 
         peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=pairs_to_dataset(pairs),
+    dataset = pairs_to_dataset(pairs)
+    if cfg.precompute_ref_log_probs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
     resume = _latest_checkpoint(out_dir)
     if resume is not None:
