@@ -76,3 +76,21 @@ def test_checkpointing_keyword_is_accepted_without_future_warning(tmp_path):
             args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                              **checkpointing_kwargs(enabled))
         assert args.gradient_checkpointing is enabled
+
+
+def test_pyproject_lower_bounds_are_the_versions_ci_tests():
+    """pyproject.toml's floors = .ci/constraints-floor.txt's pins (what .ci/compat-job installs)."""
+    import re
+
+    import pytest
+
+    from .conftest import REPO
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {m.group(1): m.group(2) for d in deps if (m := re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d))}
+    pins = dict(line.split("==") for line in (REPO / ".ci" / "constraints-floor.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert set(pins) == {"transformers", "trl", "peft", "accelerate", "datasets"}
+    assert {name: floors.get(name) for name in pins} == pins
