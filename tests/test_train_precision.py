@@ -96,3 +96,14 @@ def test_bf16_training_path_updates_the_weights_at_the_paper_learning_rate(tiny_
     # what a bf16 save would keep of this training (why the fp32 masters are saved; not asserted)
     kept = sum((w1[k].bfloat16() != w0[k].bfloat16()).sum().item() for k in w1)
     print(f"changed: {changed / total:.4f} in fp32, {kept / total:.4f} after rounding both to bf16")
+
+
+def test_fp32_checkpoints_are_sampled_in_bf16_on_gpus():
+    """Trained models are saved in fp32; sampling and scoring still run in bf16 on a GPU."""
+    import torch
+
+    from icr.generation.vllm import _vllm_dtype
+    from icr.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
+    assert _vllm_dtype("auto", "cuda") == "bfloat16" and _vllm_dtype("auto", "cpu") == "float32"
