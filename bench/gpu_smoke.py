@@ -1,12 +1,20 @@
 """GPU smoke test and figures (run by bench/gpu_smoke.sh; not part of the test suite).
 
 On one NVIDIA GPU, with random weights built from configs (nothing is downloaded):
-  1. gen:   icr's `hf` backend, bf16, on a Llama-3-8B-shaped model: sampled tokens/s, peak memory;
-  2. score: icr's implicit reward (two 8B-shaped models, bf16): scored tokens/s, peak memory;
+  1. gen:   icr's `hf` sampler, bf16, Llama-3-8B shape, at each --gen-shapes shape (default
+            32 prompts x 10 samples x 256 new tokens, and 16 x 4 x 256): tokens/s, peak memory;
+  2. score: two Llama-3-8B-shaped models (bf16), 16 prompts x 10 responses with the sample data's
+            length distribution (../shared/data), token ids fed directly: the authors' way (batch 3,
+            full prompt per response, full-vocabulary log-softmax) vs icr's scorer at batch_tokens
+            8192 and 32768 vs a packed floor (unique tokens once, no padding, head only where a
+            response token is predicted): seconds, ratios, rewards' largest difference from the
+            authors' way, TFLOP/s on unique tokens;
   3. train: a few DPO+NLL steps of a small Llama through icr.train.train_dpo (TRL) when trl is
             importable, else a plain-torch DPO+NLL loop (labelled as such): steps/s, peak memory;
   4. vllm:  icr's `vllm` backend on the same 8B shape (load_format=dummy) when vllm is importable.
-Each part prints one `RESULT {json}` line; a part that fails prints its error and the rest go on.
+Each measurement prints one `RESULT {json}` line; a part that fails prints its error and the rest
+go on. gen and score need torch + transformers only (tokenizers comes with transformers); nothing
+here imports lingua. --dry-run-cpu runs every part with tiny shapes on the CPU (checks the script).
 """
 
 from __future__ import annotations
@@ -102,53 +110,159 @@ def prompts(k: int) -> list[list[dict]]:
 
 
 def part_gen(args, tok, model) -> None:
+    """icr's hf sampler at each --gen-shapes shape (prompts x samples x new tokens), bf16."""
     from icr.generation import SamplingParams
     from icr.generation.hf import HFBackend
 
-    backend = HFBackend("unused", device=DEV, model=model, tokenizer=tok, batch_size=args.gen_batch)
-    convs = prompts(args.gen_prompts)
-    params = SamplingParams(n=args.n, temperature=0.9, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=1)
-    backend.generate(convs[:2], SamplingParams(n=2, max_new_tokens=8))  # warm-up
-    sync()
-    reset_peak()
-    t0 = time.time()
-    out = backend.generate(convs, params)
-    sync()
-    dt = time.time() - t0
-    tokens = sum(s.n_tokens for ss in out for s in ss)
-    result("gen_hf_bf16_llama3_8b_shape", prompts=len(convs), n=args.n, batch_prompts=args.gen_batch,
-           max_new_tokens=args.max_new_tokens, tokens=tokens, seconds=round(dt, 2),
-           tokens_per_s=round(tokens / dt, 1), peak_gib=peak())
+    for shape in args.gen_shapes.split(","):
+        k, n, new_tokens = (int(x) for x in shape.split("x"))
+        backend = HFBackend("unused", device=DEV, model=model, tokenizer=tok, batch_size=k)
+        convs = prompts(k)
+        params = SamplingParams(n=n, temperature=0.9, top_p=1.0, max_new_tokens=new_tokens, seed=1)
+        backend.generate(convs[:2], SamplingParams(n=2, max_new_tokens=8))  # warm-up
+        sync()
+        reset_peak()
+        t0 = time.time()
+        out = backend.generate(convs, params)
+        sync()
+        dt = time.time() - t0
+        tokens = sum(s.n_tokens for ss in out for s in ss)
+        result("gen_hf_bf16_llama3_8b_shape", shape=shape, prompts=k, n=n, max_new_tokens=new_tokens,
+               tokens=tokens, seconds=round(dt, 2), tokens_per_s=round(tokens / dt, 1), peak_gib=peak())
+
+
+def score_workload(n_prompts: int, n_responses: int, vocab: int, seed: int = 0) -> tuple[list, list, str]:
+    """Token ids with the sample data's length distribution: `n_prompts` prompts, `n_responses` each.
+
+    Lengths are drawn from ../shared/data (bench/common.sample_lengths at full scale: prompt =
+    instruction + 30 template tokens, response = reference answer, characters / 4; all languages
+    pooled). Without the data folder: the means measured from it (prompt 267, response 473 tokens)
+    with a geometric spread, and the RESULT line says so."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import sample_lengths
+
+    g = np.random.default_rng(seed)
+    lengths = sample_lengths(1.0, max_prompt=2048, max_response=2048)
+    if lengths:
+        pool_p = [x for v in lengths.values() for x in v["prompt"]]
+        pool_r = [x for v in lengths.values() for x in v["response"]]
+        p_len = g.choice(pool_p, n_prompts)
+        r_len = g.choice(pool_r, (n_prompts, n_responses))
+        source = "../shared/data"
+    else:
+        p_len = np.clip(g.geometric(1 / 267, n_prompts), 8, 2048)
+        r_len = np.clip(g.geometric(1 / 473, (n_prompts, n_responses)), 1, 2048)
+        source = "geometric, means 267/473 (../shared/data absent)"
+    if DEV == "cpu":  # --dry-run-cpu: same shape of workload, 1/16 of the lengths
+        p_len, r_len = np.maximum(p_len // 16, 2), np.maximum(r_len // 16, 1)
+    prompt_ids, response_ids = [], []
+    for i in range(n_prompts):
+        p = g.integers(400, vocab, int(p_len[i])).tolist()
+        for j in range(n_responses):
+            prompt_ids.append(p)
+            response_ids.append(g.integers(400, vocab, int(r_len[i, j])).tolist())
+    return prompt_ids, response_ids, source
+
+
+@torch.inference_mode()
+def authors_logprobs(model, prompt_ids, response_ids, pad_id: int, batch: int = 3) -> list[float]:
+    """The reference implementation's way: batches of 3 in data order, each row the full prompt +
+    response, right padding, full logits and a full-vocabulary log-softmax at every position."""
+    out = []
+    for s in range(0, len(prompt_ids), batch):
+        seqs = [p + r for p, r in zip(prompt_ids[s:s + batch], response_ids[s:s + batch])]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, device=DEV)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq, device=DEV)
+            mask[row, :len(seq)] = 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for row in range(len(seqs)):
+            p, r = prompt_ids[s + row], response_ids[s + row]
+            pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=DEV)
+            out.append(logp[row, pos, torch.tensor(r, device=DEV)].double().sum().item())
+        del logp
+    return out
+
+
+@torch.inference_mode()
+def floor_pass(model, prompt_ids, response_ids, batch_tokens: int) -> None:
+    """Not a scorer: the least work an exact one could do. Each distinct prompt and each response
+    once, packed back to back without padding in rows of the mean sequence length, the output head
+    and log-sum-exp only at as many positions as there are response tokens."""
+    import numpy as np
+
+    distinct = {tuple(p): p for p in prompt_ids}
+    flat = [t for p in distinct.values() for t in p] + [t for r in response_ids for t in r]
+    n_head = sum(map(len, response_ids))
+    width = max(1, round(float(np.mean([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]))))
+    rows = [flat[s:s + width] for s in range(0, len(flat), width)]
+    per_batch = max(1, batch_tokens // width)
+    head, hidden_size, done = model.get_output_embeddings(), model.config.hidden_size, 0
+    for s in range(0, len(rows), per_batch):
+        chunk = rows[s:s + per_batch]
+        full = [r for r in chunk if len(r) == width]
+        for part in ([full] if full else []) + [[r] for r in chunk if len(r) != width]:
+            hidden = model.model(input_ids=torch.tensor(part, device=DEV)).last_hidden_state.reshape(-1, hidden_size)
+            k = min(hidden.shape[0], n_head - done)
+            if k > 0:
+                torch.logsumexp(head(hidden[:k]).float(), -1)
+                done += k
 
 
 def part_score(args, tok, model) -> None:
-    from icr.reward import RewardModels, implicit_rewards
+    """Two 8B-shaped models: the authors' way vs icr's scorer (each --batch-tokens) vs the floor."""
+    import numpy as np
+
+    from icr.reward import sequence_logprobs
 
     reference = random_llama(LLAMA3_8B, tok, seed=1)
-    g = torch.Generator().manual_seed(0)
-    convs, responses = [], []
-    for i, conv in enumerate(prompts(args.score_samples)):
-        n = int(torch.randint(args.score_len // 2, args.score_len * 3 // 2, (1,), generator=g))
-        ids = torch.randint(400, len(tok), (n,), generator=g).tolist()
-        convs.append(conv)
-        responses.append(tok.decode(ids))
-    rm = RewardModels(policy=model, reference=reference, tokenizer=tok)
-    implicit_rewards(rm, convs[:2], responses[:2], batch_tokens=args.batch_tokens)  # warm-up
-    sync()
-    reset_peak()
-    t0 = time.time()
-    res = implicit_rewards(rm, convs, responses, batch_tokens=args.batch_tokens)
-    sync()
-    dt = time.time() - t0
-    resp_tokens = int(res["n_tokens"].sum())
-    total = sum(len(tok.apply_chat_template(c + [{"role": "assistant", "content": r}], tokenize=True,
-                                            return_dict=True)["input_ids"]) for c, r in zip(convs, responses))
-    result("score_hf_bf16_two_llama3_8b_shape", samples=len(convs), batch_tokens=args.batch_tokens,
-           response_tokens=resp_tokens, sequence_tokens=total, seconds=round(dt, 2),
-           sequence_tokens_per_s_both_models=round(total / dt, 1), samples_per_s=round(len(convs) / dt, 2),
-           finite=bool(torch.isfinite(torch.tensor(res["reward"])).all()),
-           peak_gib=peak())
-    del reference
+    models = [model, reference]
+    prompt_ids, response_ids, source = score_workload(args.score_prompts, args.score_responses,
+                                                      LLAMA3_8B["vocab_size"])
+    pad = tok.pad_token_id
+    seq_tokens = sum(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    unique_tokens = sum(len(p) for p in {tuple(p): p for p in prompt_ids}.values()) + sum(map(len, response_ids))
+    warm = slice(0, min(6, len(prompt_ids)))
+    sequence_logprobs(models, prompt_ids[warm], response_ids[warm], pad_id=pad, batch_tokens=2048)
+    authors_logprobs(model, prompt_ids[warm], response_ids[warm], pad)
+
+    def timed(fn):
+        empty_cache()
+        sync()
+        reset_peak()
+        t0 = time.time()
+        value = fn()
+        sync()
+        return value, time.time() - t0, peak()
+
+    runs = {}
+    authors, t, mem = timed(lambda: np.array([authors_logprobs(m, prompt_ids, response_ids, pad) for m in models]))
+    runs["authors_batch3_full_vocab"] = (t, mem, authors)
+    for bt in (int(x) for x in args.batch_tokens.split(",")):
+        lp, t, mem = timed(lambda bt=bt: sequence_logprobs(models, prompt_ids, response_ids, pad_id=pad,
+                                                           batch_tokens=bt))
+        runs[f"icr_batch_tokens_{bt}"] = (t, mem, lp)
+    _, t, mem = timed(lambda: [floor_pass(m, prompt_ids, response_ids, max(int(x) for x in args.batch_tokens.split(",")))
+                               for m in models])
+    runs["floor_packed_unique_tokens"] = (t, mem, None)
+    reward_authors = authors[0] - authors[1]
+    t_authors, t_floor = runs["authors_batch3_full_vocab"][0], runs["floor_packed_unique_tokens"][0]
+    n_params = sum(p.numel() for p in model.parameters())
+    for name, (t, mem, lp) in runs.items():
+        extra = {}
+        if lp is not None:
+            extra["max_abs_reward_diff_vs_authors"] = round(float(np.abs((lp[0] - lp[1]) - reward_authors).max()), 4)
+        result("score_two_llama3_8b_shape", method=name, prompts=args.score_prompts,
+               responses_per_prompt=args.score_responses, lengths=source, sequence_tokens=seq_tokens,
+               unique_tokens=unique_tokens, seconds=round(t, 2), speedup_vs_authors=round(t_authors / t, 2),
+               times_floor=round(t / t_floor, 2),
+               tflops_on_unique_tokens=round(2 * 2 * n_params * unique_tokens / t / 1e12, 1),
+               peak_gib=mem, **extra)
+    del reference, models
 
 
 def _pairs(k: int) -> list[dict]:
@@ -280,13 +394,14 @@ def part_vllm(args, tok, tmp: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default="gen,score,train,vllm")
-    p.add_argument("--gen-prompts", type=int, default=16)
-    p.add_argument("--gen-batch", type=int, default=16)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--score-samples", type=int, default=64)
-    p.add_argument("--score-len", type=int, default=400)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--gen-shapes", default="32x10x256,16x4x256",
+                   help="hf sampler shapes: prompts x samples per prompt x new tokens, comma-separated")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt in the vllm part")
+    p.add_argument("--gen-prompts", type=int, default=16, help="prompts (x4) in the vllm part")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens in the vllm part")
+    p.add_argument("--score-prompts", type=int, default=16)
+    p.add_argument("--score-responses", type=int, default=10)
+    p.add_argument("--batch-tokens", default="8192,32768", help="icr scorer budgets to compare")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: checks the script only")
@@ -294,6 +409,8 @@ def main() -> int:
     global DEV, LLAMA3_8B, SMALL
     if args.dry_run_cpu:
         DEV = "cpu"
+        if args.gen_shapes == p.get_default("gen_shapes"):
+            args.gen_shapes = "4x3x8,2x2x4"
         LLAMA3_8B = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
         SMALL = {**SMALL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

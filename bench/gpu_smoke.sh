@@ -2,16 +2,26 @@
 # GPU smoke test and figures for icr (not part of the test suite). See bench/gpu_smoke.py.
 #
 #   bench/gpu_smoke.sh                   # on a machine with an NVIDIA GPU: gen, score, train, vllm
-#   bench/gpu_smoke.sh --parts gen,score # a subset; other flags go to gpu_smoke.py (--max-new-tokens ...)
-#   bench/gpu_smoke.sh --fetch-wheels    # on a machine WITH network: put trl + datasets wheels in .whl/
+#   bench/gpu_smoke.sh --parts gen,score # a subset; other flags go to gpu_smoke.py (--gen-shapes ...)
+#   bench/gpu_smoke.sh --dry-run-cpu     # tiny shapes on the CPU: checks the script (tests do this)
+#   bench/gpu_smoke.sh --fetch-wheels    # on a machine WITH network: put the train part's wheels in .whl/
 #
-# Works on a bare GPU machine without network that has torch, transformers, accelerate and peft:
-# icr runs from the source tree (PYTHONPATH=src, nothing installed), the models are random weights
-# built from configs (Llama-3-8B shape for sampling and scoring; a ~100M Llama for training).
-# Training goes through icr.train.train_dpo (TRL) when trl imports; wheels found in .whl/ are
-# installed first (pip --no-index, nothing downloaded). Without trl a plain-torch DPO+NLL loop is
-# measured instead and says so. vLLM is measured when it imports.
-# Output: `RESULT {json}` lines (tokens/s, peak GPU memory) on stdout; copy them into BENCHMARKS.md.
+# Works on a bare GPU machine without network that has torch, transformers, accelerate and peft
+# (measured image: Python 3.12, torch 2.11, transformers 5.17, peft 0.21, accelerate 1.15; no trl,
+# datasets, vllm, deepspeed or lingua): icr runs from the source tree (PYTHONPATH=src, nothing
+# installed), the models are random weights built from configs (Llama-3-8B shape for sampling and
+# scoring; a ~100M Llama for training). Nothing imports lingua.
+#
+# Wheels, exactly:
+#   gen, score:  none.
+#   train:       .whl/trl-1.16.0-py3-none-any.whl, .whl/datasets-5.2.0-py3-none-any.whl,
+#                .whl/dill-0.4.1-py3-none-any.whl, .whl/multiprocess-0.70.19-py312-none-any.whl
+#                (~2 MB; the image already has pyarrow, pandas, xxhash). Installed with
+#                pip --no-index from .whl/ (nothing downloaded); without them the train part
+#                measures a plain-torch DPO+NLL loop instead and says so.
+#   vllm:        measured only where vllm imports (its wheel is too large to carry).
+# Output: `RESULT {json}` lines (tokens/s, seconds, ratios, peak GPU memory) on stdout; copy them
+# into BENCHMARKS.md with the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -22,10 +32,9 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
   PYV="${PYV:-$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')}"
   PLAT="${PLAT:-manylinux_2_28_x86_64}"
   mkdir -p "$WHEELS"
-  # trl and datasets, and what datasets needs beyond a torch+transformers image; --no-deps keeps
-  # torch and its CUDA libraries out.
-  for spec in trl==1.16.0 datasets==5.2.0 'dill<0.4.2' xxhash 'multiprocess<0.70.20' pyarrow pandas \
-              python-dateutil pytz tzdata; do
+  # trl and datasets, and what datasets needs beyond the image; --no-deps keeps torch and its CUDA
+  # libraries out.
+  for spec in trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --platform "$PLAT" \
       --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "$spec" || exit 1
   done

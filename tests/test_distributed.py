@@ -55,8 +55,26 @@ def test_accelerate_command_line(monkeypatch):
     assert "--main_process_port" not in cmd  # several machines: the port comes with the node arguments
 
 
+_COMMON = dict(learning_rate=1e-3, epochs=1, warmup_ratio=0.0, lr_scheduler="constant", logging_steps=1,
+               save_steps=1000, max_length=128, nll_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_pair, tmp_path_factory):
+    """1 process x batch 4, reference log-probs computed in the loop: what 2 processes must equal."""
+    from icr.config import TrainConfig
+    from icr.train import train_dpo
+
+    one = tmp_path_factory.mktemp("one")
+    metrics = train_dpo(_pairs(tiny_pair["root"]), tiny_pair["dpo"], tiny_pair["sft"],
+                        TrainConfig(per_device_batch_size=4, **_COMMON), one, one / "model", seed=42, device="cpu")
+    return one, metrics
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pair, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["ref-in-loop", "ref-precomputed"])
+def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pair, tmp_path, one_process_run,
+                                                                          precompute):
     """2 processes x batch 2 (DDP on CPU, gloo) vs 1 process x batch 4, DPO + NLL, 4 optimizer steps.
 
     Same samples per optimizer step (the distributed sampler hands each rank half of the same
@@ -65,22 +83,23 @@ def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pa
     a token mean per rank, averaged over ranks, so it differs from the 4-pair token mean by the
     ranks' token-count imbalance (small here). Tolerance: losses within 1e-3 relative; final weights
     within 5% of the training update's size (seen: 8e-6 relative loss, 2% of the update).
+
+    With `precompute_ref_log_probs` the reference log-probs are computed once before training (TRL
+    caches them in a datasets file every rank must read: this crashed on rank 1 with a
+    FileNotFoundError before icr gave the dataset a folder shared by the ranks) and must give the
+    same losses as the reference run in the loop.
     """
     from safetensors.torch import load_file
 
     from icr.config import TrainConfig
     from icr.distributed import train_dpo_launched
-    from icr.train import train_dpo
 
-    root = tiny_pair["root"]
-    pairs = _pairs(root)
-    common = dict(learning_rate=1e-3, epochs=1, warmup_ratio=0.0, lr_scheduler="constant", logging_steps=1,
-                  save_steps=1000, max_length=128, nll_weight=1.0)
-    one, two = tmp_path / "one", tmp_path / "two"
-    m1 = train_dpo(pairs, tiny_pair["dpo"], tiny_pair["sft"], TrainConfig(per_device_batch_size=4, **common),
-                   one, one / "model", seed=42, device="cpu")
+    pairs = _pairs(tiny_pair["root"])
+    one, m1 = one_process_run
+    two = tmp_path / "two"
     m2 = train_dpo_launched(pairs, tiny_pair["dpo"], tiny_pair["sft"],
-                            TrainConfig(per_device_batch_size=2, accelerate_config="cpu_2proc", **common),
+                            TrainConfig(per_device_batch_size=2, accelerate_config="cpu_2proc",
+                                        precompute_ref_log_probs=precompute, **_COMMON),
                             two, two / "model", seed=42, device="cpu")
     assert m2["num_processes"] == 2 and m2["backend"] == "gloo" and "MULTI_CPU" in m2["distributed_type"]
     assert m1["steps"] == m2["steps"] == 4
@@ -96,6 +115,18 @@ def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pa
     assert update > 1e-3 and diff <= 0.05 * update, (diff, update)
     assert (two / "model/tokenizer_config.json").is_file()
     assert not list(two.glob(".rank*-model"))  # only the main process wrote a model
+    assert (two / "pairs-dataset").is_dir() == precompute
+
+
+def test_one_process_seeing_several_gpus_is_refused_before_training():
+    from icr.errors import IcrError
+    from icr.train import check_one_device_per_process
+
+    with pytest.raises(IcrError, match=r"train: 8 GPUs are visible to one training process; set train.accelerate_config"):
+        check_one_device_per_process("cuda", cuda_devices=8, world_size=1)
+    check_one_device_per_process("cuda", cuda_devices=8, world_size=8)  # launched: one GPU per process
+    check_one_device_per_process("cuda", cuda_devices=1, world_size=1)
+    check_one_device_per_process("cpu", cuda_devices=0, world_size=1)
 
 
 def _digest(stage_dir: Path) -> dict[str, str]:
@@ -133,3 +164,20 @@ def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_
     # A finished stage is not redone: no worker is started.
     again = run_generate_sharded(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
     assert again == {"skipped": True}
+
+
+def test_train_stage_checks_the_gpu_count_before_loading_anything(tiny_pair, tmp_path, monkeypatch):
+    """The device count faked: 4 GPUs, no accelerate launch (no WORLD_SIZE) -> the clear refusal."""
+    import torch
+
+    import icr.train
+    from icr.config import TrainConfig
+    from icr.errors import IcrError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(icr.train, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(icr.train, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(IcrError, match="4 GPUs are visible to one training process"):
+        icr.train.train_dpo(_pairs(tiny_pair["root"]), tiny_pair["dpo"], tiny_pair["sft"], TrainConfig(),
+                            tmp_path, tmp_path / "model", device="cuda")

@@ -45,7 +45,14 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     assert not (run_dir / ".lock").exists()
 
 
-def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli):
+def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli, capsys):
+    from icr.config import load_config
+    from icr.loop import run_prepare
+
+    # the tiny pair is built first (its progress output is not the refusal's): with `-m "not slow"`
+    # no earlier test has built it
+    run_prepare(load_config(TINY))
+    capsys.readouterr()
     run_dir = tmp_path / "tiny"
     with run_lock(run_dir):
         code, _, err = cli("run", TINY, "--set", f"run_root={tmp_path}")

@@ -22,7 +22,8 @@ response token (log-prob = logit - logsumexp, in chunks; never a log-softmax ove
   token's log-prob comes from the prompt pass; a response's last token is never fed.
 - plain (fallback): prompt + response per row, sorted by total length, packed under the budget.
 
-The shared-prompt path needs a model whose decoder takes `cache=` and builds a plain
+The shared-prompt path needs a model whose decoder takes a key/value cache (`cache=` from
+transformers 5.24, `past_key_values=` before; see icr.compat) and builds a plain
 `DynamicCache` (full attention on every layer: Llama, Qwen2/3, Mistral without a sliding window,
 ...) with sdpa or eager attention; other models (sliding-window or hybrid caches, flash-attention
 kernels that take no 4-D mask, no separable decoder) take the plain path, model by model.
@@ -30,7 +31,6 @@ kernels that take no 4-D mask, no separable decoder) take the plain path, model 
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compat import cache_kwarg, output_cache, takes_cache
 from .languages import language_name
 
 
@@ -204,7 +205,7 @@ def supports_shared_prompt(model) -> bool:
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False  # flash-attention kernels take no 4-D mask
     try:
-        if "cache" not in inspect.signature(decoder.forward).parameters:
+        if not takes_cache(decoder):
             return False
         layers = DynamicCache(config=config).layers
     except Exception:  # noqa: BLE001 - any surprise means: take the plain path
@@ -243,6 +244,7 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
     heads = [_output_head(model) for model in models]
     decoders = [_decoder(model) for model in models]
     dtypes = [next(model.parameters()).dtype for model in models]
+    cache_names = [cache_kwarg(decoder) for decoder in decoders]
     # fixed cost of one forward in token-equivalents: a forward of few tokens runs its matmuls
     # inefficiently on CPU and leaves an accelerator idle
     overhead = SUBBATCH_OVERHEAD_CPU if device.type == "cpu" else max(SUBBATCH_OVERHEAD_CPU, batch_tokens // 4)
@@ -266,9 +268,9 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
         ids, mask, pos = ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
         kvs = []
         for m, model in enumerate(models):
-            res = decoders[m](input_ids=ids, attention_mask=mask, position_ids=pos,
-                              cache=DynamicCache(config=model.config), use_cache=True)
-            kvs.append([(layer.keys, layer.values) for layer in res.cache.layers])
+            res = decoders[m](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                              **{cache_names[m]: DynamicCache(config=model.config)})
+            kvs.append([(layer.keys, layer.values) for layer in output_cache(res).layers])
             # the last prompt position predicts each response's first token
             hid = res.last_hidden_state[torch.arange(len(group), device=device), last.to(device)]
             lp = _token_logprobs(*heads[m], hid[item_rows.to(device)], first.to(device))
@@ -306,7 +308,7 @@ def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_toke
                 cache = DynamicCache([(k.index_select(0, rows)[:, :, c0:c1], v.index_select(0, rows)[:, :, c0:c1])
                                       for k, v in kvs[m]])
                 hidden = decoders[m](input_ids=inp, attention_mask=masks[dtypes[m]], position_ids=positions,
-                                     cache=cache, use_cache=True).last_hidden_state
+                                     use_cache=True, **{cache_names[m]: cache}).last_hidden_state
                 lp = _token_logprobs(*heads[m], hidden[tmask], targets[tmask])
                 sums = torch.zeros(len(sel), dtype=torch.float64, device=device)
                 sums.index_add_(0, torch.nonzero(tmask)[:, 0], lp.double())

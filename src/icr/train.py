@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .compat import checkpointing_kwargs
 from .config import TrainConfig
 from .errors import IcrError
 from .models import load_causal_lm, load_tokenizer, resolve_device
@@ -48,6 +49,43 @@ def freeze_parameters(model, names: list[str]) -> int:
     return frozen
 
 
+def shared_dataset(dataset, folder: Path):
+    """`dataset` saved to `folder` by the main process and loaded back from there by every process.
+
+    TRL's `precompute_ref_log_probs` writes the reference log-probs with `Dataset.map` into a cache
+    file named after the dataset's own cache folder. A dataset built in memory has none, so each
+    process used a random file in its own temporary folder and the other ranks could not find the
+    main process's file (`FileNotFoundError .../cache-....arrow` with 2 processes). A dataset loaded
+    from disk has a cache folder, the same on every rank: the main process tokenises and writes the
+    caches first (TRL runs its preparation main-process-first) and the others read them. Several
+    machines need `folder` on storage they share, as for the model folder.
+    """
+    import datasets
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset.save_to_disk(str(tmp))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(folder))
+
+
+def check_one_device_per_process(device: str, cuda_devices: int, world_size: int) -> None:
+    """Refuse a single training process that sees several GPUs.
+
+    The Trainer wraps the model in torch DataParallel then, which TRL's DPOTrainer does not support
+    (it fails inside TRL). Several GPUs are used through `accelerate launch` (train.accelerate_config).
+    """
+    if device.startswith("cuda") and cuda_devices > 1 and world_size <= 1:
+        raise IcrError(f"train: {cuda_devices} GPUs are visible to one training process; set "
+                       "train.accelerate_config (ddp, deepspeed_zero2, deepspeed_zero3, fsdp or your own "
+                       "accelerate config file) to train on all of them, or CUDA_VISIBLE_DEVICES=0 to train on one")
+
+
 def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs: int):
     from trl import DPOConfig
 
@@ -68,7 +106,6 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         max_length=cfg.max_length,
         truncation_mode="keep_start",
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        activation_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16,
         use_cpu=not on_gpu,
         seed=seed,
@@ -81,7 +118,35 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         dataset_num_proc=None,
         disable_tqdm=False,
         remove_unused_columns=False,
+        **checkpointing_kwargs(cfg.gradient_checkpointing),
     )
+
+
+def training_dtypes(device: str, *, deepspeed: bool = False, lora: bool = False) -> tuple[str, str]:
+    """(policy dtype, reference dtype) for training on `device`.
+
+    The trained policy is held in fp32 ("master weights") and, with `train.precision` bf16 (the
+    default on GPUs), computed in bf16 under the Trainer's autocast. Held in bf16, AdamW's updates
+    at the paper's learning rate (5e-7) are mostly smaller than half a bf16 step of the weight they
+    change and round away: on an H100 a bf16-held run changed 0.22% of the weights (issue 10;
+    tests/test_train_precision.py reproduces it on CPU). DeepSpeed keeps fp32 masters in its own
+    optimizer and casts the module to bf16 itself, so there the policy is loaded as for inference;
+    with LoRA the base weights are frozen and PEFT keeps the adapters in fp32, so likewise.
+    The reference only runs forward passes: bf16 on GPUs, fp32 on CPU (models.dtype "auto").
+
+    The saved model keeps the dtype it was trained in (fp32 masters are saved in fp32: 32 GB for an
+    8B model instead of 16). Rounding them to bf16 at the end would throw away most of an
+    iteration's training at the paper's learning rate, since the accumulated change of most weights
+    is still below half a bf16 step (measured in tests/test_train_precision.py); the next iteration
+    trains from the exact fp32 weights, while sampling and scoring load them in bf16 (models.dtype).
+    """
+    inference = "float32" if device == "cpu" else "auto"
+    return (inference if deepspeed or lora else "float32"), inference
+
+
+def _deepspeed_active(args) -> bool:
+    """Whether this training runs under DeepSpeed (set by `accelerate launch` with a DeepSpeed config)."""
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def _latest_checkpoint(out_dir: Path) -> str | None:
@@ -129,24 +194,33 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics."""
     from trl import DPOTrainer
 
+    import torch
+
     device = resolve_device(device)
+    check_one_device_per_process(device, torch.cuda.device_count() if device.startswith("cuda") else 0,
+                                 int(os.environ.get("WORLD_SIZE", "1")))
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     # The training arguments come first: under DeepSpeed ZeRO-3 they switch on sharded loading and
     # bind each rank to its device before any model is built.
     args = dpo_config(cfg, out_dir, seed, device, len(pairs))
     tokenizer = load_tokenizer(policy_path, chat_template, what="policy")
     tokenizer.padding_side = "right"
-    policy = load_causal_lm(policy_path, device, "float32" if device == "cpu" else "auto", what="policy")
+    policy_dtype, reference_dtype = training_dtypes(device, deepspeed=_deepspeed_active(args), lora=cfg.lora.enabled)
+    policy = load_causal_lm(policy_path, device, policy_dtype, what="policy")
     policy.train()
     freeze_parameters(policy, cfg.freeze)
     peft_config = None
-    ref_model = load_causal_lm(reference_path, device, "float32" if device == "cpu" else "auto", what="reference")
+    ref_model = load_causal_lm(reference_path, device, reference_dtype, what="reference")
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLora
 
         peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=pairs_to_dataset(pairs),
+    dataset = pairs_to_dataset(pairs)
+    if cfg.precompute_ref_log_probs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
     resume = _latest_checkpoint(out_dir)
     if resume is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import cache_kwarg
 from ..models import load_causal_lm, load_tokenizer, resolve_device
 from . import Sample, SamplingParams, sample_from_tokens
 
@@ -64,7 +65,7 @@ class HFBackend:
                 cache = self._prefill(ids[:, :-1], mask[:, :-1])
                 cache.batch_repeat_interleave(n_return)
                 ids, mask = ids.repeat_interleave(n_return, 0), mask.repeat_interleave(n_return, 0)
-                extra = {"cache": cache}
+                extra = {cache_kwarg(self.model): cache}
             torch.manual_seed(params.seed * 1_000_003 + b)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask,
@@ -85,7 +86,8 @@ class HFBackend:
         cache = DynamicCache(config=self.model.config)
         # generate's own position rule for left padding: cumulative mask, padding at 0
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                   **{cache_kwarg(self.model): cache})
         return cache
 
     def _to_sample(self, tokens: list[int]) -> Sample:

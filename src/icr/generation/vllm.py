@@ -52,9 +52,11 @@ def _device(device: str) -> str:
 
 
 def _vllm_dtype(dtype: str, device: str) -> str:
-    """Our dtype names as vLLM's; auto = fp32 on CPU (like `hf`), the checkpoint's dtype on GPU."""
+    """Our dtype names as vLLM's; auto = fp32 on CPU, bf16 on GPU, like `hf` (icr.models.resolve_dtype).
+
+    Not the checkpoint's dtype: icr saves trained models in fp32 (icr.train.training_dtypes)."""
     if dtype == "auto":
-        return "float32" if device == "cpu" else "auto"
+        return "float32" if device == "cpu" else "bfloat16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise IcrError(f"models.dtype: unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
     return dtype

@@ -40,6 +40,7 @@ import re
 import time
 from pathlib import Path
 
+from ..compat import checkpointing_kwargs
 from ..runs import atomic_write_text, write_json
 from .oracle import OracleJudge
 from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
@@ -288,8 +289,8 @@ def train_dpo(policy, reference, tok, pairs: list[dict], out_path: Path, cfg: di
         args = DPOConfig(output_dir=tmp, loss_type=["sigmoid"], beta=cfg["dpo_beta"],
                          learning_rate=cfg["dpo_lr"], num_train_epochs=cfg["dpo_epochs"],
                          per_device_train_batch_size=cfg["dpo_batch_size"], lr_scheduler_type="cosine",
-                         warmup_steps=5, bf16=False, use_cpu=True, activation_checkpointing=False,
-                         gradient_checkpointing=False, report_to="none", save_strategy="no",
+                         warmup_steps=5, bf16=False, use_cpu=True, **checkpointing_kwargs(False),
+                         report_to="none", save_strategy="no",
                          logging_steps=10, disable_tqdm=True, seed=cfg["seed"], max_length=256,
                          dataset_num_proc=None)
         trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=ds, processing_class=tok)
