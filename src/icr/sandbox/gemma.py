@@ -195,6 +195,7 @@ def train_sft(base: str, convs: list[list[dict]], work: Path, model_dir: Path, c
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from ..compat import checkpointing_kwargs
     from ..train import _latest_checkpoint, freeze_parameters
 
     tok = chat_tokenizer(base)
@@ -205,7 +206,7 @@ def train_sft(base: str, convs: list[list[dict]], work: Path, model_dir: Path, c
                      per_device_train_batch_size=cfg["sft_batch_size"], lr_scheduler_type="cosine", warmup_steps=0.05,
                      use_cpu=True, bf16=False, report_to="none", save_strategy="steps", save_steps=cfg["save_steps"],
                      save_total_limit=1, logging_steps=10, disable_tqdm=True, seed=cfg["seed"], data_seed=cfg["seed"],
-                     dataset_num_proc=None)
+                     dataset_num_proc=None, **checkpointing_kwargs(False))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
                          processing_class=tok)
     trainer.train(resume_from_checkpoint=_latest_checkpoint(work))
