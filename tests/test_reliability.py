@@ -98,7 +98,12 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
 
 
-def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli):
+def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli, capsys):
+    from icr.config import load_config
+    from icr.loop import run_prepare
+
+    run_prepare(load_config(TINY))  # built beforehand: only the refusal is on stderr
+    capsys.readouterr()
     run_dir = tmp_path / "tiny"
     with run_lock(run_dir):
         code, _, err = cli("run", TINY, "--set", f"run_root={tmp_path}")
