@@ -91,3 +91,187 @@ def test_debug_shows_the_traceback(tmp_path, tiny_pair, cli):
 
     with pytest.raises(IcrError):
         cli("run", _config(tmp_path, tiny_pair, generation__n=1), "--debug")
+
+
+# ---------------------------------------------------------------------------------------------
+# The wider catalogue (issue 13): each case through the real CLI, one line, nothing written
+# ---------------------------------------------------------------------------------------------
+
+def _write(path, data):
+    if path.parent.is_file():  # a folder where a file was
+        path.parent.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+
+
+def _eval_files(tmp_path):
+    """Evaluation prompts (the training prompts) and references with ids for en and es."""
+    refs = {"en": ["Name a colour.", "Name a fruit."], "es": ["Nombra un color.", "Nombra un fruto."]}
+    for lang, texts in refs.items():
+        _write(tmp_path / "refs" / f"{lang}.json", json.dumps(
+            [{"id": f"p{i}", "instruction": t, "output": "x"} for i, t in enumerate(texts)]))
+
+
+def compare_only_judge():
+    """A judge that compares with references and cannot score answers alone (as alpaca_eval's)."""
+    import types
+
+    return types.SimpleNamespace(name="compare-only", compare=lambda items: [0.5] * len(items))
+
+
+EVAL = {"evaluation__enabled": True, "evaluation__judge": "fake",
+        "evaluation__prompts": {"path": "PROMPTS"}, "evaluation__references": "REFS"}
+
+
+def _bad_model(kind):
+    def setup(tmp_path, tiny_pair):
+        import shutil
+
+        folder = tmp_path / "model"
+        if kind == "empty":
+            folder.mkdir()
+            return str(folder)
+        shutil.copytree(tiny_pair["dpo"], folder)
+        if kind == "config-types":
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg["hidden_size"] = "sixty-four"
+            (folder / "config.json").write_text(json.dumps(cfg))
+        elif kind == "garbage-weights":
+            (folder / "model.safetensors").write_bytes(b"this is not a weights file at all" * 10)
+        elif kind == "truncated-weights":
+            data = (folder / "model.safetensors").read_bytes()
+            (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        return str(folder)
+    return setup
+
+
+WIDER = {
+    # name: (config changes, {file under tmp_path: contents}, expected text in the one line)
+    "empty-language-file": ({}, {"prompts/es.jsonl": ""}, "es.jsonl: no prompts (the file is empty"),
+    "blank-lines-only": ({}, {"prompts/es.jsonl": "\n  \n\n"}, "es.jsonl: no prompts"),
+    "instruction-not-a-string": ({}, {"prompts/es.jsonl": '{"instruction_id": "p0", "instruction": 42}\n'},
+                                 "es.jsonl:1: instruction field 'instruction' must be a string, got int 42"),
+    "null-id": ({}, {"prompts/es.jsonl": '{"instruction_id": null, "instruction": "Hola"}\n'},
+                "es.jsonl:1: id field 'instruction_id' is null"),
+    "prompt-path-is-a-folder": ({}, {"prompts/es.jsonl/x": ""}, "es.jsonl: is a directory, expected a prompt file"),
+    "duplicate-yaml-key": ({}, {"config.yaml+": "seed: 7\n"}, "invalid YAML (duplicate key 'seed' (first at line"),
+    "language-in-capitals": ({"languages": ["en", "ES"]}, {}, "unknown language code 'ES' (did you mean 'es'?)"),
+    "reward-beta-removed": ({"reward__beta": 0.1}, {}, "reward.beta: removed"),
+    "evaluation-without-judge": ({**EVAL, "evaluation__judge": ""}, {}, "evaluation.judge: required"),
+    "judge-that-cannot-be-built": ({**EVAL, "evaluation__judge": "icr.sandbox:OracleJudge"}, {},
+                                   "judge 'icr.sandbox:OracleJudge': bad judge_args"),
+    "oracle-is-not-a-pipeline-judge": ({**EVAL, "evaluation__judge": "oracle"}, {}, "unknown judge 'oracle'"),
+    "empty-evaluation-prompts": ({**EVAL, "evaluation__prompts": {"path": "EVALPROMPTS"}},
+                                 {"evalprompts/en.jsonl": "", "evalprompts/es.jsonl": ""}, "en.jsonl: no prompts"),
+    "non-utf8-references": (EVAL, {"refs/es.json": b'[{"id": "p0", "output": "\xff"}]'},
+                            "es.json:1: not valid UTF-8"),
+    "references-without-lang": ({**EVAL, "evaluation__references": "REFS_EN"}, {},
+                                "evaluation.references.path: "),
+    "references-of-another-language": (EVAL, {"refs/es.json": json.dumps(
+        [{"id": "p0", "instruction": "Name a colour.", "output": "red"},
+         {"id": "p1", "instruction": "Name a fruit.", "output": "apple"}])},
+        "es.json row 1: reference id p0 is for the instruction 'Name a colour.'"),
+    "language-without-references": ({**EVAL, "languages": ["en", "es", "de"],
+                                     "evaluation__judge": "tests.test_bad_input:compare_only_judge"},
+                                    {"prompts/de.jsonl": '{"instruction_id": "p0", "instruction": "Nenne eine Farbe."}\n'},
+                                    "evaluation.references: no reference file for de"),
+    "model-config-wrong-types": ({"models__dpo": _bad_model("config-types")}, {},
+                                 "models.dpo: cannot load the model config"),
+    "model-folder-empty": ({"models__dpo": _bad_model("empty")}, {}, "models.dpo: cannot load the model config"),
+    "model-weights-garbage": ({"models__dpo": _bad_model("garbage-weights")}, {},
+                              "model.safetensors: not a valid safetensors file"),
+    "model-weights-truncated": ({"models__sft": _bad_model("truncated-weights")}, {},
+                                "model.safetensors: not a valid safetensors file (tensors end at byte"),
+    "run-root-is-a-file": ({}, {"runs": "not a folder"}, "run_root: "),
+}
+
+
+@pytest.mark.parametrize("name", list(WIDER))
+def test_wider_catalogue_exits_2_with_one_line_and_writes_nothing(name, tmp_path, tiny_pair, cli):
+    changes, files, expected = WIDER[name]
+    _good_prompts(tmp_path / "prompts")
+    _eval_files(tmp_path)
+    placeholders = {"PROMPTS": str(tmp_path / "prompts" / "{lang}.jsonl"),
+                    "EVALPROMPTS": str(tmp_path / "evalprompts" / "{lang}.jsonl"),
+                    "REFS": str(tmp_path / "refs" / "{lang}.json"), "REFS_EN": str(tmp_path / "refs" / "en.json")}
+
+    def resolve(value):
+        if callable(value):
+            return value(tmp_path, tiny_pair)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        return placeholders.get(value, value) if isinstance(value, str) else value
+
+    changes = {k: resolve(v) for k, v in changes.items()}
+    config = _config(tmp_path, tiny_pair, **changes)
+    for rel, data in files.items():
+        if rel.endswith("+"):  # append to a file
+            _write(tmp_path / rel[:-1], (tmp_path / rel[:-1]).read_text() + data)
+        else:
+            _write(tmp_path / rel, data)
+    runs = tmp_path / "runs"
+    before = runs.read_bytes() if runs.is_file() else None
+    code, out, err = cli("run", config)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("icr: error: ") and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    assert (runs.read_bytes() == before) if before is not None else not runs.exists()
+
+
+def test_set_on_a_config_that_is_a_list(tmp_path, cli):
+    path = tmp_path / "config.yaml"
+    path.write_text("- name: x\n")
+    code, _, err = cli("run", path, "--set", "seed=1")
+    assert code == 2 and err.strip().startswith("icr: error: ") and "expected a mapping of sections" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_prompt_file(tmp_path, tiny_pair, cli):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode; the unreadable case cannot be set up")
+    _good_prompts(tmp_path / "prompts")
+    (tmp_path / "prompts" / "es.jsonl").chmod(0)
+    code, _, err = cli("run", _config(tmp_path, tiny_pair))
+    assert code == 2 and "es.jsonl: cannot read the prompt file (Permission denied)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_read_only_run_root(tmp_path, tiny_pair, cli):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes in read-only folders; the case cannot be set up")
+    _good_prompts(tmp_path / "prompts")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    code, _, err = cli("run", _config(tmp_path, tiny_pair, run_root=str(tmp_path / "ro" / "runs")))
+    assert code == 2 and "run_root: cannot write in" in err
+
+
+def test_byte_order_mark_is_accepted_and_validate_checks_everything(tmp_path, tiny_pair, cli):
+    _good_prompts(tmp_path / "prompts")
+    es = tmp_path / "prompts" / "es.jsonl"
+    es.write_bytes(b"\xef\xbb\xbf" + es.read_bytes())
+    config = _config(tmp_path, tiny_pair)
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    code, out, err = cli("validate", config)
+    assert code == 0 and out.strip() == f"{config}: ok", err
+    # validate goes beyond the config: a broken weight file is found without running
+    folder = _bad_model("garbage-weights")(tmp_path, tiny_pair)
+    code, _, err = cli("validate", _config(tmp_path, tiny_pair, models__sft=folder))
+    assert code == 2 and "not a valid safetensors file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_version(cli, capsys):
+    import icr
+
+    with pytest.raises(SystemExit) as stop:
+        cli("--version")
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"icr {icr.__version__}"

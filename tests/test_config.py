@@ -80,3 +80,25 @@ def test_describe_lists_every_field_with_help():
     lines = describe_fields()
     assert any(line.startswith("generation.temperature (default 0.9):") for line in lines)
     assert all(": " in line and not line.endswith(": ") for line in lines)
+
+
+def test_validate_before_prepare_checks_the_config_only(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("ICR_CACHE", str(tmp_path / "empty-cache"))
+    code, out, err = cli("validate", REPO / "configs" / "sandbox.yaml")
+    assert code == 0 and "ok (config only: the prepare step has not run yet" in out, err
+    assert not (tmp_path / "empty-cache").exists()  # validating builds nothing
+
+
+def test_judge_required_when_the_run_uses_one():
+    assert "evaluation.judge: required" in _error({**MINIMAL, "evaluation": {"enabled": True,
+                                                                           "prompts": {"path": "e/{lang}.json"}}})
+    assert "evaluation.judge: required" in _error({**MINIMAL, "pairs": {"selection": "judge"}})
+    assert "evaluation.judge: required" in _error(
+        {**MINIMAL, "controls": [{"label": "o", "overrides": {"pairs": {"selection": "judge"}}}]})
+    assert config_from_dict(MINIMAL).evaluation.judge == ""  # no run that needs none
+    assert "evaluation.models: unknown model 'M1'" in _error({**MINIMAL, "evaluation": {"models": ["M1"]}})
+
+
+def test_references_string_is_the_path():
+    cfg = config_from_dict({**MINIMAL, "evaluation": {"references": "r/{lang}.json"}})
+    assert cfg.evaluation.references.path == "r/{lang}.json" and cfg.evaluation.references.output_field == "output"

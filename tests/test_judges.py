@@ -23,15 +23,15 @@ def test_fake_judge_prefers_longer_and_scores():
 
 
 def test_registry_errors_name_the_problem():
-    with pytest.raises(IcrError, match=r"did you mean 'oracle'.*available: oracle, alpaca_eval, reward_model, fake"):
-        get_judge("oracel")
+    with pytest.raises(IcrError, match=r"did you mean 'alpaca_eval'.*available: alpaca_eval, reward_model, fake"):
+        get_judge("alpaca-eval")
     with pytest.raises(IcrError, match="bad judge_args"):
         get_judge("fake", colour="red")
     with pytest.raises(IcrError, match="cannot import"):
         get_judge("no_such_module_xyz:make")
 
 
-def test_dotted_factory_and_lazy_oracle(monkeypatch):
+def test_dotted_factory(monkeypatch):
     mod = types.ModuleType("my_judges")
     mod.make = lambda scale=1: types.SimpleNamespace(name="mine", compare=lambda its: [scale] * len(its))
     mod.bad = lambda: object()
@@ -40,10 +40,20 @@ def test_dotted_factory_and_lazy_oracle(monkeypatch):
     with pytest.raises(IcrError, match="lacks a `name`"):
         get_judge("my_judges:bad")
 
-    oracle = types.ModuleType("icr.sandbox.oracle")
-    oracle.OracleJudge = lambda **kw: types.SimpleNamespace(name="oracle", compare=lambda its: [1.0] * len(its), kw=kw)
-    monkeypatch.setitem(sys.modules, "icr.sandbox.oracle", oracle)
-    assert get_judge("oracle", world="w").kw == {"world": "w"}
+    mod.broken = lambda path: open(path)
+    with pytest.raises(IcrError, match=r"judge 'my_judges:broken': cannot be built .*FileNotFoundError"):
+        get_judge("my_judges:broken", path="/no/such/file")
+
+
+def test_the_registry_knows_nothing_of_the_sandbox(tmp_path):
+    """The sandbox's oracle is a plug-in named by its dotted path (configs/sandbox.yaml)."""
+    from icr.evaluation.judges import JUDGES
+
+    assert "oracle" not in JUDGES
+    with pytest.raises(IcrError, match="unknown judge 'oracle'"):
+        get_judge("oracle")
+    with pytest.raises(IcrError, match=r"judge 'icr.sandbox:OracleJudge': bad judge_args .*world_dir"):
+        get_judge("icr.sandbox:OracleJudge")
 
 
 def test_cached_judge_asks_each_item_once(tmp_path):

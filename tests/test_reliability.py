@@ -45,13 +45,64 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     assert not (run_dir / ".lock").exists()
 
 
+def test_an_empty_or_garbage_lock_does_not_block(tmp_path):
+    """An empty .lock (not written by icr, whose locks appear with their content) is taken over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for content in ("", "{}", "not json"):
+        (run_dir / ".lock").write_text(content)
+        with run_lock(run_dir):
+            assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+        assert not (run_dir / ".lock").exists()
+
+
+def test_prepare_runs_under_a_lock(tmp_path, monkeypatch):
+    """Two runs sharing a prepare step never build into the same folder at once."""
+    import socket
+    import types
+
+    from icr.config import PrepareConfig, load_config
+    from icr.loop import prepared_dir, run_prepare
+
+    calls = []
+    mod = types.ModuleType("my_prepare")
+    mod.build = lambda out, **kw: calls.append(out) or out.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setitem(sys.modules, "my_prepare", mod)
+    monkeypatch.setenv("ICR_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(TINY, [f"run_root={tmp_path}"])
+    cfg.prepare = PrepareConfig(call="my_prepare:build", args={"n": 1})
+    out = prepared_dir(cfg)
+    lock = out.with_name(out.name + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(IcrError, match=r"prepare: .* is being built by process"):
+            run_prepare(cfg)
+        assert calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_prepare(cfg) == out and calls == [out] and not lock.exists()
+    assert run_prepare(cfg) == out and calls == [out]  # built once
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
+    """Results must be readable by whoever the user's umask allows (not 0600 from mkstemp)."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
+
+
 def test_second_run_on_a_folder_in_use_is_refused(tmp_path, cli, capsys):
     from icr.config import load_config
     from icr.loop import run_prepare
 
-    # the tiny pair is built first (its progress output is not the refusal's): with `-m "not slow"`
-    # no earlier test has built it
-    run_prepare(load_config(TINY))
+    run_prepare(load_config(TINY))  # built beforehand: only the refusal is on stderr
     capsys.readouterr()
     run_dir = tmp_path / "tiny"
     with run_lock(run_dir):

@@ -193,26 +193,3 @@ def test_report_renders_partial_runs(tmp_path):
     assert "† averaged over the languages evaluated" in write_report(run).read_text()
     with pytest.raises(IcrError, match="no such run folder"):
         write_report(tmp_path / "nope")
-
-
-def test_evaluate_models_records_results(tmp_path):
-    from icr.config import config_from_dict
-    from icr.evaluation.evaluate import evaluate_models
-
-    for lang in ("en", "es"):
-        (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[lang]))
-        (tmp_path / f"{lang}.ref.json").write_text(json.dumps(
-            [{"id": int(k), "instruction": "", "output": v, "generator": "ref", "dataset": "d"} for k, v in REFS[lang].items()]))
-    cfg = config_from_dict({
-        "name": "t", "run_root": str(tmp_path / "runs"), "languages": ["en", "es"],
-        "models": {"dpo": "dpo-path", "sft": "sft-path"}, "prompts": {"path": str(tmp_path / "{lang}.jsonl")},
-        "evaluation": {"enabled": True, "prompts": {"path": str(tmp_path / "{lang}.jsonl")},
-                       "references": str(tmp_path / "{lang}.ref.json"), "judge": "fake"}})
-    seen = []
-    rows = evaluate_models(cfg, [("sft", "sft-path", -1), ("M0", "dpo-path", 0)],
-                           backend_factory=lambda path: seen.append(path) or EchoBackend(1 if "sft" in path else 3))
-    assert seen == ["sft-path", "dpo-path"] and len(rows) == 4
-    stored = read_results(tmp_path / "runs" / "t" / "results.json")
-    assert stored == rows and {(r["model"], r["lang"]) for r in stored} == {
-        ("sft", "en"), ("sft", "es"), ("M0", "en"), ("M0", "es")}
-    assert (tmp_path / "runs" / "t" / "eval" / "M0" / "es" / "model_outputs.json").is_file()

@@ -7,6 +7,7 @@ Bad input or config exits with code 2 and one line naming the problem (file, lin
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -41,11 +42,23 @@ def _stage_parser(sub, name: str, help: str, example: str):
     return p
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("icr")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icr", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Implicit Cross-Lingual Rewarding: align a model in many languages with only an "
                     "English preference-aligned model (arXiv 2503.04647).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the whole loop from one config (resumable)",
@@ -58,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     _common(p)
 
-    p = sub.add_parser("validate", help="check a config and list every problem",
-                       description="Load and validate a config.\n\nexample:\n  icr validate configs/tiny.yaml",
+    p = sub.add_parser("validate", help="check a config and everything it names, without running",
+                       description="Load and validate a config, then check what it names without running: "
+                                   "prompt and reference files for every language, the models' config, tokenizer "
+                                   "and weight headers, the judge, the run folder. Files made by the prepare "
+                                   "step are checked once it has run.\n\nexample:\n  icr validate configs/tiny.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="+")
     _common(p)
@@ -160,10 +176,10 @@ def _stage(args) -> None:
     else:
         with run_lock(run_dir):
             if args.command == "pairs":
-                from .loop import _judge_if_needed
+                from .loop import make_judge
 
                 result = run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t,
-                                   judge=_judge_if_needed(cfg))
+                                   judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
             else:
                 result = run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)
     print(result)
@@ -191,6 +207,10 @@ def _setup_logging(level: int) -> None:
     logger.setLevel(level)
 
 
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.WARNING if args.quiet else logging.INFO)
@@ -203,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"icr: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The environment, not icr: a read-only or full disk, a permission, a file where a folder
+        # should be. Anything else is a bug and keeps its traceback.
+        if args.debug or e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        print(f"icr: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("icr: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -224,8 +251,16 @@ def _dispatch(args) -> None:
             print(table + "\n")
         print(f"icr: run finished: {run_dir}" + (f" (report: {run_dir / 'report.md'})" if table else ""))
     elif args.command == "validate":
+        from .loop import preflight, prepared_dir, resolve_placeholders
+
         for path in args.config:
-            load_config(path)
+            cfg = load_config(path)
+            prepared = prepared_dir(cfg)
+            if prepared is not None and not (prepared / "done.json").is_file():
+                print(f"{path}: ok (config only: the prepare step has not run yet, so the files it builds "
+                      "are checked by `icr run`)")
+                continue
+            preflight(resolve_placeholders(cfg, prepared))
             print(f"{path}: ok")
     elif args.command == "config":
         print("\n".join(describe_fields()))
@@ -270,22 +305,22 @@ def _sandbox(args) -> None:
 
 def _evaluate(args) -> None:
     from .config import load_config
-    from .data import load_prompt_set
     from .evaluation.evaluate import evaluate_model
-    from .evaluation.export import load_references
     from .evaluation.results import append_results
-    from .loop import make_judge, resolve_placeholders, run_prepare
+    from .loop import load_evaluation_data, make_judge, resolve_placeholders, run_prepare
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
     ev = cfg.evaluation
     if not ev.prompts.path:
         raise IcrError("evaluation.prompts.path: required for icr evaluate")
-    prompts = load_prompt_set(ev.prompts, cfg.languages).as_rows()
-    refs = load_references(ev.references, cfg.languages) if ev.references else {}
-    rows = evaluate_model(args.model, args.label, args.iteration, prompts, refs, make_judge(cfg), ev,
+    if not ev.judge:
+        raise IcrError("evaluation.judge: required for icr evaluate (alpaca_eval, reward_model, or module:factory)")
+    judge = make_judge(cfg)
+    prompt_set, refs = load_evaluation_data(cfg, judge)
+    rows = evaluate_model(args.model, args.label, args.iteration, prompt_set.as_rows(), refs, judge, ev,
                           cfg.run_dir / "eval", device=cfg.device, seed=cfg.seed,
-                          chat_template=cfg.models.chat_template)
+                          chat_template=cfg.models.chat_template, generator=f"{cfg.name}/{args.label}")
     append_results(cfg.run_dir / "results.json", rows)
     for row in rows:
         print(row)

@@ -67,6 +67,26 @@ class PromptSource:
 
 
 @dataclass
+class ReferenceSource:
+    """Reference answers per language (alpaca_eval's model-output format), read like prompts.
+
+    A plain string in the YAML is the path. References are matched to the evaluation prompts by id
+    (and their instruction, when present, must equal the prompt's) or, without ids, by instruction.
+    """
+
+    path: str = _f("", "File per language with `{lang}` (JSON array or JSONL), or a Hugging Face dataset name; "
+                   "empty: none (only for a judge that scores answers alone).")
+    format: str = _f("auto", "auto | jsonl | json | hf. auto: by file suffix, else a dataset name.",
+                     choices=("auto", "jsonl", "json", "hf"))
+    id_field: str = _f("auto", "Field holding the prompt id (auto: instruction_id, else id, else none: matched "
+                       "by instruction).")
+    instruction_field: str = _f("instruction", "Field holding the instruction (checked against the prompt's).")
+    output_field: str = _f("output", "Field holding the reference answer.")
+    split: str = _f("test", "Dataset split (hf format only).")
+    config_name: str | None = _f(None, "Dataset config name (hf format only); may contain {lang}.")
+
+
+@dataclass
 class GenerationConfig:
     backend: str = _f("hf", "hf (transformers generate; CPU or GPU) | vllm (GPU; optional extra).",
                       choices=("hf", "vllm"))
@@ -91,7 +111,6 @@ class RewardConfig:
     models: str = _f("current",
                      "Which pair forms the reward at iteration t: initial (pi0 vs pi_SFT) | current (pi_{t-1} vs pi_SFT) | "
                      "previous (pi_{t-1} vs pi_{t-2}, pi_SFT for t=1).", choices=("initial", "current", "previous"))
-    beta: float = _f(0.1, "beta in beta*r (stored beside r; ranking uses r).", min=0.0)
     prefix: str = _f(
         "Please answer the following instruction using only {language}, unless explicitly instructed to respond "
         "in a different language.\n\n",
@@ -154,8 +173,11 @@ class TrainConfig:
 class EvaluationConfig:
     enabled: bool = _f(False, "Evaluate after each iteration (and pi_SFT, pi0 before the first).")
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Evaluation prompts."})
-    references: str = _f("", "Reference outputs per language (alpaca_eval format, with {lang}).")
-    judge: str = _f("oracle", "Judge name: oracle | alpaca_eval | reward_model | a dotted path `module:factory`.")
+    references: ReferenceSource = field(default_factory=ReferenceSource, metadata={
+        "help": "Reference answers per language (a path with {lang}, or a mapping like prompts)."})
+    judge: str = _f("", "Judge: alpaca_eval | reward_model | a dotted path `module:factory` (e.g. the sandbox's "
+                    "icr.sandbox:OracleJudge). Required when evaluation, judge-chosen pairs or reward agreement "
+                    "are on.")
     judge_args: dict = _f({}, "Keyword arguments for the judge factory.")
     temperature: float = _f(0.6, "Decoding temperature (paper: 0.6).", min=0.0)
     top_p: float = _f(0.9, "Decoding top_p (paper: 0.9).", min=0.0, max=1.0, exclusive_min=True)
@@ -255,7 +277,16 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# Fields that existed once: loading an old config says what to do instead of "unknown field".
+REMOVED_FIELDS = {
+    "reward.beta": "removed: pairs are ranked by r and beta*r was never used (DPO's beta is train.beta); "
+                   "delete the line",
+}
+
+
 def _build(cls, data, prefix: str, errors: list[str]):
+    if isinstance(data, str) and "path" in {f.name for f in dataclasses.fields(cls)}:
+        data = {"path": data}  # `references: data/{lang}.json` is short for `references: {path: ...}`
     if not isinstance(data, dict):
         errors.append(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
         return cls()
@@ -264,6 +295,9 @@ def _build(cls, data, prefix: str, errors: list[str]):
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
+        if key not in fields and where in REMOVED_FIELDS:
+            errors.append(f"{where}: {REMOVED_FIELDS[where]}")
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
@@ -318,7 +352,10 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append("languages: at least one language is required")
     for code in cfg.languages:
         if code not in LANGUAGE_NAMES:
-            errors.append(f"languages: unknown language code {code!r}")
+            lower = str(code).lower()
+            close = [lower] if lower in LANGUAGE_NAMES else difflib.get_close_matches(str(code), list(LANGUAGE_NAMES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"languages: unknown language code {code!r}{hint}")
     if len(set(cfg.languages)) != len(cfg.languages):
         errors.append("languages: duplicate language codes")
     if not cfg.models.dpo:
@@ -329,6 +366,12 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append("prompts.path: required")
     if cfg.evaluation.enabled and not cfg.evaluation.prompts.path:
         errors.append("evaluation.prompts.path: required when evaluation.enabled")
+    for name in cfg.evaluation.models:
+        if name not in ("sft", "M0"):
+            errors.append(f"evaluation.models: unknown model {name!r} (sft, M0; each M_t is evaluated anyway)")
+    if not cfg.evaluation.judge and uses_judge(cfg):
+        errors.append("evaluation.judge: required when evaluation.enabled, pairs.selection: judge or "
+                      "evaluation.reward_agreement is on (alpaca_eval, reward_model, or module:factory)")
     if cfg.prepare is not None and ":" not in cfg.prepare.call:
         errors.append(f"prepare.call: expected 'module:function', got {cfg.prepare.call!r}")
     for i, control in enumerate(cfg.controls):
@@ -347,6 +390,21 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if cfg.pairs.alpha_step > cfg.pairs.alpha_max and cfg.pairs.alpha_max > 0:
         errors.append("pairs.alpha_step: larger than pairs.alpha_max")
     return errors
+
+
+def uses_judge(cfg: ExperimentConfig) -> bool:
+    """Whether the run needs the evaluation judge: evaluation, judge-chosen pairs (here or in a
+    control) or reward-agreement diagnostics."""
+    controls_judge = any(isinstance(c, dict) and isinstance(c.get("overrides"), dict)
+                         and isinstance(c["overrides"].get("pairs"), dict)
+                         and c["overrides"]["pairs"].get("selection") == "judge" for c in cfg.controls)
+    return (cfg.evaluation.enabled or cfg.pairs.selection == "judge" or cfg.evaluation.reward_agreement
+            or controls_judge)
+
+
+def judge_identity(cfg: ExperimentConfig) -> dict:
+    """What identifies the judge in cache keys (judge-chosen pairs, agreement diagnostics)."""
+    return {"judge": cfg.evaluation.judge, "judge_args": cfg.evaluation.judge_args}
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: dict, source: str) -> ExperimentConfig:
@@ -373,15 +431,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     """Read and validate a YAML config; `overrides` are `section.field=value` strings (YAML values)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_StrictLoader)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name:, models:, ...), got a {type(data).__name__}")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -397,6 +460,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         except yaml.YAMLError:  # e.g. a path starting with {prepared}: take it as a plain string
             node[parts[-1]] = raw
     return config_from_dict(data, str(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let the base class report it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -23,10 +23,10 @@ import logging
 import time
 from pathlib import Path
 
-from .config import ExperimentConfig, config_from_dict, dump_config, with_overrides
+from .config import ExperimentConfig, config_from_dict, dump_config, judge_identity, uses_judge, with_overrides
 from .data import load_prompt_set
 from .errors import IcrError
-from .runs import atomic_write_text, cache_root, read_json, run_lock, text_hash, write_json
+from .runs import atomic_write_text, cache_root, hold_lock, read_json, run_lock, text_hash, write_json
 
 log = logging.getLogger("icr")
 
@@ -36,7 +36,7 @@ def run_prepare(cfg: ExperimentConfig) -> Path | None:
     if cfg.prepare is None:
         return None
     call, args = cfg.prepare.call, cfg.prepare.args
-    out = cache_root() / "prepared" / f"{call.replace(':', '.')}-{text_hash(call, json.dumps(args, sort_keys=True))}"
+    out = prepared_dir(cfg)
     done = out / "done.json"
     if done.is_file():
         return out
@@ -45,14 +45,26 @@ def run_prepare(cfg: ExperimentConfig) -> Path | None:
         func = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
         raise IcrError(f"prepare.call: cannot import {call!r} ({e})") from None
-    log.info("prepare: building %s into %s", call, out)
-    t0 = time.time()
-    try:
-        func(out, **args)
-    except TypeError as e:
-        raise IcrError(f"prepare.args: {call} rejected the arguments ({e})") from None
-    write_json(done, {"call": call, "args": args, "seconds": round(time.time() - t0, 1)})
+    # Two runs sharing a prepare step must not build into the same folder at once.
+    with hold_lock(out.with_name(out.name + ".lock"), f"prepare: {out} is being built"):
+        if done.is_file():  # built by another process while this one started
+            return out
+        log.info("prepare: building %s into %s", call, out)
+        t0 = time.time()
+        try:
+            func(out, **args)
+        except TypeError as e:
+            raise IcrError(f"prepare.args: {call} rejected the arguments ({e})") from None
+        write_json(done, {"call": call, "args": args, "seconds": round(time.time() - t0, 1)})
     return out
+
+
+def prepared_dir(cfg: ExperimentConfig) -> Path | None:
+    """The folder `prepare` builds (or built) for this config, whether or not it exists yet."""
+    if cfg.prepare is None:
+        return None
+    call, args = cfg.prepare.call, cfg.prepare.args
+    return cache_root() / "prepared" / f"{call.replace(':', '.')}-{text_hash(call, json.dumps(args, sort_keys=True))}"
 
 
 def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> ExperimentConfig:
@@ -154,26 +166,28 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
                       "reused from the main run" if result.get("reused") else "done")
             log.info("%s iter%d %-8s %s %s", label or cfg.name, t, stage, status,
                      "" if result.get("skipped") or result.get("reused") else json.dumps(result))
-            timings[f"{label + '/' if label else ''}iter{t}/{stage}"] = round(time.time() - t0, 2)
+            if not result.get("skipped"):  # a skipped stage keeps the time it took when it ran
+                timings[f"{label + '/' if label else ''}iter{t}/{stage}"] = round(time.time() - t0, 2)
             if stage == "score" and cfg.evaluation.reward_agreement and judge is not None:
-                _agreement(run_dir, it / "score", t, judge)
+                _agreement(cfg, run_dir, it / "score", t, judge)
         if evaluate:
             rows += evaluate(paths[t], _model_label(t, label), t)
     return rows
 
 
-def _agreement(run_dir: Path, scores_dir: Path, t: int, judge) -> None:
+def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, judge) -> None:
     """diagnostics/reward_agreement_iter<t>.json (iteration 1 also as reward_agreement.json, the
     agreement of pi0's reward, which the report shows)."""
     from .diagnostics import reward_agreement
     from .runs import read_shards
 
     out = run_dir / "diagnostics" / f"reward_agreement_iter{t}.json"
-    key = read_json(scores_dir / "manifest.json")["key"]
+    key = {"scores": read_json(scores_dir / "manifest.json")["key"], **judge_identity(cfg)}
     if out.is_file() and read_json(out).get("key") == key:
         return
     if not hasattr(judge, "score"):
-        raise IcrError("evaluation.reward_agreement: the judge cannot score single answers (use oracle or reward_model)")
+        raise IcrError("evaluation.reward_agreement: the judge cannot score single answers (use reward_model, "
+                       "or the sandbox's icr.sandbox:OracleJudge)")
     agreement = reward_agreement(read_shards(scores_dir), judge)
     write_json(out, {"key": key, "agreement": agreement})
     if t == 1:
@@ -183,17 +197,17 @@ def _agreement(run_dir: Path, scores_dir: Path, t: int, judge) -> None:
 
 def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
     from .evaluation.evaluate import evaluate_model
-    from .evaluation.export import load_references
 
     ev = cfg.evaluation
-    eval_prompts = load_prompt_set(ev.prompts, cfg.languages).as_rows()
-    references = load_references(ev.references, cfg.languages) if ev.references else {}
+    eval_set, references = load_evaluation_data(cfg, judge)
+    eval_prompts = eval_set.as_rows()
 
     def evaluate(model_path: str, label: str, t: int) -> list[dict]:
         from .evaluation.results import append_results
 
         rows = evaluate_model(model_path, label, t, eval_prompts, references, judge, ev, run_dir / "eval",
-                              device=cfg.device, seed=cfg.seed, chat_template=cfg.models.chat_template)
+                              device=cfg.device, seed=cfg.seed, chat_template=cfg.models.chat_template,
+                              generator=f"{cfg.name}/{label}")
         append_results(results_path, rows)
         return rows
 
@@ -207,11 +221,10 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     instead of recomputed (ablations share the baseline's first-iteration samples and scores)."""
     prepared = run_prepare(cfg)
     cfg = resolve_placeholders(cfg, prepared)
-    preflight(cfg)
+    judge = preflight(cfg)
     run_dir = cfg.run_dir
     with run_lock(run_dir):
         check_run_folder(cfg, run_dir, force)
-        judge = _judge_if_needed(cfg)
         timings: dict = {}
         rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from)
         for i, control in enumerate(cfg.controls):
@@ -219,7 +232,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
             ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")
             rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings,
                              results_path=run_dir / "results.json", reuse_from=run_dir)
-        write_json(run_dir / "timings.json", timings)
+        old = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
+        write_json(run_dir / "timings.json", {**old, **timings})
         if cfg.evaluation.enabled:
             from .report import write_report
 
@@ -227,16 +241,51 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     return run_dir
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Check every input before anything is written: prompts, models, tokenizers, templates."""
-    from .models import check_same_tokenizer, load_tokenizer
+def preflight(cfg: ExperimentConfig):
+    """Check every input before anything is written; return the judge (None when the run uses none).
 
+    Checked: prompts and evaluation prompts for every language, references matched to them,
+    models (config, tokenizer, weight headers, shared tokenizer), the judge (built), and that the
+    run folder can be created. `icr validate` runs the same checks.
+    """
+    from .models import check_model, check_same_tokenizer, load_tokenizer
+
+    check_run_root(cfg)
     load_prompt_set(cfg.prompts, cfg.languages)
-    if cfg.evaluation.enabled:
-        load_prompt_set(cfg.evaluation.prompts, cfg.languages)
+    check_model(cfg.models.dpo, "models.dpo")
+    check_model(cfg.models.sft, "models.sft")
     tok_dpo = load_tokenizer(cfg.models.dpo, cfg.models.chat_template, what="models.dpo")
     tok_sft = load_tokenizer(cfg.models.sft, cfg.models.chat_template, what="models.sft")
     check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
+    judge = make_judge(cfg) if uses_judge(cfg) else None
+    if cfg.evaluation.enabled:
+        load_evaluation_data(cfg, judge)
+    return judge
+
+
+def check_run_root(cfg: ExperimentConfig) -> None:
+    """The run folder can be made: `run_root` is a folder (or can become one) we may write in."""
+    import os
+
+    existing = cfg.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise IcrError(f"run_root: {existing} is a file, not a folder (run folder {cfg.run_dir})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise IcrError(f"run_root: cannot write in {existing} (permission denied); set run_root to a writable folder")
+
+
+def load_evaluation_data(cfg: ExperimentConfig, judge):
+    """(evaluation prompt set, references matched to it) for every language; see `icr.data`."""
+    from .data import load_references
+
+    ev = cfg.evaluation
+    prompts = load_prompt_set(ev.prompts, cfg.languages, field="evaluation.prompts")
+    references = load_references(ev.references, prompts, cfg.languages,
+                                 judge_scores_alone=judge is not None and hasattr(judge, "score"),
+                                 judge_name=cfg.evaluation.judge)
+    return prompts, references
 
 
 def make_judge(cfg: ExperimentConfig):
@@ -249,7 +298,4 @@ def make_judge(cfg: ExperimentConfig):
 
 def _judge_if_needed(cfg: ExperimentConfig):
     """The judge when the run uses one (evaluation, judge-chosen pairs, reward agreement), else None."""
-    if not (cfg.evaluation.enabled or cfg.pairs.selection == "judge" or cfg.evaluation.reward_agreement
-            or any(c.get("overrides", {}).get("pairs", {}).get("selection") == "judge" for c in cfg.controls)):
-        return None
-    return make_judge(cfg)
+    return make_judge(cfg) if uses_judge(cfg) else None

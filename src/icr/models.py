@@ -16,6 +16,7 @@ a plain folder. Every later stage, and training's saved policy, is then an ordin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: st
     _check_exists(name_or_path, what)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+    except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, or a config/tokenizer file it cannot read
         raise IcrError(f"{what}: cannot load tokenizer from {name_or_path!r} ({str(e).splitlines()[0]})") from None
     if chat_template:
         path = Path(chat_template)
@@ -194,3 +195,85 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
 
 def chat_messages(instruction: str) -> list[dict]:
     return [{"role": "user", "content": instruction}]
+
+
+def check_model(name_or_path: str, what: str = "model") -> None:
+    """Check a model without loading its weights: its config loads, and (local folders) every
+    safetensors weight file has a readable header whose tensors fit the file.
+
+    Run by preflight, so that a broken model folder (empty, a config.json with wrong types, a
+    truncated or garbage `model.safetensors`) is reported before any run folder is written.
+    """
+    from transformers import AutoConfig
+
+    if is_gguf(name_or_path):
+        gguf_file(name_or_path, what)  # the file exists; it is read when dequantized (tokenizer load)
+        return
+    _check_exists(name_or_path, what)
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError, ... for a bad config
+        detail = " ".join(str(e).split())[:300]  # one line: strict-dataclass errors span several
+        raise IcrError(f"{what}: cannot load the model config of {name_or_path!r} ({type(e).__name__}: {detail})") from None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return  # a hub id: its files are checked when downloaded
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise IcrError(f"{what}: {index}: not a valid safetensors index ({type(e).__name__})") from None
+        files = [folder / name for name in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.gguf", "*.pth")):
+        raise IcrError(f"{what}: {folder} has no weight files (*.safetensors, *.bin, *.gguf)")
+    for path in files:
+        problem = safetensors_header_problem(path)
+        if problem:
+            raise IcrError(f"{what}: {path}: not a valid safetensors file ({problem})")
+
+
+def safetensors_header_problem(path: Path) -> str | None:
+    """Why `path` is not a well-formed safetensors file (header and tensor extents), or None.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON
+    `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data;
+    offsets are relative to the end of the header and the last tensor ends at the end of the file.
+    """
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                return f"header length {n} does not fit the file's {size} bytes"
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        return "file missing"
+    except (UnicodeDecodeError, ValueError):
+        return "header is not JSON"
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            if not (isinstance(info["dtype"], str) and isinstance(info["shape"], list)
+                    and 0 <= begin <= stop):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            return f"tensor {name!r} has no valid dtype/shape/data_offsets"
+        end = max(end, stop)
+    if 8 + n + end != size:
+        return f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated or padded)"
+    return None

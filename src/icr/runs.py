@@ -34,6 +34,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; the renamed result gets the mode any new file gets (0666 less
+        # the umask), so other accounts on a shared cluster can read results as the user intends.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -49,6 +52,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def dumps_record(record: dict) -> str:
@@ -196,32 +206,55 @@ def write_manifest(stage_dir: Path, key: dict, counts: dict, seconds: float, ext
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold `run_dir/.lock` for the duration; refuse if a live process holds it.
-
-    The lock records host and pid; a lock whose process is gone (same host) is taken over, so a
-    killed run never blocks its own resume.
-    """
+    """Hold `run_dir/.lock` for the duration; refuse if a live process holds it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IcrError(f"{run_dir}: cannot create the run folder ({e.strerror or type(e).__name__})") from None
+    with hold_lock(run_dir / ".lock", f"{run_dir}: in use"):
+        yield
+
+
+@contextlib.contextmanager
+def hold_lock(lock: Path, busy: str):
+    """Hold the lock file `lock` for the duration; refuse (IcrError starting with `busy`) if a live
+    process holds it.
+
+    The lock records host and pid and is created with its content in one step (written to a
+    temporary file, then hard-linked into place), so a lock file is never seen empty while its
+    holder lives. A lock whose process is gone (same host) is taken over, so a killed run never
+    blocks its own resume; so is an empty or unreadable one (not written by icr).
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", dir=lock.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(me, fh)
+    try:
+        for _ in range(3):
             try:
-                holder = json.loads(lock.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
-                lock.unlink(missing_ok=True)
-                continue
-            raise IcrError(
-                f"{run_dir}: in use by process {holder.get('pid')} on {holder.get('host')} "
-                f"(remove {lock} if that process is gone)") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                try:
+                    holder = json.loads(lock.read_text())
+                except (OSError, ValueError):
+                    holder = None
+                if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+                    lock.unlink(missing_ok=True)  # empty or garbage: no live icr process wrote it
+                    continue
+                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise IcrError(
+                    f"{busy} by process {holder.get('pid')} on {holder.get('host')} "
+                    f"(remove {lock} if that process is gone)") from None
+        else:
+            raise IcrError(f"{busy}: could not take {lock}")
+    finally:
+        os.unlink(tmp)
     try:
         yield
     finally:
@@ -229,7 +262,7 @@ def run_lock(run_dir: Path):
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, judge_identity
 from .data import PromptSet
 from .errors import IcrError
 from .generation import SamplingParams, load_backend
@@ -221,7 +221,6 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
                 reward = float(res["reward"][j])
                 finite = reward == reward
                 out_records.append({**rec, "reward": reward if finite else None,
-                                    "beta_reward": r.beta * reward if finite else None,
                                     "logp_policy": float(res["logp_policy"][j]),
                                     "logp_reference": float(res["logp_reference"][j]),
                                     "reward_tokens": int(res["n_tokens"][j]),
@@ -251,7 +250,9 @@ def run_pairs(cfg: ExperimentConfig, scores_dir: Path, stage_dir: Path, *, seed:
 
     scores_dir, stage_dir = Path(scores_dir), Path(stage_dir)
     key = {"stage": "pairs", "pairs": cfg.section_hash("pairs"), "seed": seed,
-           "scores": read_json(scores_dir / "manifest.json")["key"]}
+           "scores": read_json(scores_dir / "manifest.json")["key"],
+           # pairs chosen by the judge depend on which judge: another judge must not reuse them
+           **({"judge": judge_identity(cfg)} if cfg.pairs.selection == "judge" else {})}
     if manifest_matches(stage_dir, key):
         return {"skipped": True}
     t0 = time.time()
@@ -264,7 +265,7 @@ def run_pairs(cfg: ExperimentConfig, scores_dir: Path, stage_dir: Path, *, seed:
     if cfg.pairs.selection == "judge":
         if judge is None or not hasattr(judge, "score"):
             raise IcrError("pairs.selection: judge needs an evaluation judge that scores single answers "
-                           "(evaluation.judge: oracle or reward_model)")
+                           "(e.g. reward_model, or the sandbox's icr.sandbox:OracleJudge)")
         from .evaluation.judges import JudgeItem
 
         items = [JudgeItem(id=r["id"], lang=r["lang"], instruction=r["prompt"], output=r["response"])

@@ -60,7 +60,7 @@ def _check_references(prompts: dict, references: dict) -> None:
 def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[str, list[dict]],
                    references: dict[str, dict[str, str]], judge, cfg, out_dir: Path, *, device: str = "auto",
                    seed: int = 42, chat_template: str | None = None, backend=None, backend_name: str = "hf",
-                   dtype: str = "auto", identifier=None) -> list[dict]:
+                   dtype: str = "auto", identifier=None, generator: str | None = None) -> list[dict]:
     """Generate, export, judge and score one model; returns one results row per language.
 
     A language without references (absent or empty in `references`) is judged against an empty
@@ -71,7 +71,8 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
     `cfg` is an `icr.config.EvaluationConfig` (decoding, batch size). `backend` (optional) is an
     already loaded generation backend, used as is and not closed; otherwise `backend_name` is loaded
     for `model_path` only if some language needs generating, and closed afterwards. `identifier`
-    defaults to the offline language identifier over the evaluated languages.
+    defaults to the offline language identifier over the evaluated languages. `generator` names the
+    model in the exported model outputs (default: `label`; a run passes "<run name>/<label>").
     """
     from ..generation import SamplingParams
 
@@ -104,7 +105,7 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
                 samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params,
                                            desc=f"{label} {lang}")
                 texts = [s[0].text for s in samples]
-                outputs[lang] = to_model_outputs(rows, texts, generator=label)
+                outputs[lang] = to_model_outputs(rows, texts, generator=generator or label)
                 lang_dir = out_dir / label / lang
                 write_model_outputs(lang_dir / "model_outputs.json", outputs[lang])
                 write_json(lang_dir / "generation.json", {
@@ -140,32 +141,3 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
             if references.get(lang) else None,
             "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
     return results
-
-
-def evaluate_models(cfg, models: list[tuple[str, str, int]], *, judge=None, backend_factory=None) -> list[dict]:
-    """Evaluate several models of a run and record them in `<run_dir>/results.json`.
-
-    `cfg` is an `icr.config.ExperimentConfig`; `models` is `[(label, model_path, iteration)]`, for
-    example `[("sft", cfg.models.sft, -1), ("M0", cfg.models.dpo, 0)]`. Prompts and references come
-    from `cfg.evaluation` for `cfg.languages`; outputs go to `<run_dir>/eval/`. `judge` overrides
-    `cfg.evaluation.judge`; `backend_factory(model_path)` (tests) overrides the generation backend.
-    Each model's rows are written as soon as it is done. Returns all new rows.
-    """
-    from .export import load_eval_prompts, load_references
-    from .judges import get_judge
-    from .results import append_results
-
-    ev = cfg.evaluation
-    prompts = load_eval_prompts(ev.prompts, cfg.languages)
-    references = load_references(ev.references, cfg.languages)
-    judge = judge or get_judge(ev.judge, **ev.judge_args)
-    out_dir = Path(cfg.run_dir) / "eval"
-    rows = []
-    for label, path, iteration in models:
-        backend = backend_factory(path) if backend_factory else None
-        new = evaluate_model(path, label, iteration, prompts, references, judge, ev, out_dir, device=cfg.device,
-                             seed=cfg.seed, chat_template=cfg.models.chat_template, backend=backend,
-                             backend_name=cfg.generation.backend, dtype=cfg.models.dtype)
-        append_results(Path(cfg.run_dir) / "results.json", new)
-        rows.extend(new)
-    return rows

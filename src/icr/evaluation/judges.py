@@ -277,14 +277,9 @@ class CachedJudge:
 # Registry
 # ---------------------------------------------------------------------------------------------
 
-def _oracle(**kwargs):
-    from ..sandbox.oracle import OracleJudge
-
-    return OracleJudge(**kwargs)
-
-
+# The pipeline's own judges. Others (the sandbox's ground-truth oracle, your own) are named by a
+# dotted path `module:factory`, so the registry knows nothing of any particular world.
 JUDGES: dict[str, Callable[..., Judge]] = {
-    "oracle": _oracle,
     "alpaca_eval": AlpacaEvalJudge,
     "reward_model": RewardModelJudge,
     "fake": FakeJudge,
@@ -312,7 +307,13 @@ def get_judge(name: str, **kwargs) -> Judge:
         raise IcrError(f"judge {name!r}: bad judge_args {sorted(kwargs)}: {e}") from None
     except ValueError:  # no signature to check (a builtin): let the call itself complain
         pass
-    judge = factory(**kwargs)
+    try:
+        judge = factory(**kwargs)
+    except IcrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a factory's own failure (bad path in judge_args, ...) is a config problem
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise IcrError(f"judge {name!r}: cannot be built with judge_args {kwargs} ({type(e).__name__}: {first})") from None
     if not callable(getattr(judge, "compare", None)) or not isinstance(getattr(judge, "name", None), str):
         raise IcrError(f"judge {name!r}: the factory returned {type(judge).__name__}, "
                        "which lacks a `name` string or a `compare` method")

@@ -41,18 +41,18 @@ import time
 from pathlib import Path
 
 from ..compat import checkpointing_kwargs
+from ..config import RewardConfig
 from ..runs import atomic_write_text, write_json
+from ..stages import TRANSLATE_INSTRUCTION as _TRANSLATE_INSTRUCTION
 from .oracle import OracleJudge
 from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
                     draw_quality, knowledge_text, monolingual_text, parallel_text, reference_answer,
                     render_response)
 
-# The pipeline's defaults (config.RewardConfig.prefix, stages.TRANSLATE_INSTRUCTION), copied so that
-# the sandbox's models are trained and checked on exactly the formats the pipeline uses.
-PREFIX = ("Please answer the following instruction using only {language}, unless explicitly instructed to "
-          "respond in a different language.\n\n")
-TRANSLATE_INSTRUCTION = ("Translate the following {language} text into English. Reply with the translation "
-                         "only.\n\n{text}")
+# The pipeline's own formats, so the sandbox's models are trained and checked on exactly what the
+# pipeline sends: the cross-lingual reward prefix (the config default) and the translation prompt.
+PREFIX = RewardConfig().prefix
+TRANSLATE_INSTRUCTION = _TRANSLATE_INSTRUCTION
 
 DEFAULTS: dict = dict(
     seed=0,                 # world, data and training seed
