@@ -87,3 +87,15 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
 
 def chat_messages(instruction: str) -> list[dict]:
     return [{"role": "user", "content": instruction}]
+
+
+def release_memory() -> None:
+    """Return freed memory after a model is dropped: collect reference cycles (transformers models
+    hold some), then give cached CUDA blocks back so the next stage or process can have them."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
