@@ -12,7 +12,7 @@ Imported only when chosen. Behaves like the `hf` backend so that the two are int
   has neither. Greedy (temperature 0) decodes once per prompt and repeats, like `hf`.
 
 `tensor_parallel_size` splits one model over several GPUs (the shard workers of
-`icr.distributed` give each worker that many GPUs).
+`icr.workers` give each worker that many GPUs).
 
 `VLLMScorer` computes summed response log-probs with `prompt_logprobs` (one prefill per sequence,
 no sampling), on the same token ids as `icr.reward` (TRL's tokenisation), for the implicit reward
