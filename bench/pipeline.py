@@ -4,7 +4,7 @@
 
 Runs the real CLI in this process on a fresh run root (`--set run_root=<temp>`) with ICR_CACHE in
 a temp folder (so `prepare` builds the tiny pair anew and is timed too). Each stage function of
-icr.stages is wrapped to record its wall time and the peak resident memory while it ran (a
+icr.workers / icr.stages that the loop calls is wrapped to record its wall time and the peak resident memory while it ran (a
 thread samples /proc/self/status VmRSS every 20 ms; the sampler is reset at each stage start).
 The run's own timings.json is read back and reported beside ours. --quick: 1 iteration, n=2, and
 the existing ICR_CACHE (a prepared tiny pair is reused, so `prepare` is a cache hit); the full run
@@ -60,6 +60,7 @@ def main() -> None:
         sets += ["iterations=1", "generation.n=2"]
     import icr.loop
     import icr.stages
+    import icr.workers
     from icr.cli import main as cli_main
 
     sampler = RssSampler()
@@ -79,8 +80,11 @@ def main() -> None:
                                "peak_rss_mb": round(max(sampler.peak, sampler.rss_mb()), 1)})
         setattr(module, name, wrapped)
 
-    for stage in ("generate", "score", "pairs", "train"):
-        wrap(icr.stages, f"run_{stage}", stage)
+    # What the loop calls: generate/score/train through icr.workers (in this process unless
+    # isolate_stages is on, then the figures are the parent's), pairs directly.
+    for stage in ("generate", "score", "train"):
+        wrap(icr.workers, f"{stage}_stage", stage)
+    wrap(icr.stages, "run_pairs", "pairs")
     if hasattr(icr.loop, "run_prepare"):
         wrap(icr.loop, "run_prepare", "prepare")
     t0 = time.perf_counter()

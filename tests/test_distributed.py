@@ -42,7 +42,7 @@ def test_shipped_accelerate_configs_are_valid():
 
 
 def test_accelerate_command_line(monkeypatch):
-    from icr.distributed import accelerate_command, mixed_precision, resolve_accelerate_config
+    from icr.train_launch import accelerate_command, mixed_precision, resolve_accelerate_config
 
     assert resolve_accelerate_config("ddp") == ACCEL / "ddp.yaml"
     with pytest.raises(Exception, match="deepspeed_zero3"):
@@ -92,7 +92,7 @@ def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(tiny_pa
     from safetensors.torch import load_file
 
     from icr.config import TrainConfig
-    from icr.distributed import train_dpo_launched
+    from icr.train_launch import train_dpo_launched
 
     pairs = _pairs(tiny_pair["root"])
     one, m1 = one_process_run
@@ -137,7 +137,7 @@ def _digest(stage_dir: Path) -> dict[str, str]:
 def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_path):
     from icr.config import load_config
     from icr.data import load_prompt_set
-    from icr.distributed import run_generate_sharded, run_score_sharded
+    from icr.workers import generate_stage, score_stage
     from icr.loop import resolve_placeholders
     from icr.runs import read_json
     from icr.stages import run_generate, run_score
@@ -150,8 +150,8 @@ def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_
     a, b = tmp_path / "unsharded", tmp_path / "sharded"
     ga = run_generate(cfg, dpo, prompts, a / "generate", seed=42)
     sa = run_score(cfg, a / "generate", prompts, dpo, sft, a / "score")
-    gb = run_generate_sharded(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
-    sb = run_score_sharded(cfg, b / "generate", prompts, dpo, sft, b / "score", workers=2)
+    gb = generate_stage(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
+    sb = score_stage(cfg, b / "generate", prompts, dpo, sft, b / "score", workers=2)
     assert gb["workers"] == sb["workers"] == 2
     assert ga["shards"] >= 3  # both workers had work: shards 0, 2, .. and 1, 3, ..
     for stage in ("generate", "score"):
@@ -162,7 +162,7 @@ def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_
     assert sb["scored"] == sa["scored"]
     assert not (b / "generate.workers").exists() and not (b / "score.workers").exists()
     # A finished stage is not redone: no worker is started.
-    again = run_generate_sharded(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
+    again = generate_stage(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
     assert again == {"skipped": True}
 
 

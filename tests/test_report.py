@@ -193,3 +193,51 @@ def test_report_renders_partial_runs(tmp_path):
     assert "† averaged over the languages evaluated" in write_report(run).read_text()
     with pytest.raises(IcrError, match="no such run folder"):
         write_report(tmp_path / "nope")
+
+
+def test_evaluation_samples_through_the_configured_backend(tmp_path, monkeypatch):
+    """icr evaluate / icr run's one evaluation path: generation.backend (here a stand-in registered as
+    vllm) with the evaluation decoding and batch size; rows recorded in results.json."""
+    from icr import generation
+    from icr.config import config_from_dict
+    from icr.loop import Evaluator
+
+    for lang in ("en", "es"):
+        (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[lang]))
+        (tmp_path / f"{lang}.ref.json").write_text(json.dumps(
+            [{"id": int(k), "instruction": next(p["instruction"] for p in PROMPTS[lang] if p["id"] == k), "output": v,
+              "generator": "ref", "dataset": "d"} for k, v in REFS[lang].items()]))
+    cfg = config_from_dict({
+        "name": "t", "run_root": str(tmp_path / "runs"), "languages": ["en", "es"], "device": "cpu",
+        "models": {"dpo": "dpo-path", "sft": "sft-path", "dtype": "bfloat16"},
+        "prompts": {"path": str(tmp_path / "{lang}.jsonl")},
+        "generation": {"backend": "vllm", "batch_size": 3, "temperature": 1.3, "tensor_parallel_size": 2,
+                       "gpu_memory_utilization": 0.5},
+        "evaluation": {"enabled": True, "prompts": {"path": str(tmp_path / "{lang}.jsonl")}, "batch_size": 7,
+                       "references": str(tmp_path / "{lang}.ref.json"), "judge": "fake", "max_new_tokens": 33}})
+    loaded = []
+
+    class Owned(EchoBackend):
+        def close(self):
+            self.closed = True
+
+    def stand_in(model_path, **options):
+        loaded.append((model_path, options))
+        return Owned(1 if "sft" in model_path else 3)
+
+    monkeypatch.setitem(generation.BACKENDS, "vllm", stand_in)
+    evaluate = Evaluator(cfg, cfg.run_dir, FakeJudge(), cfg.run_dir / "results.json")
+    rows = evaluate("sft-path", "sft", -1) + evaluate("dpo-path", "M0", 0)
+    assert [path for path, _ in loaded] == ["sft-path", "dpo-path"] and len(rows) == 4
+    assert loaded[0][1] == {"device": "cpu", "dtype": "bfloat16", "chat_template": None, "batch_size": 7,
+                            "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5}
+    stored = read_results(tmp_path / "runs" / "t" / "results.json")
+    assert stored == rows and {(r["model"], r["lang"]) for r in stored} == {
+        ("sft", "en"), ("sft", "es"), ("M0", "en"), ("M0", "es")}
+    outputs = json.loads((tmp_path / "runs" / "t" / "eval" / "M0" / "es" / "model_outputs.json").read_text())
+    assert outputs[0]["output"] == "hola uno hola uno hola uno"
+    generated = json.loads((tmp_path / "runs" / "t" / "eval" / "M0" / "es" / "generation.json").read_text())
+    assert generated["key"]["params"] == {"n": 1, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 33, "seed": 42}
+    # evaluated again: answers on disk, no backend loaded
+    evaluate("dpo-path", "M0", 0)
+    assert len(loaded) == 2

@@ -149,9 +149,12 @@ def _parse_shard(value: str | None):
 
 
 def _stage(args) -> None:
+    """One stage of one iteration, with the iteration's folders, seed and models from `icr.plan`
+    (the same plan `icr run` follows), in this process: the command is the process."""
     from .config import load_config
     from .data import load_prompt_set
-    from .loop import model_paths, resolve_placeholders, reward_pair, run_prepare
+    from .loop import resolve_placeholders, run_prepare
+    from .plan import iteration_plan
     from .runs import run_lock
     from .stages import run_generate, run_pairs, run_score, run_train
 
@@ -160,28 +163,24 @@ def _stage(args) -> None:
     t = args.iteration
     if not 1 <= t <= cfg.iterations:
         raise IcrError(f"--iteration: must be within 1..{cfg.iterations}, got {t}")
-    run_dir = cfg.run_dir
-    it = run_dir / f"iter{t}"
-    paths = model_paths(cfg, run_dir, cfg.iterations)
-    seed = cfg.seed + t - 1
+    it = iteration_plan(cfg, cfg.run_dir, t)
     shard = _parse_shard(getattr(args, "shard", None))
     if args.command in ("generate", "score"):
         prompts = load_prompt_set(cfg.prompts, cfg.languages)
         if args.command == "generate":
-            result = run_generate(cfg, paths[t - 1], prompts, it / "generate", seed=seed, shard=shard)
+            result = run_generate(cfg, it.policy, prompts, it.generate_dir, seed=it.seed, shard=shard)
         else:
-            dpo, ref = reward_pair(cfg, paths, t)
-            result = run_score(cfg, it / "generate", prompts, dpo, ref, it / "score",
-                               translator_path=paths[t - 1], shard=shard)
+            result = run_score(cfg, it.generate_dir, prompts, it.reward_policy, it.reward_reference, it.score_dir,
+                               translator_path=it.policy, shard=shard)
     else:
-        with run_lock(run_dir):
+        with run_lock(cfg.run_dir):
             if args.command == "pairs":
                 from .loop import make_judge
 
-                result = run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t,
+                result = run_pairs(cfg, it.score_dir, it.pairs_dir, seed=it.seed, iteration=t,
                                    judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
             else:
-                result = run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)
+                result = run_train(cfg, it.pairs_dir, it.policy, it.train_dir, it.model_dir, seed=it.seed)
     print(result)
 
 
@@ -305,24 +304,16 @@ def _sandbox(args) -> None:
 
 def _evaluate(args) -> None:
     from .config import load_config
-    from .evaluation.evaluate import evaluate_model
-    from .evaluation.results import append_results
-    from .loop import load_evaluation_data, make_judge, resolve_placeholders, run_prepare
+    from .loop import Evaluator, make_judge, resolve_placeholders, run_prepare
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
-    ev = cfg.evaluation
-    if not ev.prompts.path:
+    if not cfg.evaluation.prompts.path:
         raise IcrError("evaluation.prompts.path: required for icr evaluate")
-    if not ev.judge:
+    if not cfg.evaluation.judge:
         raise IcrError("evaluation.judge: required for icr evaluate (alpaca_eval, reward_model, or module:factory)")
-    judge = make_judge(cfg)
-    prompt_set, refs = load_evaluation_data(cfg, judge)
-    rows = evaluate_model(args.model, args.label, args.iteration, prompt_set.as_rows(), refs, judge, ev,
-                          cfg.run_dir / "eval", device=cfg.device, seed=cfg.seed,
-                          chat_template=cfg.models.chat_template, generator=f"{cfg.name}/{args.label}")
-    append_results(cfg.run_dir / "results.json", rows)
-    for row in rows:
+    evaluate = Evaluator(cfg, cfg.run_dir, make_judge(cfg), cfg.run_dir / "results.json")
+    for row in evaluate(args.model, args.label, args.iteration):
         print(row)
 
 

@@ -198,6 +198,10 @@ class ExperimentConfig:
     device: str = _f("auto", "auto | cpu | cuda.", choices=("auto", "cpu", "cuda"))
     workers: int = _f(1, "Local worker processes that split generate and score by shard (each its own GPU(s); on "
                       "CPU a share of cores). 1 = this process. Outputs do not depend on it.", min=1)
+    isolate_stages: bool | str = _f(
+        "auto", "Run generate, score, train and evaluation's sampling each in its own child process, so that every "
+        "model and cache is gone from the GPU before the next stage: auto (when the device is cuda; a process start "
+        "costs ~5 s) | true | false. Outputs do not depend on it.", choices=("auto", True, False))
     prepare: PrepareConfig | None = _f(None, "Optional builder of local models/data, run first.")
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "pi0 and pi_SFT."})
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Training prompts (parallel by id)."})

@@ -21,11 +21,13 @@ import importlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ExperimentConfig, config_from_dict, dump_config, judge_identity, uses_judge, with_overrides
 from .data import load_prompt_set
 from .errors import IcrError
+from .plan import iteration_plan, model_label, model_paths
 from .runs import atomic_write_text, cache_root, hold_lock, read_json, run_lock, text_hash, write_json
 
 log = logging.getLogger("icr")
@@ -102,76 +104,61 @@ def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
         atomic_write_text(saved, resolved)
 
 
-def model_paths(cfg: ExperimentConfig, run_dir: Path, iterations: int) -> dict[int, str]:
-    """pi_t for t = -1 (pi_SFT), 0 (pi0), 1..iterations (trained here)."""
-    paths = {-1: cfg.models.sft, 0: cfg.models.dpo}
-    for t in range(1, iterations + 1):
-        paths[t] = str(run_dir / f"iter{t}" / "model")
-    return paths
-
-
-def reward_pair(cfg: ExperimentConfig, paths: dict[int, str], t: int) -> tuple[str, str]:
-    """(pi_dpo, pi_ref) forming the implicit reward at iteration t (see reward.models)."""
-    if cfg.reward.models == "initial":
-        return paths[0], paths[-1]
-    if cfg.reward.models == "current":
-        return paths[t - 1], paths[-1]
-    return paths[t - 1], paths[t - 2] if t >= 2 else paths[-1]
-
-
-def _model_label(t: int, label: str | None) -> str:
-    name = "sft" if t == -1 else f"M{t}"
-    return name if label is None or t <= 0 else f"{name}-{label}"
-
-
 def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, judge=None,
-             timings: dict | None = None, results_path: Path | None = None, reuse_from: Path | None = None) -> list[dict]:
+             timings: dict | None = None, results_path: Path | None = None, reuse_from: Path | None = None,
+             on_stage: Callable[[str, dict], None] | None = None) -> list[dict]:
     """Iterate generate -> score -> pairs -> train; evaluate when configured; return result rows.
 
     Result rows are added to `results_path` as each model is evaluated. `reuse_from` (a control's
     main run) lends finished generate/score stages whose keys match (same policy, seed, settings).
+    `on_stage(name, result)` is called after each stage (e.g. bench/stage_memory.py records the
+    GPU memory this process holds between stages).
     """
-    from .distributed import run_generate_sharded, run_score_sharded
-    from .stages import run_pairs, run_train
+    from .stages import run_pairs
+    from .workers import generate_stage, score_stage, train_stage
 
     timings = {} if timings is None else timings
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
-    paths = model_paths(cfg, run_dir, cfg.iterations)
+    paths = model_paths(cfg, run_dir)
     rows: list[dict] = []
-    evaluate = _evaluator(cfg, run_dir, judge, results_path or run_dir / "results.json") \
+    evaluate = Evaluator(cfg, run_dir, judge, results_path or run_dir / "results.json") \
         if cfg.evaluation.enabled else None
+
+    def timed(name: str, fn) -> dict:
+        t0 = time.time()
+        result = fn()
+        if not (isinstance(result, dict) and result.get("skipped")):  # a skipped stage keeps the time it took when it ran
+            timings[f"{label + '/' if label else ''}{name}"] = round(time.time() - t0, 2)
+        if on_stage is not None:
+            on_stage(name, result)
+        return result
+
     if evaluate and label is None:
         for name in cfg.evaluation.models:
             t = {"sft": -1, "M0": 0}.get(name)
             if t is None:
                 raise IcrError(f"evaluation.models: unknown model {name!r} (sft, M0)")
-            rows += evaluate(paths[t], _model_label(t, None), t)
+            rows += timed(f"evaluate/{name}", lambda: evaluate(paths[t], model_label(t), t))
     for t in range(1, cfg.iterations + 1):
-        it = run_dir / f"iter{t}"
-        seed = cfg.seed + t - 1
-        dpo, ref = reward_pair(cfg, paths, t)
+        it = iteration_plan(cfg, run_dir, t)
+        lent = iteration_plan(cfg, reuse_from, t) if reuse_from else None
         for stage, fn in (
-            ("generate", lambda: run_generate_sharded(
-                cfg, paths[t - 1], prompts, it / "generate", seed=seed, workers=cfg.workers,
-                reuse=reuse_from and reuse_from / f"iter{t}" / "generate")),
-            ("score", lambda: run_score_sharded(
-                cfg, it / "generate", prompts, dpo, ref, it / "score", translator_path=paths[t - 1],
-                workers=cfg.workers, reuse=reuse_from and reuse_from / f"iter{t}" / "score")),
-            ("pairs", lambda: run_pairs(cfg, it / "score", it / "pairs", seed=seed, iteration=t, judge=judge)),
-            ("train", lambda: run_train(cfg, it / "pairs", paths[t - 1], it / "train", it / "model", seed=seed)),
+            ("generate", lambda: generate_stage(cfg, it.policy, prompts, it.generate_dir, seed=it.seed,
+                                                reuse=lent and lent.generate_dir)),
+            ("score", lambda: score_stage(cfg, it.generate_dir, prompts, it.reward_policy, it.reward_reference,
+                                          it.score_dir, translator_path=it.policy, reuse=lent and lent.score_dir)),
+            ("pairs", lambda: run_pairs(cfg, it.score_dir, it.pairs_dir, seed=it.seed, iteration=t, judge=judge)),
+            ("train", lambda: train_stage(cfg, it.pairs_dir, it.policy, it.train_dir, it.model_dir, seed=it.seed)),
         ):
-            t0 = time.time()
-            result = fn()
+            result = timed(f"iter{t}/{stage}", fn)
             status = ("skipped (manifest matches)" if result.get("skipped") else
                       "reused from the main run" if result.get("reused") else "done")
             log.info("%s iter%d %-8s %s %s", label or cfg.name, t, stage, status,
                      "" if result.get("skipped") or result.get("reused") else json.dumps(result))
-            if not result.get("skipped"):  # a skipped stage keeps the time it took when it ran
-                timings[f"{label + '/' if label else ''}iter{t}/{stage}"] = round(time.time() - t0, 2)
             if stage == "score" and cfg.evaluation.reward_agreement and judge is not None:
-                _agreement(cfg, run_dir, it / "score", t, judge)
+                _agreement(cfg, run_dir, it.score_dir, t, judge)
         if evaluate:
-            rows += evaluate(paths[t], _model_label(t, label), t)
+            rows += timed(f"iter{t}/evaluate", lambda: evaluate(paths[t], model_label(t, label), t))
     return rows
 
 
@@ -195,26 +182,38 @@ def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, j
     log.info("reward agreement iter%d: %s", t, {lang: round(v["all"]["agree"], 3) for lang, v in agreement.items()})
 
 
-def _evaluator(cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
-    from .evaluation.evaluate import evaluate_model
+class Evaluator:
+    """The one evaluation path (`icr run` after each model, `icr evaluate` for one): sample one answer
+    per evaluation prompt and language through the configured backend (in its own process when
+    stages are isolated), judge against the references, add the rows to `results_path`.
 
-    ev = cfg.evaluation
-    eval_set, references = load_evaluation_data(cfg, judge)
-    eval_prompts = eval_set.as_rows()
+    Outputs go to `<run_dir>/eval/<label>/<lang>/`; prompts and references are read once."""
 
-    def evaluate(model_path: str, label: str, t: int) -> list[dict]:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
+        if not cfg.evaluation.prompts.path:
+            raise IcrError("evaluation.prompts.path: required to evaluate")
+        self.cfg, self.judge, self.results_path = cfg, judge, Path(results_path)
+        self.out_dir = Path(run_dir) / "eval"
+        prompt_set, self.references = load_evaluation_data(cfg, judge)
+        self.prompts = prompt_set.as_rows()
+
+    def __call__(self, model_path: str, label: str, t: int) -> list[dict]:
+        from .evaluation.evaluate import evaluate_model
         from .evaluation.results import append_results
+        from .workers import eval_outputs_stage
 
-        rows = evaluate_model(model_path, label, t, eval_prompts, references, judge, ev, run_dir / "eval",
-                              device=cfg.device, seed=cfg.seed, chat_template=cfg.models.chat_template,
+        cfg = self.cfg
+        eval_outputs_stage(cfg, model_path, label, self.prompts, self.out_dir)
+        # The answers are on disk now: evaluate_model only judges and scores them.
+        rows = evaluate_model(model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation,
+                              self.out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
                               generator=f"{cfg.name}/{label}")
-        append_results(results_path, rows)
+        append_results(self.results_path, rows)
         return rows
 
-    return evaluate
 
-
-def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Path | None = None) -> Path:
+def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Path | None = None,
+                   on_stage: Callable[[str, dict], None] | None = None) -> Path:
     """The `icr run` entry point: prepare, main loop, controls, results and report.
 
     `reuse_from`: another run folder whose finished stages with identical keys are hard-linked
@@ -226,12 +225,12 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     with run_lock(run_dir):
         check_run_folder(cfg, run_dir, force)
         timings: dict = {}
-        rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from)
+        rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage)
         for i, control in enumerate(cfg.controls):
             label = control["label"]
             ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")
             rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings,
-                             results_path=run_dir / "results.json", reuse_from=run_dir)
+                             results_path=run_dir / "results.json", reuse_from=run_dir, on_stage=on_stage)
         old = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
         write_json(run_dir / "timings.json", {**old, **timings})
         if cfg.evaluation.enabled:

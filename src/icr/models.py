@@ -277,3 +277,15 @@ def safetensors_header_problem(path: Path) -> str | None:
     if 8 + n + end != size:
         return f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated or padded)"
     return None
+
+
+def release_memory() -> None:
+    """Return freed memory after a model is dropped: collect reference cycles (transformers models
+    hold some), then give cached CUDA blocks back so the next stage or process can have them."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

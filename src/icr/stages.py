@@ -22,8 +22,9 @@ from pathlib import Path
 from .config import ExperimentConfig, judge_identity
 from .data import PromptSet
 from .errors import IcrError
-from .generation import SamplingParams, load_backend
-from .models import chat_messages, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
+from .generation import SamplingParams, policy_backend
+from .models import (chat_messages, check_same_tokenizer, load_causal_lm, load_tokenizer, release_memory,
+                     resolve_device)
 from .runs import (append_journal, check_free_disk, chunk, manifest_matches, model_key, read_json, read_jsonl,
                    read_shards, shard_path, text_hash, write_json, write_jsonl, write_manifest)
 
@@ -99,10 +100,7 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
         # Upper bound: every sample at the token limit, ~4 bytes per token of JSON-escaped text, x2 for scores.
         n_todo = sum(len(s) for _, s in todo)
         check_free_disk(stage_dir, n_todo * g.n * (g.max_new_tokens * 4 + 400) * 2, "generate")
-        backend = load_backend(g.backend, policy_path, device=cfg.device, dtype=cfg.models.dtype,
-                               chat_template=cfg.models.chat_template, batch_size=g.batch_size,
-                               **({"tensor_parallel_size": g.tensor_parallel_size,
-                                   "gpu_memory_utilization": g.gpu_memory_utilization} if g.backend == "vllm" else {}))
+        backend = policy_backend(cfg, policy_path, batch_size=g.batch_size)
         limit = _prompt_token_limit(backend, g)
         for i, shard_items in todo:
             convs = [chat_messages(text) for _, _, text in shard_items]
@@ -126,6 +124,8 @@ def run_generate(cfg: ExperimentConfig, policy_path: str, prompts: PromptSet, st
             write_jsonl(shard_path(stage_dir, i), records)
             append_journal(stage_dir, {"shard": i})
         backend.close()
+        del backend
+        release_memory()
     if shard is not None and any(not shard_path(stage_dir, i).is_file() for i, _ in shards):
         return {"partial": True, **counts}
     records = read_shards(stage_dir)
@@ -200,9 +200,7 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
         rm = load_reward_models(dpo_path, ref_path, cfg)
         translator = None
         if r.variant == "translate_to_english":
-            translator = load_backend(cfg.generation.backend, translator_path, device=cfg.device,
-                                      dtype=cfg.models.dtype, chat_template=cfg.models.chat_template,
-                                      batch_size=cfg.generation.batch_size)
+            translator = policy_backend(cfg, translator_path, batch_size=cfg.generation.batch_size)
         for path in todo:
             records = read_jsonl(path)
             responses = [rec["response"] for rec in records]
@@ -229,6 +227,8 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
             append_journal(stage_dir, {"shard": path.name})
         if translator is not None:
             translator.close()
+        del rm, translator
+        release_memory()
     if shard is not None and any(not (stage_dir / p.name).is_file() for p in in_shards):
         return {"partial": True}
     records = read_shards(stage_dir)
@@ -285,13 +285,23 @@ def run_pairs(cfg: ExperimentConfig, scores_dir: Path, stage_dir: Path, *, seed:
 # train
 # ---------------------------------------------------------------------------------------------
 
+def train_key(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, *, seed: int) -> dict:
+    return {"stage": "train", "train": cfg.section_hash("train"), "seed": seed, "policy": model_key(policy_path),
+            "pairs": read_json(Path(pairs_dir) / "manifest.json")["key"]}
+
+
+def train_done(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_dir: Path, model_dir: Path,
+               *, seed: int) -> bool:
+    """Whether `run_train` would skip (checked before starting a process for it)."""
+    return manifest_matches(stage_dir, train_key(cfg, pairs_dir, policy_path, seed=seed)) and Path(model_dir).is_dir()
+
+
 def run_train(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_dir: Path, model_dir: Path,
               *, seed: int) -> dict:
     from .train import train_dpo
 
     pairs_dir, stage_dir = Path(pairs_dir), Path(stage_dir)
-    key = {"stage": "train", "train": cfg.section_hash("train"), "seed": seed, "policy": model_key(policy_path),
-           "pairs": read_json(pairs_dir / "manifest.json")["key"]}
+    key = train_key(cfg, pairs_dir, policy_path, seed=seed)
     if manifest_matches(stage_dir, key) and Path(model_dir).is_dir():
         return {"skipped": True}
     t0 = time.time()
@@ -301,11 +311,12 @@ def run_train(cfg: ExperimentConfig, pairs_dir: Path, policy_path: str, stage_di
     write_json(key_file, key)
     pairs = read_jsonl(pairs_dir / "pairs.jsonl")
     if cfg.train.accelerate_config:
-        from .distributed import train_dpo_launched as train_fn
+        from .train_launch import train_dpo_launched as train_fn
     else:
         train_fn = train_dpo
     metrics = train_fn(pairs, policy_path, policy_path, cfg.train, stage_dir, Path(model_dir), seed=seed,
                        device=cfg.device, chat_template=cfg.models.chat_template)
+    release_memory()
     counts = {"pairs": len(pairs), "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
     write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,

@@ -1,6 +1,6 @@
 """The per-process entry point of launched training: `accelerate launch -m icr.train_worker JOB.json`.
 
-`icr.distributed.train_dpo_launched` writes a job file (pairs file, model paths, the `train`
+`icr.train_launch.train_dpo_launched` writes a job file (pairs file, model paths, the `train`
 section, output folders, seed) and launches this module once per process with an accelerate
 config. Each process sets up its distributed state first (so `cuda` means its own GPU), then calls
 `icr.train.train_dpo`; TRL's `DPOTrainer` does the rest (DDP, DeepSpeed, FSDP from the launch

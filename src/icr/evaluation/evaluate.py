@@ -57,32 +57,35 @@ def _check_references(prompts: dict, references: dict) -> None:
                            f"(ids {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
 
 
-def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[str, list[dict]],
-                   references: dict[str, dict[str, str]], judge, cfg, out_dir: Path, *, device: str = "auto",
-                   seed: int = 42, chat_template: str | None = None, backend=None, backend_name: str = "hf",
-                   dtype: str = "auto", identifier=None, generator: str | None = None) -> list[dict]:
-    """Generate, export, judge and score one model; returns one results row per language.
-
-    A language without references (absent or empty in `references`) is judged against an empty
-    reference answer: meaningful for judges that grade answers on their own (the sandbox oracle:
-    WR = share of answers better than nothing); its `lc` is null. A language whose references
-    miss some prompt ids is an error.
-
-    `cfg` is an `icr.config.EvaluationConfig` (decoding, batch size). `backend` (optional) is an
-    already loaded generation backend, used as is and not closed; otherwise `backend_name` is loaded
-    for `model_path` only if some language needs generating, and closed afterwards. `identifier`
-    defaults to the offline language identifier over the evaluated languages. `generator` names the
-    model in the exported model outputs (default: `label`; a run passes "<run name>/<label>").
-    """
+def eval_params(ev, seed: int):
+    """The evaluation decoding (one answer per prompt), `ev` an EvaluationConfig."""
     from ..generation import SamplingParams
 
-    out_dir = Path(out_dir)
-    _check_references(prompts, references)
-    if not isinstance(judge, CachedJudge):
-        judge = CachedJudge(judge, out_dir / "judge_cache.jsonl")
-    params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens, seed=seed)
+    return SamplingParams(n=1, temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, seed=seed)
 
+
+def missing_outputs(model_path: str, label: str, prompts: dict[str, list[dict]], ev, out_dir: Path, *,
+                    seed: int = 42, chat_template: str | None = None) -> list[str]:
+    """Languages whose saved outputs were not made by this model, decoding and prompts."""
+    params = eval_params(ev, seed)
+    return [lang for lang, rows in prompts.items()
+            if _reusable(Path(out_dir) / label / lang, _generation_key(model_path, params, chat_template, rows),
+                         rows) is None]
+
+
+def generate_outputs(model_path: str, label: str, prompts: dict[str, list[dict]], ev, out_dir: Path, *,
+                     seed: int = 42, chat_template: str | None = None, backend=None,
+                     load_backend=None, generator: str | None = None) -> dict[str, list[dict]]:
+    """One answer per prompt and language, saved as `<label>/<lang>/model_outputs.json`; saved
+    outputs of the same model, decoding and prompts are reused.
+
+    `backend` (optional) is an already loaded generation backend, used as is and not closed;
+    otherwise `load_backend(model_path)` is called only if some language needs generating, and
+    the backend is closed afterwards. `generator` names the model in the exported model outputs
+    (default: `label`; a run passes "<run name>/<label>").
+    """
+    out_dir = Path(out_dir)
+    params = eval_params(ev, seed)
     outputs: dict[str, list[dict]] = {}
     todo = []
     for lang, rows in prompts.items():
@@ -92,28 +95,51 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
             todo.append((lang, key))
         else:
             outputs[lang] = saved
-    if todo:
-        own = backend is None
+    if not todo:
+        return outputs
+    own = backend is None
+    if own:
+        if load_backend is None:
+            raise IcrError(f"evaluation: outputs of {label} must be generated, but no backend was given")
+        backend = load_backend(model_path)
+    try:
+        for lang, key in todo:
+            rows = prompts[lang]
+            samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params,
+                                       desc=f"{label} {lang}")
+            texts = [s[0].text for s in samples]
+            outputs[lang] = to_model_outputs(rows, texts, generator=generator or label)
+            lang_dir = out_dir / label / lang
+            write_model_outputs(lang_dir / "model_outputs.json", outputs[lang])
+            write_json(lang_dir / "generation.json", {
+                "key": key, "n": len(rows), "unfinished": sum(not s[0].finished for s in samples),
+                "mean_tokens": sum(s[0].n_tokens for s in samples) / max(len(samples), 1)})
+    finally:
         if own:
-            from ..generation import load_backend
+            backend.close()
+    return outputs
 
-            backend = load_backend(backend_name, model_path, device=device, dtype=dtype,
-                                   chat_template=chat_template, batch_size=cfg.batch_size)
-        try:
-            for lang, key in todo:
-                rows = prompts[lang]
-                samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params,
-                                           desc=f"{label} {lang}")
-                texts = [s[0].text for s in samples]
-                outputs[lang] = to_model_outputs(rows, texts, generator=generator or label)
-                lang_dir = out_dir / label / lang
-                write_model_outputs(lang_dir / "model_outputs.json", outputs[lang])
-                write_json(lang_dir / "generation.json", {
-                    "key": key, "n": len(rows), "unfinished": sum(not s[0].finished for s in samples),
-                    "mean_tokens": sum(s[0].n_tokens for s in samples) / max(len(samples), 1)})
-        finally:
-            if own:
-                backend.close()
+
+def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[str, list[dict]],
+                   references: dict[str, dict[str, str]], judge, cfg, out_dir: Path, *,
+                   seed: int = 42, chat_template: str | None = None, backend=None, load_backend=None,
+                   identifier=None, generator: str | None = None) -> list[dict]:
+    """Generate (see `generate_outputs`), export, judge and score one model; one results row per language.
+
+    A language without references (absent or empty in `references`) is judged against an empty
+    reference answer: meaningful for judges that grade answers on their own (the sandbox oracle:
+    WR = share of answers better than nothing); its `lc` is null. A language whose references
+    miss some prompt ids is an error.
+
+    `cfg` is an `icr.config.EvaluationConfig` (decoding). `identifier` defaults to the offline
+    language identifier over the evaluated languages.
+    """
+    out_dir = Path(out_dir)
+    _check_references(prompts, references)
+    if not isinstance(judge, CachedJudge):
+        judge = CachedJudge(judge, out_dir / "judge_cache.jsonl")
+    outputs = generate_outputs(model_path, label, prompts, cfg, out_dir, seed=seed, chat_template=chat_template,
+                               backend=backend, load_backend=load_backend, generator=generator)
 
     if identifier is None:
         from ..languages import language_identifier

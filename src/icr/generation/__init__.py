@@ -46,14 +46,36 @@ class GenerationBackend(Protocol):
     def close(self) -> None: ...
 
 
+def _hf_backend(model_path: str, **options):
+    from .hf import HFBackend
+
+    return HFBackend(model_path, **options)
+
+
+def _vllm_backend(model_path: str, **options):
+    from .vllm import VLLMBackend
+
+    return VLLMBackend(model_path, **options)
+
+
+# name -> factory(model_path, **options); heavy imports happen only for the one chosen. Tests put
+# stand-ins here under a configured name.
+BACKENDS = {"hf": _hf_backend, "vllm": _vllm_backend}
+
+
 def load_backend(name: str, model_path: str, **options) -> GenerationBackend:
-    """Backends by name; heavy imports happen only for the one chosen."""
-    if name == "hf":
-        from .hf import HFBackend
+    """A sampling backend by name (`generation.backend`)."""
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise IcrError(f"generation.backend: unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+    return factory(model_path, **options)
 
-        return HFBackend(model_path, **options)
-    if name == "vllm":
-        from .vllm import VLLMBackend
 
-        return VLLMBackend(model_path, **options)
-    raise IcrError(f"generation.backend: unknown backend {name!r} (available: hf, vllm)")
+def policy_backend(cfg, model_path: str, *, batch_size: int) -> GenerationBackend:
+    """The configured sampling backend (`cfg`: an ExperimentConfig) for one model: generation,
+    translation and evaluation all sample through it, each with its own batch size."""
+    g = cfg.generation
+    options = ({"tensor_parallel_size": g.tensor_parallel_size, "gpu_memory_utilization": g.gpu_memory_utilization}
+               if g.backend == "vllm" else {})
+    return load_backend(g.backend, model_path, device=cfg.device, dtype=cfg.models.dtype,
+                        chat_template=cfg.models.chat_template, batch_size=batch_size, **options)

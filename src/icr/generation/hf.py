@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import cache_kwarg
-from ..models import load_causal_lm, load_tokenizer, resolve_device
+from ..models import load_causal_lm, load_tokenizer, release_memory, resolve_device
 from . import Sample, SamplingParams, sample_from_tokens
 
 
@@ -94,4 +94,6 @@ class HFBackend:
         return sample_from_tokens(tokens, self.eos_ids, self.tokenizer)
 
     def close(self) -> None:
+        """Drop the model and give its memory back (the caller may still hold the model it passed in)."""
         self.model = None
+        release_memory()

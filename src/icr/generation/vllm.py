@@ -7,12 +7,16 @@ Imported only when chosen. Behaves like the `hf` backend so that the two are int
 - the same end tokens: generation stops at the model's and the tokenizer's end ids, and text is
   decoded by our tokenizer up to the first of them, so `Sample.finished`/`n_tokens` mean the same;
 - the paper's sampling settings (temperature, top_p, no top-k); one request per prompt with `n`
-  samples and a per-request seed (call seed x 1_000_003 + prompt index), so samples do not depend
-  on batch composition or on which worker runs the shard. No `best_of`/beam search: current vLLM
+  samples and a per-request seed, so samples do not depend on batch composition or on which
+  worker runs the shard. vLLM seeds the k-th of a request's n samples with seed + k (its
+  ParentRequest gives each child request `seed + index`), so prompt i gets seed
+  call seed x 1_000_003 + i·n: its samples take seeds base + i·n .. base + i·n + n - 1 and no two
+  samples of a call share one (nor of a run, while a shard holds fewer than 1_000_003 / n
+  prompts: the stage's call seeds are seed x 100_003 + shard index). No `best_of`/beam search: current vLLM
   has neither. Greedy (temperature 0) decodes once per prompt and repeats, like `hf`.
 
 `tensor_parallel_size` splits one model over several GPUs (the shard workers of
-`icr.distributed` give each worker that many GPUs).
+`icr.workers` give each worker that many GPUs).
 
 `VLLMScorer` computes summed response log-probs with `prompt_logprobs` (one prefill per sequence,
 no sampling), on the same token ids as `icr.reward` (TRL's tokenisation), for the implicit reward
@@ -148,7 +152,7 @@ class VLLMBackend:
         n_return = 1 if greedy else params.n
         sps = [VSP(n=n_return, temperature=0.0 if greedy else params.temperature,
                    top_p=1.0 if greedy else params.top_p, top_k=-1 if _old_top_k() else 0,
-                   max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i,
+                   max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i * params.n,
                    stop_token_ids=self.eos_ids, skip_special_tokens=True, detokenize=False)
                for i in range(len(prompt_ids))]
         outputs = self.llm.generate(_token_prompts(prompt_ids), sps, use_tqdm=desc is not None)

@@ -1,0 +1,154 @@
+"""Training launched through `accelerate`: `train_dpo_launched` runs `icr.train.train_dpo` under
+`accelerate launch` with one of the shipped configs
+(`configs/accelerate/{ddp,deepspeed_zero2,deepspeed_zero3,fsdp,cpu_2proc}.yaml`): it writes a job
+file and starts
+
+    python -m accelerate.commands.launch --config_file CFG [--num_processes N] --mixed_precision P
+        --main_process_port PORT [$ICR_ACCELERATE_ARGS] -m icr.train_worker JOB.json
+
+and returns the main process's metrics. Several machines run the same command, each with its own
+`--machine_rank` (docs/distributed.md); `ICR_ACCELERATE_ARGS` carries such per-node arguments.
+Beside `train.py` (which it launches) and below `stages.py` (which calls it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import IcrError
+
+log = logging.getLogger("icr")
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_accelerate_config(path: str) -> Path:
+    """A config path as given, or a shipped name: `ddp`, `deepspeed_zero3`, ... (configs/accelerate/)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    shipped = REPO_CONFIGS / (path if path.endswith(".yaml") else f"{path}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in REPO_CONFIGS.glob("*.yaml"))
+    raise IcrError(f"train.accelerate_config: {path!r} is neither a file nor a shipped config ({', '.join(names)})")
+
+
+def mixed_precision(precision: str, device: str) -> str:
+    """What `dpo_config` trains in, as accelerate's --mixed_precision (they must agree)."""
+    on_gpu = device.startswith("cuda")
+    return "bf16" if precision == "bf16" or (precision == "auto" and on_gpu) else "no"
+
+
+def accelerate_command(config_file: str | Path, module: str, module_args: list[str], *,
+                       num_processes: int | None = None, precision: str | None = None,
+                       main_process_port: int | None = None, extra_args: list[str] | None = None,
+                       cpu_threads: int | None = None) -> list[str]:
+    """The `accelerate launch` command line (run with this interpreter, so the same environment)."""
+    extra = list(extra_args or []) + shlex.split(os.environ.get("ICR_ACCELERATE_ARGS", ""))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    if num_processes is not None and "--num_processes" not in extra:
+        cmd += ["--num_processes", str(num_processes)]
+    if precision is not None and "--mixed_precision" not in extra:
+        cmd += ["--mixed_precision", precision]
+    if "--main_process_port" not in extra and "--num_machines" not in extra:
+        cmd += ["--main_process_port", str(main_process_port or free_port())]
+    if cpu_threads is not None and "--num_cpu_threads_per_process" not in extra:
+        cmd += ["--num_cpu_threads_per_process", str(cpu_threads)]
+    return cmd + extra + ["-m", module, *module_args]
+
+
+def _config_num_processes(config_file: Path) -> int:
+    import yaml
+
+    data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    return int(data.get("num_processes", 1))
+
+
+def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str, cfg, out_dir: Path,
+                       model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None,
+                       accelerate_config: str | None = None, num_processes: int | None = None,
+                       extra_launch_args: list[str] | None = None, log_file: Path | None = None) -> dict:
+    """`train.train_dpo` with the same arguments, run by `accelerate launch` in `num_processes` processes.
+
+    `cfg` is the `train` section (TrainConfig); `accelerate_config` defaults to
+    `cfg.accelerate_config`. Returns train_dpo's metrics from the main process (plus
+    `num_processes`, `distributed_type`, `backend`). Output goes to `log_file` (default
+    out_dir/launch.log) and is echoed to this process's stderr; a failure raises IcrError with
+    its tail.
+    """
+    from .models import resolve_device
+    from .runs import write_json, write_jsonl
+
+    accelerate_config = accelerate_config or cfg.accelerate_config
+    if not accelerate_config:
+        raise IcrError("train.accelerate_config: not set (a shipped name such as ddp, or a file)")
+    config_file = resolve_accelerate_config(accelerate_config)
+    device = resolve_device(device)
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    job_dir = out_dir / "launch"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(job_dir / "pairs.jsonl", pairs)
+    result = job_dir / "result.json"
+    result.unlink(missing_ok=True)
+    job = {"pairs": str(job_dir / "pairs.jsonl"), "policy_path": policy_path, "reference_path": reference_path,
+           "train": dataclasses.asdict(cfg), "out_dir": str(out_dir), "model_dir": str(model_dir), "seed": seed,
+           "device": device, "chat_template": chat_template, "result": str(result)}
+    write_json(job_dir / "job.json", job)
+    nproc = num_processes or _config_num_processes(config_file)
+    threads = max(1, (os.cpu_count() or 1) // nproc) if device == "cpu" else None
+    cmd = accelerate_command(config_file, "icr.train_worker", [str(job_dir / "job.json")],
+                             num_processes=num_processes, precision=mixed_precision(cfg.precision, device),
+                             extra_args=extra_launch_args, cpu_threads=threads)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    log_file = Path(log_file or out_dir / "launch.log")
+    log.info("train: launching %s", shlex.join(cmd))
+    t0 = time.time()
+    code = _run_logged(cmd, env, log_file)
+    if code != 0 or not result.is_file():
+        raise IcrError(f"train: accelerate launch failed (exit {code}; log {log_file}):\n{log_tail(log_file)}")
+    metrics = json.loads(result.read_text(encoding="utf-8"))
+    metrics["launch_seconds"] = round(time.time() - t0, 2)
+    return metrics
+
+
+def _run_logged(cmd: list[str], env: dict, log_file: Path) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+
+
+def log_tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])

@@ -1,0 +1,102 @@
+"""The shape of the code: every module imports, and no two modules of icr import each other,
+directly or around a loop — counting imports inside functions too (a lazy import hides a cycle
+from Python, not from the reader)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+
+from .conftest import REPO
+
+SRC = REPO / "src"
+
+
+def _module_name(path, src) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(src=SRC) -> dict[str, set[str]]:
+    """icr module -> the icr modules it imports (anywhere in the file), including the packages whose
+    __init__ such an import runs."""
+    files = {_module_name(p, src): p for p in (src / "icr").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{a.name}" for a in node.names)  # `from . import module`
+        edges = set()
+        for target in targets:
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+                mod = ".".join(parts[:i])
+                if mod in files and mod != name and not name.startswith(mod + "."):
+                    edges.add(mod)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path):
+    pkg = tmp_path / "icr"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .sub import b\n")  # lazy imports count
+    (pkg / "sub" / "b.py").write_text("from ..c import x\n")
+    (pkg / "c.py").write_text("import icr.a\n")
+    (pkg / "d.py").write_text("from . import c\n")
+    graph = import_graph(tmp_path)
+    assert graph["icr.d"] == {"icr.c"}
+    assert cycles(graph) == [["icr.a", "icr.c", "icr.sub.b"]]
+
+
+def test_no_import_cycles_between_icr_modules():
+    graph = import_graph()
+    assert {"icr.stages", "icr.workers", "icr.train_launch", "icr.plan"} <= set(graph)
+    assert cycles(graph) == []
+
+
+def test_every_module_imports():
+    for name in sorted(import_graph()):
+        importlib.import_module(name)
