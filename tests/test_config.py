@@ -35,6 +35,9 @@ def test_paper_configs_switch_every_icr_addition_off(name):
     assert p.max_chosen_reward_on == "adjusted" and p.min_margin is None and p.normalize == "none"
     assert cfg.generation.max_prompt_tokens == 8191  # nothing skipped that vLLM would take
     assert cfg.reward.token_set == "paper" and cfg.reward.batch_tokens == 32768 and cfg.workers == 8
+    ev = cfg.evaluation  # the authors' judge and alpaca_eval's own LC
+    assert ev.judge_args == {"annotators_config": "weighted_alpaca_eval_gpt4_turbo_multilingual"}
+    assert ev.lc_method == "alpaca_eval"
     t = cfg.train  # the authors' only public hint (analysis_length.py:69)
     assert (t.learning_rate, t.per_device_batch_size, t.gradient_accumulation_steps) == (1e-7, 1, 4)
 

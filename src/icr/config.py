@@ -171,6 +171,13 @@ class EvaluationConfig:
     max_new_tokens: int = _f(2048, "Token limit per answer (paper: 2048).", min=1)
     batch_size: int = _f(16, "Prompts per generate call.", min=1)
     models: list = _f(["sft", "M0"], "Models evaluated before iterating (besides each M_t).")
+    lc_method: str = _f("minimal", "Length-controlled win rate: alpaca_eval (alpaca_eval's own "
+                        "get_length_controlled_winrate, length_controlled_v1, with its per-instruction difficulty: "
+                        "for X-AlpacaEval / AlpacaEval's 805 prompts in AlpacaEval's order; needs the eval extra) | "
+                        "minimal (icr's offline GLM without the instruction term: other sets, no alpaca_eval).",
+                        choices=("minimal", "alpaca_eval"))
+    lc_data_dir: str | None = _f(None, "lc_method alpaca_eval: a local folder holding alpaca_eval's df_gamed.csv "
+                                 "(its per-instruction data); default: alpaca_eval downloads it from the hub.")
     reward_agreement: bool = _f(False, "After scoring, measure how often the reward orders two samples as the judge "
                                 "does, per language and pair kind (needs a judge that scores single answers).")
 
