@@ -27,6 +27,27 @@ def test_paper_config_has_paper_settings():
     assert load_config(REPO / "configs" / "paper-llama3-8b-lowres.yaml").languages == ["en", "bn", "sw", "th"]
 
 
+@pytest.mark.parametrize("name", ["paper-llama3-8b.yaml", "paper-llama3-8b-lowres.yaml"])
+def test_paper_configs_switch_every_icr_addition_off(name):
+    cfg = load_config(REPO / "configs" / name)
+    p = cfg.pairs
+    assert not p.language_filter and not p.drop_truncated and p.keep_ties and p.length_strip
+    assert p.max_chosen_reward_on == "adjusted" and p.min_margin is None and p.normalize == "none"
+    assert cfg.generation.max_prompt_tokens == 8191  # nothing skipped that vLLM would take
+    assert cfg.reward.token_set == "paper" and cfg.reward.batch_tokens == 32768 and cfg.workers == 8
+    ev = cfg.evaluation  # the authors' judge and alpaca_eval's own LC
+    assert ev.judge_args == {"annotators_config": "weighted_alpaca_eval_gpt4_turbo_multilingual"}
+    assert ev.lc_method == "alpaca_eval"
+    t = cfg.train  # the authors' only public hint (analysis_length.py:69)
+    assert (t.learning_rate, t.per_device_batch_size, t.gradient_accumulation_steps) == (1e-7, 1, 4)
+
+
+def test_recommended_config_keeps_icr_additions_on():
+    cfg = load_config(REPO / "configs" / "icr-llama3-8b.yaml")
+    assert cfg.pairs.language_filter and not cfg.pairs.keep_ties and cfg.generation.max_prompt_tokens is None
+    assert cfg.workers == 8 and cfg.train.learning_rate == 5e-7
+
+
 def _error(data) -> str:
     with pytest.raises(ConfigError) as e:
         config_from_dict(data, "cfg.yaml")

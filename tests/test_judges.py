@@ -5,8 +5,8 @@ import types
 import pytest
 
 from icr.errors import IcrError
-from icr.evaluation.judges import (MULTILINGUAL_JUDGE_NOTE, AlpacaEvalJudge, CachedJudge, FakeJudge,
-                                   JudgeItem, get_judge, judge_instruction)
+from icr.evaluation.judges import (SHIPPED_JUDGE_CONFIGS, AlpacaEvalJudge, CachedJudge, FakeJudge, JudgeItem,
+                                   get_judge, resolve_annotators_config)
 
 
 def items(n=3, lang="es"):
@@ -92,15 +92,77 @@ def test_cached_judge_retries_failures_and_hides_missing_score(tmp_path):
     assert hasattr(CachedJudge(FakeJudge(), tmp_path / "d.jsonl"), "score")
 
 
-def test_alpaca_eval_prompt_construction():
+MULTILINGUAL = "weighted_alpaca_eval_gpt4_turbo_multilingual"
+# sha256 of the authors' files (their alpaca_eval/src/alpaca_eval/evaluators_configs/<MULTILINGUAL>/, commit 168a420)
+AUTHORS_SHA256 = {"configs.yaml": "24b307d879e19af808406a0ed33701c5917d648c8ec70f40543daa09b082b5ef",
+                  "alpaca_eval_clf.txt": "10f5ddeae97ecab62bac9ff14d83c1fd1ce075d79b1db5efd750d7f92d772c26"}
+
+
+def test_alpaca_eval_inputs_show_the_instruction_as_it_is():
+    """No sentence appended to non-English instructions: the authors' judge says it in its template."""
     es, en = items(1, "es")[0], items(1, "en")[0]
-    assert judge_instruction(en) == "q0"
-    assert judge_instruction(es) == "q0\n\n" + MULTILINGUAL_JUDGE_NOTE
-    assert MULTILINGUAL_JUDGE_NOTE == ("A good output should be in the same language as the instruction, except "
-                                       "when the instruction explicitly requests the output in a different language.")
-    baseline, model = AlpacaEvalJudge.head2head_inputs([es])
-    assert baseline[0]["output"] == "xx" and model[0]["output"] == ""
-    assert baseline[0]["instruction"] == model[0]["instruction"] == judge_instruction(es)
+    for it in (es, en):
+        baseline, model = AlpacaEvalJudge.head2head_inputs([it])
+        assert baseline[0]["instruction"] == model[0]["instruction"] == "q0"
+        assert baseline[0]["output"] == it.reference and model[0]["output"] == it.output
+
+
+def test_the_authors_multilingual_judge_is_shipped_unchanged():
+    import hashlib
+
+    folder = SHIPPED_JUDGE_CONFIGS / MULTILINGUAL
+    for name, digest in AUTHORS_SHA256.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert resolve_annotators_config(MULTILINGUAL) == str(folder / "configs.yaml")
+    assert resolve_annotators_config("weighted_alpaca_eval_gpt4_turbo") == "weighted_alpaca_eval_gpt4_turbo"
+
+
+def _documented_render(template: str, row: dict) -> str:
+    """alpaca_eval's documented prompt format (utils.make_prompts, batch 1): each {key} replaced once."""
+    for key in ("instruction", "output_1", "output_2"):
+        template = template.replace("{" + key + "}", str(row[key]), 1)
+    return template
+
+
+ITEM = JudgeItem(id="7", lang="es", instruction="¿Cuál es la capital de Francia?", output="París.",
+                 reference="La capital de Francia es París.")
+
+
+def test_rendered_prompt_has_the_multilingual_task_and_the_instruction_as_is():
+    template = (SHIPPED_JUDGE_CONFIGS / MULTILINGUAL / "alpaca_eval_clf.txt").read_text(encoding="utf-8")
+    baseline, model = AlpacaEvalJudge.head2head_inputs([ITEM])
+    prompt = _documented_render(template, {"instruction": baseline[0]["instruction"],
+                                           "output_1": baseline[0]["output"], "output_2": model[0]["output"]})
+    assert '"instruction": """¿Cuál es la capital de Francia?""",' in prompt
+    assert '"output": """La capital de Francia es París."""' in prompt and '"output": """París."""' in prompt
+    assert ("## Task\n\nA good output should be in the same language as the instruction, except when the "
+            "instruction explicitly requests the output in a different language. Evaluate") in prompt
+    assert "{" + "instruction}" not in prompt
+
+
+def test_prompt_icr_sends_equals_what_alpaca_eval_renders(monkeypatch):
+    """The real thing: alpaca_eval's PairwiseAnnotator on the shipped config, its completion function
+    replaced by one that records the prompts it is sent (no endpoint, no key)."""
+    try:
+        import alpaca_eval.annotators.base as base
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"alpaca_eval not importable ({type(e).__name__}: {e}); the eval extra installs it")
+    sent = []
+
+    def fake_completions(prompts, **kwargs):
+        sent.extend(prompts)
+        return {"completions": ["m"] * len(prompts), "completions_all": [
+            {"logprobs": {"content": [{"top_logprobs": [{"token": "m", "logprob": 0.0}]}]}}] * len(prompts),
+            "price_per_example": [0.0] * len(prompts), "time_per_example": [0.0] * len(prompts)}
+
+    monkeypatch.setattr(base, "get_fn_completions", lambda name: fake_completions)
+    judge = get_judge("alpaca_eval", annotators_config=MULTILINGUAL, is_randomize_output_order=False)
+    assert judge.name == "alpaca_eval:" + MULTILINGUAL
+    judge.compare([ITEM])
+    template = (SHIPPED_JUDGE_CONFIGS / MULTILINGUAL / "alpaca_eval_clf.txt").read_text(encoding="utf-8")
+    want = _documented_render(template, {"instruction": ITEM.instruction, "output_1": ITEM.reference,
+                                         "output_2": ITEM.output})
+    assert sent and sent[0] == want
 
 
 def test_alpaca_eval_maps_preferences():

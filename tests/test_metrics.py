@@ -121,3 +121,81 @@ def test_fidelity_with_lingua():
             "The cat sleeps in the house because it is very cold outside.",
             "Die Katze schläft im Haus, weil es draußen sehr kalt ist."]
     assert fidelity(outs, "es", ident) == pytest.approx(1 / 3)
+
+
+def _stand_in_gamed(path, n, rng):
+    """A local stand-in for alpaca_eval's df_gamed.csv (per-instruction difficulty and the annotations of
+    its two length-gamed baselines), with the columns alpaca_eval reads."""
+    import pandas as pd
+
+    difficulty = rng.normal(0, 1, n)
+    rows = []
+    for model, sign in (("gamed_verbose", 1.0), ("gamed_concise", -1.0)):
+        delta = sign * np.abs(rng.normal(1.0, 0.5, n))
+        pref = 1 / (1 + np.exp(-(difficulty + 0.8 * np.tanh(delta))))
+        rows.append(pd.DataFrame({"model": model, "index": range(n), "preference": pref,
+                                  "std_delta_len": delta, "instruction_difficulty": difficulty,
+                                  "not_gamed_baseline": False}))
+    pd.concat(rows).to_csv(path, index=False)
+
+
+def test_alpaca_eval_lc_through_icr_equals_the_library(tmp_path, monkeypatch):
+    """icr's `lc_method: alpaca_eval` is alpaca_eval's length_controlled_v1 on the same annotations,
+    fed the per-instruction data from a local folder (here a stand-in file: the hub is unreachable)."""
+    try:
+        import pandas as pd
+        from alpaca_eval.metrics import glm_winrate
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"alpaca_eval not importable ({type(e).__name__}: {e}); the eval extra installs it")
+    from icr.errors import IcrError
+    from icr.evaluation.metrics import alpaca_eval_length_controlled_win_rate
+
+    rng = np.random.default_rng(5)
+    n = 120
+    _stand_in_gamed(tmp_path / "df_gamed.csv", n, rng)
+    ref = rng.integers(200, 3000, n)
+    out = rng.integers(100, 4000, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-np.tanh((out - ref) / 1000)))).astype(float)
+    y[rng.random(n) < 0.1] = 0.5
+    outputs, refs = ["o" * int(v) for v in out], ["r" * int(v) for v in ref]
+    ours = alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(n), data_dir=str(tmp_path))
+
+    monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kw: str(tmp_path / kw["filename"]))
+    df = pd.DataFrame({"preference": y + 1, "output_1": refs, "output_2": outputs, "generator_1": "gpt4_turbo",
+                       "generator_2": "m", "annotator": "weighted_alpaca_eval_gpt4_turbo"})
+    theirs = glm_winrate.get_length_controlled_winrate(df, save_weights_dir=None)["length_controlled_winrate"]
+    assert ours == pytest.approx(theirs, abs=0.1)
+    assert abs(ours - length_controlled_win_rate(y, out, ref)) > 0.1  # the instruction term does matter here
+    monkeypatch.undo()
+    with pytest.raises(IcrError, match="df_gamed.csv not found"):
+        alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(n), data_dir=str(tmp_path / "nowhere"))
+
+
+def test_evaluation_rows_say_which_lc(tmp_path):
+    from icr.config import EvaluationConfig
+    from icr.evaluation.evaluate import evaluate_model
+    from icr.evaluation.judges import FakeJudge
+    from icr.evaluation.results import validate_results
+
+    from .test_report import PROMPTS, REFS, EchoBackend, Ident
+
+    rows = evaluate_model("m", "M0", 0, PROMPTS, REFS, FakeJudge("hash"), EvaluationConfig(), tmp_path,
+                          backend=EchoBackend(), identifier=Ident())
+    assert {r["lc_method"] for r in rows} == {"icr:minimal"}
+    validate_results(rows)
+    old = [{k: v for k, v in r.items() if k != "lc_method"} for r in rows]  # results.json before the field
+    validate_results(old)
+    try:
+        import alpaca_eval.metrics  # noqa: F401
+    except Exception:  # noqa: BLE001
+        with pytest.raises(Exception, match="alpaca-eval package"):
+            evaluate_model("m", "M0", 0, PROMPTS, REFS, FakeJudge("hash"), EvaluationConfig(lc_method="alpaca_eval"),
+                           tmp_path / "b", backend=EchoBackend(), identifier=Ident())
+        return
+    rng = np.random.default_rng(0)
+    (tmp_path / "gamed").mkdir()
+    _stand_in_gamed(tmp_path / "gamed" / "df_gamed.csv", 2, rng)
+    rows = evaluate_model("m", "M0", 0, PROMPTS, REFS, FakeJudge("hash"),
+                          EvaluationConfig(lc_method="alpaca_eval", lc_data_dir=str(tmp_path / "gamed")),
+                          tmp_path / "b", backend=EchoBackend(), identifier=Ident())
+    assert {r["lc_method"] for r in rows} == {"alpaca_eval:length_controlled_v1"}

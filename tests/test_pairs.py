@@ -107,3 +107,82 @@ def test_pairs_load_with_datasets_and_llamafactory_info(tmp_path):
     assert set(["id", "lang", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "alpha"]) <= set(ds.column_names)
     info = llamafactory_dataset_info("icr_x")
     assert info["icr_x"]["ranking"] is True and json.dumps(info)
+
+
+# --- the authors' pair rule (ZNLP/Implicit-Cross-Lingual-Rewarding, utils/generate_preference_pair.py) ------------
+
+def _authors_pairs(rewards, responses, upper_bound=float("inf")):
+    """Their add_lc_score / optimize_alpha / generate_lc_dpo_pair (lines 40-109), transcribed; lengths as
+    load_response_length (line 27) of responses already stripped by their sampler (inference.py:144)."""
+    lengths = [[len(r.strip()) for r in rs] for rs in responses]
+    best_alpha, min_avg_diff = 0.0, float("inf")
+    for alpha in np.arange(0.0, 1.0, 0.001):
+        adj = [[s - alpha * ln for s, ln in zip(ss, ls)] for ss, ls in zip(rewards, lengths)]
+        ch = [np.argmax(a) for a in adj]
+        rj = [np.argmin(a) for a in adj]
+        avg = np.mean([ls[c] - ls[r] for c, r, ls in zip(ch, rj, lengths)])
+        if abs(avg) < abs(min_avg_diff):
+            min_avg_diff, best_alpha = avg, alpha
+    adj = [[s - best_alpha * ln for s, ln in zip(ss, ls)] for ss, ls in zip(rewards, lengths)]
+    chosen = [int(np.argmax([s if s < upper_bound else -float("inf") for s in a])) for a in adj]
+    reject = [int(np.argmin(a)) for a in adj]
+    return best_alpha, chosen, reject
+
+
+PAPER_PAIRS = dict(language_filter=False, keep_ties=True, length_strip=True, max_chosen_reward_on="adjusted")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_options_reproduce_the_authors_pairs(seed):
+    rng = np.random.default_rng(seed)
+    recs, rewards, responses = [], [], []
+    for i in range(30):
+        rs, ts = [], []
+        for k in range(6):
+            n = int(rng.integers(1, 50))
+            text = " " * int(rng.integers(0, 3)) + "w" * n + "\n" * int(rng.integers(0, 3))
+            r = round(0.3 * n + float(rng.normal(0, 3)), 1)
+            if i % 7 == 0:  # every sample identical: the authors still make a (degenerate) pair
+                text, r = "same", 1.0
+            rs.append(r)
+            ts.append(text)
+            recs.append(_rec(str(i), "es", k, text, r))
+        rewards.append(rs)
+        responses.append(ts)
+    bound = 8.0
+    alpha, chosen, reject = _authors_pairs(rewards, responses, upper_bound=bound)
+    pairs, stats = select_pairs(recs, PairsConfig(**PAPER_PAIRS, max_chosen_reward=bound))
+    assert stats["per_language"]["es"]["alpha"] == pytest.approx(alpha)
+    assert [(p["chosen_sample"], p["rejected_sample"]) for p in pairs] == list(zip(chosen, reject))
+    # each option matters here: without it the pairs differ from the authors'
+    for off in (dict(keep_ties=False), dict(length_strip=False), dict(max_chosen_reward_on="reward")):
+        other, _ = select_pairs(recs, PairsConfig(**{**PAPER_PAIRS, **off}, max_chosen_reward=bound))
+        assert [(p["chosen_sample"], p["rejected_sample"]) for p in other] != list(zip(chosen, reject)), off
+
+
+def test_keep_ties_keeps_identical_candidates():
+    recs = [_rec("a", "es", k, "same", 0.5) for k in range(3)]
+    assert select_pairs(recs, PairsConfig(length_control=False, language_filter=False))[0] == []
+    pairs, _ = select_pairs(recs, PairsConfig(length_control=False, language_filter=False, keep_ties=True))
+    assert [(p["chosen"], p["rejected"], p["chosen_sample"], p["rejected_sample"]) for p in pairs] == \
+        [("same", "same", 0, 0)]
+
+
+def test_length_strip_measures_stripped_text():
+    recs = [_rec("a", "es", 0, "aaaa", 1.0), _rec("a", "es", 1, "b" + " " * 20, 0.9), _rec("a", "es", 2, "c", 0.0)]
+    cfg = dict(language_filter=False, alpha_max=0.5, alpha_step=0.05)
+    _, raw = select_pairs(recs, PairsConfig(**cfg))
+    _, stripped = select_pairs(recs, PairsConfig(**cfg, length_strip=True))
+    # raw lengths 4/21/1: alpha 0 leaves chosen 3 chars shorter than rejected... stripped 4/1/1 needs a penalty
+    assert raw["per_language"]["es"]["alpha"] != stripped["per_language"]["es"]["alpha"]
+
+
+def test_upper_bound_on_the_adjusted_score():
+    recs = [_rec("a", "es", 0, "x" * 10, 12.0), _rec("a", "es", 1, "y" * 2, 9.0), _rec("a", "es", 2, "z", 0.0)]
+    base = dict(language_filter=False, length_control=False, max_chosen_reward=10.0)
+    assert select_pairs(recs, PairsConfig(**base))[0][0]["chosen_sample"] == 1  # raw 12 > 10: excluded
+    # adjusted scores equal the raw ones here (alpha 0), strict bound: 12 excluded, 9 chosen; with bound 12, 12 excluded
+    assert select_pairs(recs, PairsConfig(**base, max_chosen_reward_on="adjusted"))[0][0]["chosen_sample"] == 1
+    b12 = {**base, "max_chosen_reward": 12.0}
+    assert select_pairs(recs, PairsConfig(**b12))[0][0]["chosen_sample"] == 0  # raw bound: 12 <= 12 allowed
+    assert select_pairs(recs, PairsConfig(**b12, max_chosen_reward_on="adjusted"))[0][0]["chosen_sample"] == 1

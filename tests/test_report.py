@@ -175,6 +175,18 @@ def test_report_renders_a_tiny_run(tmp_path):
         assert f"]({png})" in text and (run / png).stat().st_size > 1000
 
 
+def test_report_says_which_lc(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    append_results(run / "results.json", [row(lang="es")])  # written before lc_method existed: icr's GLM
+    assert "LC from icr's minimal GLM" in write_report(run).read_text()
+    append_results(run / "results.json", [row(lang="es", lc_method="alpaca_eval:length_controlled_v1")])
+    text = write_report(run).read_text()
+    assert "LC computed by alpaca_eval (length_controlled_v1" in text and "minimal GLM" not in text
+    with pytest.raises(IcrError, match="'lc_method' is 'mine'"):
+        validate_results([row(lc_method="mine")])
+
+
 def test_report_renders_partial_runs(tmp_path):
     run = tmp_path / "empty"
     run.mkdir()

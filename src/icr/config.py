@@ -116,6 +116,11 @@ class RewardConfig:
         "in a different language.\n\n",
         "Prefix before the English instruction for non-English responses; {language} is the language name.")
     batch_tokens: int = _f(8192, "Token budget per scoring batch (length-bucketed).", min=16)
+    token_set: str = _f("paper", "Which tokens the log-prob sums cover: paper (every response token plus "
+                        "end-of-turn: the paper's formula) | authors (the authors' scorer exactly: the first "
+                        "response token left out and, where pad differs from end-of-turn, log p(pad | "
+                        "end-of-turn) added for rows padded in their batches of 3; see docs/fidelity.md).",
+                        choices=("paper", "authors"))
     translate_max_new_tokens: int = _f(512, "translate_to_english: token limit of each greedy translation.", min=1)
 
 
@@ -129,6 +134,15 @@ class PairsConfig:
     drop_truncated: bool = _f(False, "Drop candidates that hit the token limit.")
     min_margin: float | None = _f(None, "Drop pairs whose reward margin (after the length penalty) is below this.")
     max_chosen_reward: float | None = _f(None, "Upper bound on the chosen reward (candidates above are not chosen).")
+    max_chosen_reward_on: str = _f(
+        "reward", "What max_chosen_reward bounds: reward (the raw implicit reward; a candidate above it is not "
+        "chosen) | adjusted (the length-adjusted score r - alpha*len must be strictly below it, as the authors' "
+        "upper bound: generate_preference_pair.py:87).", choices=("reward", "adjusted"))
+    keep_ties: bool = _f(False, "Keep prompts whose best and worst candidates are identical in text or score "
+                                "(the authors keep them: DPO's term is zero there, the NLL term still trains on "
+                                "the chosen answer). Off: such prompts give no pair (icr).")
+    length_strip: bool = _f(False, "Measure lengths on the whitespace-stripped response (the authors strip every "
+                                   "sample when generating: utils/inference.py:144).")
     normalize: str = _f("none", "none | per_token (r / response tokens) | per_language (z-score within a language).",
                         choices=("none", "per_token", "per_language"))
     selection: str = _f("reward", "reward (ICR) | random (control: random distinct pair) | judge (control: the "
@@ -184,6 +198,13 @@ class EvaluationConfig:
     max_new_tokens: int = _f(2048, "Token limit per answer (paper: 2048).", min=1)
     batch_size: int = _f(16, "Prompts per generate call.", min=1)
     models: list = _f(["sft", "M0"], "Models evaluated before iterating (besides each M_t).")
+    lc_method: str = _f("minimal", "Length-controlled win rate: alpaca_eval (alpaca_eval's own "
+                        "get_length_controlled_winrate, length_controlled_v1, with its per-instruction difficulty: "
+                        "for X-AlpacaEval / AlpacaEval's 805 prompts in AlpacaEval's order; needs the eval extra) | "
+                        "minimal (icr's offline GLM without the instruction term: other sets, no alpaca_eval).",
+                        choices=("minimal", "alpaca_eval"))
+    lc_data_dir: str | None = _f(None, "lc_method alpaca_eval: a local folder holding alpaca_eval's df_gamed.csv "
+                                 "(its per-instruction data); default: alpaca_eval downloads it from the hub.")
     reward_agreement: bool = _f(False, "After scoring, measure how often the reward orders two samples as the judge "
                                 "does, per language and pair kind (needs a judge that scores single answers).")
 

@@ -128,8 +128,12 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
             kept_keys.append(key)
             cand_idx.append(keep)
 
-        length_of = (lambda i: len(scored[i]["response"])) if cfg.length_unit == "chars" else \
-            (lambda i: scored[i]["n_tokens"])
+        if cfg.length_unit == "tokens":
+            length_of = lambda i: scored[i]["n_tokens"]  # noqa: E731
+        elif cfg.length_strip:
+            length_of = lambda i: len(scored[i]["response"].strip())  # noqa: E731
+        else:
+            length_of = lambda i: len(scored[i]["response"])  # noqa: E731
         alpha, curve = 0.0, None
         if cfg.selection == "reward" and cfg.length_control and cand_idx:
             grid = alpha_grid(cfg)
@@ -188,11 +192,16 @@ def _pick(key, cands, scored, scores, length_of, alpha, cfg: PairsConfig, seed, 
         vals = np.array([scores[i] - alpha * length_of(i) for i in cands])
     allowed = vals.copy()
     if cfg.max_chosen_reward is not None and cfg.selection == "reward":
-        raw = np.array([scores[i] for i in cands])
-        allowed = np.where(raw > cfg.max_chosen_reward, -np.inf, vals)
+        if cfg.max_chosen_reward_on == "adjusted":  # the authors': score < upper_bound (strict)
+            allowed = np.where(vals < cfg.max_chosen_reward, vals, -np.inf)
+        else:
+            raw = np.array([scores[i] for i in cands])
+            allowed = np.where(raw > cfg.max_chosen_reward, -np.inf, vals)
     if not np.isfinite(allowed).any():
         return None
     c, w = int(np.argmax(allowed)), int(np.argmin(vals))
+    if cfg.keep_ties:  # the authors' rule: best and worst even when they are the same answer
+        return cands[c], cands[w], float(vals[c] - vals[w])
     # Identical texts can differ in score by float noise (different padding in a batch): never a pair.
     if vals[c] <= vals[w] or scored[cands[c]]["response"] == scored[cands[w]]["response"]:
         return None

@@ -72,6 +72,18 @@ def _languages(rows: list[dict]) -> list[str]:
 # Sections
 # ---------------------------------------------------------------------------------------------
 
+LC_NOTES = {"alpaca_eval:length_controlled_v1": "LC computed by alpaca_eval (length_controlled_v1, as AlpacaEval 2 "
+                                                "and the paper).",
+            "icr:minimal": "LC from icr's minimal GLM (no instruction-difficulty term): not comparable with "
+                           "AlpacaEval's or the paper's LC."}
+
+
+def _lc_note(rows: list[dict]) -> str:
+    """Which length-controlled win rate the rows carry (rows written before `lc_method` existed: icr's)."""
+    methods = dict.fromkeys(r.get("lc_method") or "icr:minimal" for r in rows if r["lc"] is not None)
+    return " ".join(LC_NOTES[m] for m in methods)
+
+
 def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
     out = []
     for judge in dict.fromkeys(r["judge"] for r in rows):
@@ -90,7 +102,7 @@ def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
                 + [_fmt(avg("lc")) + mark, _fmt(avg("wr")) + mark])
             details.append([m] + [_detail(cell.get((m, lang))) for lang in langs])
         out += [f"## Win rates against the reference — judge `{judge}`", "",
-                "LC = length-controlled win rate, WR = win rate, in % (Table 2 layout).", "",
+                "LC = length-controlled win rate, WR = win rate, in % (Table 2 layout). " + _lc_note(jrows), "",
                 _table(["Model"] + [f"{lang} {k}" for lang in langs for k in ("LC", "WR")] + ["Avg LC", "Avg WR"], table),
                 ""]
         if incomplete:

@@ -198,6 +198,7 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
             and (shard is None or j % shard[1] == shard[0])]
     if todo:
         rm = load_reward_models(dpo_path, ref_path, cfg)
+        padded = _authors_padding(in_shards, prompts, rm.tokenizer, r) if r.token_set == "authors" else None
         translator = None
         if r.variant == "translate_to_english":
             translator = policy_backend(cfg, translator_path, batch_size=cfg.generation.batch_size)
@@ -213,7 +214,10 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
                 responses = [rec["response"] if rec["lang"] == "en" else o[0].text for rec, o in zip(records, out)]
             convs = [reward_conversation(r.variant, rec["lang"], rec["prompt"],
                                          prompts.english(rec["id"]).instruction, r.prefix) for rec in records]
-            res = implicit_rewards(rm, convs, responses, batch_tokens=r.batch_tokens, desc=f"score {path.stem}")
+            res = implicit_rewards(rm, convs, responses, batch_tokens=r.batch_tokens, desc=f"score {path.stem}",
+                                   token_set=r.token_set,
+                                   padded=None if padded is None else
+                                   [padded[(rec["lang"], rec["id"], rec["sample"])] for rec in records])
             out_records = []
             for j, rec in enumerate(records):
                 reward = float(res["reward"][j])
@@ -237,6 +241,27 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
         log.warning("score: %d samples had non-finite log-probs and are excluded from pairs", counts["nonfinite"])
     write_manifest(stage_dir, key, counts, time.time() - t0)
     return counts
+
+
+def _authors_padding(sample_shards: list[Path], prompts: PromptSet, tokenizer, r) -> dict[tuple, bool]:
+    """For `reward.token_set: authors`: which samples the authors' scorer right-pads.
+
+    Their batches (utils/compute_reward_score.py:40-53) are AUTHORS_BATCH_SIZE consecutive prompts of
+    a language's file, one sample index at a time; a row is padded when it is shorter (prompt +
+    response + end-of-turn, in tokens) than the longest row of its batch. Batches span icr's shards,
+    so every sample is tokenised here first.
+    """
+    from .reward import AUTHORS_BATCH_SIZE, authors_padded_rows, reward_conversation, reward_token_ids
+
+    position = {(lang, p.id): j for lang, ps in prompts.by_lang.items() for j, p in enumerate(ps)}
+    records = [rec for path in sample_shards for rec in read_jsonl(path)]
+    convs = [reward_conversation(r.variant, rec["lang"], rec["prompt"], prompts.english(rec["id"]).instruction,
+                                 r.prefix) for rec in records]
+    prompt_ids, response_ids = reward_token_ids(tokenizer, convs, [rec["response"] for rec in records])
+    groups = [(rec["lang"], position[(rec["lang"], rec["id"])] // AUTHORS_BATCH_SIZE, rec["sample"])
+              for rec in records]
+    flags = authors_padded_rows([len(p) + len(q) for p, q in zip(prompt_ids, response_ids)], groups)
+    return {(rec["lang"], rec["id"], rec["sample"]): f for rec, f in zip(records, flags)}
 
 
 # ---------------------------------------------------------------------------------------------

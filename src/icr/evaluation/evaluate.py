@@ -24,7 +24,8 @@ from ..errors import IcrError
 from ..runs import read_json, text_hash, write_json
 from .export import read_model_outputs, to_model_outputs, write_model_outputs
 from .judges import CachedJudge, JudgeItem
-from .metrics import fidelity, length_controlled_win_rate, mean_length, win_rate
+from .metrics import (alpaca_eval_length_controlled_win_rate, fidelity, length_controlled_win_rate, mean_length,
+                      win_rate)
 
 
 def _generation_key(model_path: str, params, chat_template: str | None, prompts: list[dict]) -> dict:
@@ -160,10 +161,21 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
                    [{"id": it.id, "preference": p} for it, p in zip(items, prefs)])
         texts = [it.output for it in items]
         wr, wr_se = win_rate(prefs)
+        lc, lc_method = _length_controlled(cfg, prefs, items) if references.get(lang) else (None, None)
         results.append({
             "model": label, "iteration": iteration, "lang": lang, "judge": judge.name, "n": len(items),
-            "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se,
-            "lc": length_controlled_win_rate(prefs, [len(t) for t in texts], [len(it.reference) for it in items])
-            if references.get(lang) else None,
+            "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se, "lc": lc, "lc_method": lc_method,
             "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
     return results
+
+
+def _length_controlled(cfg, prefs: list[float], items: list[JudgeItem]) -> tuple[float, str]:
+    """(LC in %, which LC) as `cfg.lc_method` asks; items are in the evaluation file's order."""
+    if getattr(cfg, "lc_method", "minimal") == "alpaca_eval":
+        lc = alpaca_eval_length_controlled_win_rate(prefs, [it.output for it in items],
+                                                    [it.reference for it in items], range(len(items)),
+                                                    data_dir=getattr(cfg, "lc_data_dir", None))
+        return lc, "alpaca_eval:length_controlled_v1"
+    return (length_controlled_win_rate(prefs, [len(it.output) for it in items], [len(it.reference) for it in items]),
+            "icr:minimal")
+

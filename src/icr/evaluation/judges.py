@@ -24,9 +24,12 @@ from typing import Callable, Protocol
 from ..errors import IcrError
 from ..runs import text_hash
 
-# The X-AlpacaEval judge instruction for answers that are not in English (arXiv 2503.04647, §4).
-MULTILINGUAL_JUDGE_NOTE = ("A good output should be in the same language as the instruction, "
-                           "except when the instruction explicitly requests the output in a different language.")
+# alpaca_eval annotator configs shipped with icr (package data), usable by name as `annotators_config`.
+# weighted_alpaca_eval_gpt4_turbo_multilingual: the authors' X-AlpacaEval judge, copied unchanged from
+# their vendored alpaca_eval (github ZNLP/Implicit-Cross-Lingual-Rewarding, alpaca_eval/src/alpaca_eval/
+# evaluators_configs/weighted_alpaca_eval_gpt4_turbo_multilingual/): alpaca_eval's weighted GPT-4-turbo
+# judge with one sentence added to the template's task description, for every language.
+SHIPPED_JUDGE_CONFIGS = Path(__file__).resolve().parent / "judge_configs"
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,11 @@ class RewardModelJudge:
 # alpaca_eval judge
 # ---------------------------------------------------------------------------------------------
 
-def judge_instruction(item: JudgeItem) -> str:
-    """The instruction as shown to an LLM judge. For non-English items, the multilingual note is
-    appended after a blank line, so the judge's own prompt template stays untouched."""
-    if item.lang == "en":
-        return item.instruction
-    return f"{item.instruction}\n\n{MULTILINGUAL_JUDGE_NOTE}"
+def resolve_annotators_config(annotators_config: str) -> str:
+    """A config shipped with icr (by folder name) becomes the path of its configs.yaml; anything
+    else (one of alpaca_eval's own names, or a path) is passed to alpaca_eval as it is."""
+    shipped = SHIPPED_JUDGE_CONFIGS / annotators_config / "configs.yaml"
+    return str(shipped) if "/" not in annotators_config and shipped.is_file() else annotators_config
 
 
 def _import_alpaca_eval_annotator():
@@ -163,8 +165,9 @@ def _import_alpaca_eval_annotator():
 class AlpacaEvalJudge:
     """alpaca_eval's pairwise annotators (an LLM judge behind an OpenAI-compatible endpoint).
 
-    `annotators_config` names one of alpaca_eval's evaluator configs (the paper's judge is
-    GPT-4-turbo, `weighted_alpaca_eval_gpt4_turbo`) or a path to your own config, for example one
+    `annotators_config` names a config shipped with icr (`SHIPPED_JUDGE_CONFIGS`; the default is the
+    authors' `weighted_alpaca_eval_gpt4_turbo_multilingual`), one of alpaca_eval's own evaluator
+    configs, or a path to your own config, for example one
     pointing at a local vLLM server. The endpoint and key come from alpaca_eval's usual environment
     (`OPENAI_API_KEY`, `OPENAI_API_BASE` or `OPENAI_CLIENT_CONFIG_PATH`).
 
@@ -173,20 +176,24 @@ class AlpacaEvalJudge:
     minus one is ours. Failed annotations come back as NaN.
     """
 
-    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo",
+    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo_multilingual",
                  caching_path: str | None = None, seed: int = 0, **annotator_kwargs):
         pairwise_annotator = _import_alpaca_eval_annotator()
+        annotators_config = resolve_annotators_config(annotators_config)
         self.annotator = pairwise_annotator(annotators_config=annotators_config, caching_path=caching_path,
                                             seed=seed, **annotator_kwargs)
         config = Path(annotators_config)
         self.name = f"alpaca_eval:{config.parent.name if config.name == 'configs.yaml' else config.stem}"
+        # "/2": the instruction is shown as it is; icr's judgements before that had a sentence appended
+        # to non-English instructions and must not be reused from a cache
+        self.cache_id = f"{self.name}/2"
 
     @staticmethod
     def head2head_inputs(items: list[JudgeItem]) -> tuple[list[dict], list[dict]]:
         """The baseline and model rows handed to `PairwiseAnnotator.annotate_head2head`."""
-        baseline = [{"instruction": judge_instruction(it), "output": it.reference, "generator": "reference"}
+        baseline = [{"instruction": it.instruction, "output": it.reference, "generator": "reference"}
                     for it in items]
-        model = [{"instruction": judge_instruction(it), "output": it.output, "generator": "model"} for it in items]
+        model = [{"instruction": it.instruction, "output": it.output, "generator": "model"} for it in items]
         return baseline, model
 
     def compare(self, items: list[JudgeItem]) -> list[float]:

@@ -143,3 +143,53 @@ def mean_length(outputs: Sequence[str]) -> float:
     """Mean answer length in characters (the unit of AlpacaEval's length control)."""
     outputs = list(outputs)
     return float(np.mean([len(t) for t in outputs])) if outputs else math.nan
+
+
+def alpaca_eval_length_controlled_win_rate(prefs, outputs: Sequence[str], references: Sequence[str],
+                                           positions: Sequence[int], data_dir: str | None = None) -> float:
+    """AlpacaEval 2's length-controlled win rate, computed by alpaca_eval itself, in percent.
+
+    `alpaca_eval.metrics.get_length_controlled_winrate` with `length_controlled_v1` (the paper's and
+    the leaderboard's LC): the GLM with the per-instruction difficulty and the regularisation toward
+    alpaca_eval's gamed baselines. `positions[i]` is item i's row in AlpacaEval's 805 instructions
+    (X-AlpacaEval keeps AlpacaEval's order, so: its position in the evaluation file). alpaca_eval
+    reads its per-instruction data (`df_gamed.csv`) from the hub; `data_dir` names a local folder
+    holding that file instead (machines without network), handed to alpaca_eval in place of its
+    download (the one line of alpaca_eval this touches: `glm_winrate.hf_hub_download`).
+    """
+    import contextlib
+    from pathlib import Path
+    from unittest import mock
+
+    try:
+        import pandas as pd
+        from alpaca_eval.metrics import glm_winrate
+    except Exception as e:  # noqa: BLE001 - ImportError, or pkg_resources missing under new setuptools
+        from ..errors import IcrError
+
+        raise IcrError("evaluation.lc_method alpaca_eval needs the alpaca-eval package (pip install 'icr[eval]'); "
+                       f"import failed: {type(e).__name__}: {e}") from None
+    p = _prefs(prefs)
+    annotations = pd.DataFrame({
+        "index": list(positions), "output_1": list(references), "output_2": list(outputs),
+        "generator_1": "reference", "generator_2": "model", "annotator": "icr",
+        "preference": 1.0 + p,  # alpaca_eval: 1 = output_1 (the reference) wins, 2 = output_2 (the model)
+    })
+    patch = contextlib.nullcontext()
+    if data_dir is not None:
+        folder = Path(data_dir)
+
+        def local_file(*, filename, **_):
+            path = folder / filename
+            if not path.is_file():
+                from ..errors import IcrError
+
+                raise IcrError(f"evaluation.lc_data_dir: {path} not found (alpaca_eval's {filename})")
+            return str(path)
+
+        patch = mock.patch.object(glm_winrate, "hf_hub_download", local_file)
+    with patch:
+        metrics = glm_winrate.get_length_controlled_winrate(
+            annotations, glm_name="length_controlled_v1", save_weights_dir=None,
+            is_add_glm_preference_inplace=False, is_warn_extreme_changes=False)
+    return float(metrics["length_controlled_winrate"])

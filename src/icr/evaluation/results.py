@@ -13,6 +13,11 @@ from pathlib import Path
 from ..errors import IcrError
 from ..runs import atomic_write_text
 
+# which length-controlled win rate `lc` is: alpaca_eval's own (length_controlled_v1) or icr's minimal GLM
+LC_METHODS = ("alpaca_eval:length_controlled_v1", "icr:minimal")
+# fields added after the first release: absent in older files means null
+ADDED_FIELDS = {"lc_method"}
+
 # field -> (allowed types, may be null, check, description)
 SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
     "model": ((str,), False, lambda v: v != "", "non-empty string (sft, M0, M1, ... or a control label)"),
@@ -23,6 +28,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
     "wr": ((int, float), False, lambda v: 0 <= v <= 100, "number in [0, 100]"),
     "wr_se": ((int, float), True, lambda v: v >= 0, "number >= 0, or null"),
     "lc": ((int, float), True, lambda v: 0 <= v <= 100, "number in [0, 100], or null"),
+    "lc_method": ((str,), True, lambda v: v in LC_METHODS, f"one of {', '.join(LC_METHODS)}, or null"),
     "fidelity": ((int, float), True, lambda v: 0 <= v <= 1, "number in [0, 1], or null"),
     "mean_len": ((int, float), False, lambda v: v >= 0, "number >= 0"),
 }
@@ -50,6 +56,8 @@ def validate_results(rows) -> None:
             raise IcrError(f"{where}: unknown field {extra[0]!r} (fields: {', '.join(FIELDS)})")
         for field, (types, nullable, check, desc) in SCHEMA.items():
             if field not in row:
+                if field in ADDED_FIELDS:
+                    continue
                 raise IcrError(f"{where}: missing field {field!r}")
             value = row[field]
             if value is None and nullable:
@@ -66,8 +74,9 @@ def validate_results(rows) -> None:
 
 
 def clean_row(row: dict) -> dict:
-    """Fields in schema order, NaN turned into null (JSON has no NaN). Missing or unknown fields
-    are kept as they are, for `validate_results` to name."""
+    """Fields in schema order, NaN turned into null (JSON has no NaN), fields added later (ADDED_FIELDS)
+    null when absent. Other missing or unknown fields are kept as they are, for `validate_results` to name."""
+    row = {**{k: None for k in ADDED_FIELDS}, **row}  # rows from before a field existed: null
     order = [k for k in FIELDS if k in row] + [k for k in row if k not in SCHEMA]
     return {k: (None if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in order}
 
