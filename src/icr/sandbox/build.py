@@ -92,18 +92,25 @@ DEFAULTS: dict = dict(
 )
 
 
-def prepare(out_dir: str | Path, **recipe) -> dict:
-    """Build (or reuse) everything under `out_dir`; returns paths and the premise numbers."""
-    unknown = sorted(set(recipe) - set(DEFAULTS))
+def recipe_folder(out_dir: str | Path, recipe: dict, defaults: dict, name: str) -> tuple[dict, Path]:
+    """(the full recipe, the build folder): unknown arguments refused, the folder created, and a folder
+    built with another recipe refused (its recipe.json is the record of what it holds)."""
+    unknown = sorted(set(recipe) - set(defaults))
     if unknown:
-        raise TypeError(f"icr.sandbox.prepare: unknown recipe argument(s) {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **recipe}
+        raise TypeError(f"{name}: unknown recipe argument(s) {unknown}; known: {sorted(defaults)}")
+    cfg = {**defaults, **recipe}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.json"
     if recipe_path.exists() and json.loads(recipe_path.read_text()) != cfg:
         raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
     write_json(recipe_path, cfg)
+    return cfg, out
+
+
+def prepare(out_dir: str | Path, **recipe) -> dict:
+    """Build (or reuse) everything under `out_dir`; returns paths and the premise numbers."""
+    cfg, out = recipe_folder(out_dir, recipe, DEFAULTS, "icr.sandbox.prepare")
     timings = _load_json(out / "timings.json") or {}
     t_all = time.time()
 

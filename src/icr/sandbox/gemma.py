@@ -38,7 +38,6 @@ recipe in the same folder is refused.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -85,16 +84,7 @@ DEFAULTS: dict = dict(
 
 def prepare_gemma(out_dir: str | Path, **recipe) -> dict:
     """Build (or reuse) everything under `out_dir`; returns paths and the premise file."""
-    unknown = sorted(set(recipe) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f"icr.sandbox.prepare_gemma: unknown recipe argument(s) {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **recipe}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_path = out / "recipe.json"
-    if recipe_path.exists() and json.loads(recipe_path.read_text()) != cfg:
-        raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
-    write_json(recipe_path, cfg)
+    cfg, out = build.recipe_folder(out_dir, recipe, DEFAULTS, "icr.sandbox.prepare_gemma")
 
     import torch
 
