@@ -15,7 +15,9 @@ pytest.importorskip("gguf", reason="the gguf package (dev extra) writes the test
 from icr.errors import IcrError  # noqa: E402
 from icr.models import gguf_checkpoint, load_causal_lm, load_tokenizer  # noqa: E402
 
-from .tiny_gguf import write_tiny_gemma_gguf  # noqa: E402
+from .tiny_gguf import needs_gguf_tokenizer, write_tiny_gemma_gguf  # noqa: E402
+
+pytestmark = needs_gguf_tokenizer
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
             "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")

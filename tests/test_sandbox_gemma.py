@@ -16,7 +16,7 @@ pytest.importorskip("gguf", reason="the gguf package (dev extra) writes the stan
 
 from icr.errors import IcrError  # noqa: E402
 
-from .tiny_gguf import world_conversations, write_tiny_gemma_gguf  # noqa: E402
+from .tiny_gguf import needs_gguf_tokenizer, world_conversations, write_tiny_gemma_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_eval=2, n_dev=3, n_train=3, n_pref=12, n_sft=12, sft_epochs=1, sft_lr=1e-3, sft_batch_size=16,
@@ -49,6 +49,7 @@ def test_missing_model_package_is_one_clear_error(monkeypatch, tmp_path):
         base_model_spec("gemma3-270m")
 
 
+@needs_gguf_tokenizer
 def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
     from icr.models import local_model_path
     from icr.reward import tokenize_pair
@@ -63,6 +64,7 @@ def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
 
 
 @pytest.mark.slow
+@needs_gguf_tokenizer
 def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_path):
     from icr.sandbox import prepare_gemma
 
@@ -96,6 +98,7 @@ def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_pat
 
 
 @pytest.mark.slow
+@needs_gguf_tokenizer
 def test_sandbox_gemma_config_runs_end_to_end_on_the_stand_in(stand_in, tmp_path, monkeypatch):
     """configs/sandbox-gemma.yaml, only sizes changed: prepare, 1 iteration, evaluation, both controls."""
     from icr.cli import main

@@ -113,6 +113,7 @@ def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        check_gguf_tokenizer(tok, path, what)
         if dtype is not None:
             import torch
 
@@ -138,6 +139,45 @@ def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_gguf_tokenizer(tok, path: Path, what: str = "model") -> None:
+    """The tokenizer transformers converted from a GGUF file must encode as the file says: the bos token
+    first when the file asks for it (`tokenizer.ggml.add_bos_token`), and every control / user-defined
+    token (turn markers, bos, eos, pad) as its own id. transformers 5.17 and 5.20 convert Gemma's GGUF
+    tokenizer without adding bos (measured on the test's tiny file; 5.24 is right), so every prompt would
+    silently lack the token the model was trained to see first."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def scalar(name):
+        field = fields.get(name)
+        return None if field is None else field.parts[field.data[0]][0]
+
+    def problem() -> str | None:
+        if scalar("tokenizer.ggml.add_bos_token") and tok.bos_token_id is not None:
+            ids = tok.encode("a", add_special_tokens=True)
+            if not ids or ids[0] != tok.bos_token_id:
+                return f"encoding does not start with the bos token {tok.bos_token!r} the file asks for"
+        tokens, types = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.token_type")
+        if tokens is None or types is None:
+            return None
+        names = [bytes(tokens.parts[i]).decode("utf-8", "replace") for i in tokens.data]
+        kinds = [int(types.parts[i][0]) for i in types.data]
+        for token_id, (name, kind) in enumerate(zip(names, kinds)):
+            if kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+                got = tok.encode(name, add_special_tokens=False)
+                if got != [token_id]:
+                    return f"token {name!r} encodes as {got}, the file says [{token_id}]"
+        return None
+
+    found = problem()
+    if found:
+        import transformers
+
+        raise IcrError(f"{what}: {path}: transformers {transformers.__version__} converts this GGUF tokenizer "
+                       f"wrongly ({found}); GGUF models need transformers >= 5.24")
 
 
 def local_model_path(name_or_path: str, dtype: str | None = "float32", what: str = "model") -> str:
