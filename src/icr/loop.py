@@ -294,7 +294,3 @@ def make_judge(cfg: ExperimentConfig):
     judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
     return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
 
-
-def _judge_if_needed(cfg: ExperimentConfig):
-    """The judge when the run uses one (evaluation, judge-chosen pairs, reward agreement), else None."""
-    return make_judge(cfg) if uses_judge(cfg) else None
