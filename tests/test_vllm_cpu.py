@@ -13,8 +13,9 @@ Checked against the `hf` backend on the tiny model (fp32 on both sides):
 - same prompts: the backend hands vLLM our token ids; greedy continuations are identical;
 - sensible samples: n per prompt, reproducible with the same seeds, different across seeds, and
   as likely under the model (mean per-token log-prob) as the `hf` backend's samples;
-- scores: `vllm_implicit_rewards` (prompt_logprobs) equals `icr.reward.implicit_rewards` within
-  1e-3 per summed log-prob (float32 kernels differ in summation order).
+- scores (`reward.backend: vllm`): `vllm_implicit_rewards` (prompt_logprobs) equals
+  `icr.reward.implicit_rewards` within 1e-3 per summed log-prob (float32 kernels differ in
+  summation order); a sample longer than the engine's context comes back NaN and `too_long`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main():
   backend.close()
   t0 = time.time()
   res = vllm_implicit_rewards(job["dpo"], job["sft"], tokenizer, job["score_conversations"], job["score_responses"],
-                              device="cpu", dtype="float32", engine_args={"enforce_eager": True, "max_model_len": 512})
+                              device="cpu", dtype="float32", max_model_len=512, engine_args={"enforce_eager": True})
   out["score_s"] = time.time() - t0
   out.update({k: v.tolist() for k, v in res.items()})
   json.dump(out, open(sys.argv[2], "w"))
@@ -134,6 +135,10 @@ def test_vllm_cpu_backend_matches_hf(vllm_python, tiny128, tmp_path):
     score_convs = [reward_conversation("cross_lingual", "es", "x", c[0]["content"], "In Spanish:\n\n") for c in convs]
     score_resps = [ss[0].text for ss in hf_sampled] + ["", "Hola, el color es rojo."]
     score_convs += score_convs[:2]
+    n_fit = len(score_resps)
+    # Longer than the engine's max_model_len (512): skipped and reported, not sent (vLLM would refuse the batch).
+    score_resps.append("palabra " * 700)
+    score_convs.append(score_convs[0])
 
     job = {"dpo": tiny_pair["dpo"], "sft": tiny_pair["sft"], "conversations": convs, "n": 4,
            "max_new_tokens": max_new, "score_conversations": score_convs, "score_responses": score_resps}
@@ -167,8 +172,11 @@ def test_vllm_cpu_backend_matches_hf(vllm_python, tiny128, tmp_path):
     assert abs(lp_vllm - lp_hf) < 0.35, (lp_vllm, lp_hf)
     # Scores: the implicit reward from prompt_logprobs equals the transformers computation.
     rm = RewardModels(policy=model, reference=load_causal_lm(tiny_pair["sft"], "cpu"), tokenizer=tok)
-    ref = implicit_rewards(rm, score_convs, score_resps)
+    ref = implicit_rewards(rm, score_convs[:n_fit], score_resps[:n_fit])
     for key in ("logp_policy", "logp_reference", "reward"):
+        assert len(out[key]) == n_fit + 1
         for a, b in zip(out[key], ref[key].tolist()):
             assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (key, a, b)
-    assert out["n_tokens"] == ref["n_tokens"].tolist()
+        assert out[key][n_fit] != out[key][n_fit]  # NaN: the row that does not fit
+    assert out["n_tokens"][:n_fit] == ref["n_tokens"].tolist()
+    assert out["too_long"] == [False] * n_fit + [True]

@@ -80,3 +80,86 @@ def test_every_sample_of_a_run_has_its_own_seed_and_long_prompts_are_skipped(tin
     assert len(set(engine.sample_seeds)) == len(engine.sample_seeds)  # was: neighbouring prompts overlapped
     skipped = [r for p in sorted((tmp_path / "gen").glob("skipped-*.jsonl")) for r in read_jsonl(p)]
     assert [r["prompt_tokens"] for r in skipped] == [lengths[-1]] * too_long
+
+
+class StandInScorerLLM:
+    """vLLM's `prompt_logprobs` computed by the transformers model at `path` (fp32, one sequence at a
+    time): what an engine returns for max_tokens=1, prompt_logprobs=0. Refuses, as vLLM does, a
+    sequence with no room left for the one generated token."""
+
+    loads: list[str] = []
+
+    def __init__(self, path: str, max_model_len: int):
+        from icr.models import load_causal_lm
+
+        StandInScorerLLM.loads.append(path)
+        self.model = load_causal_lm(path, "cpu", "float32")
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len))
+
+    def generate(self, prompts, sampling_params, use_tqdm=False):
+        import torch
+
+        assert sampling_params.kw["prompt_logprobs"] == 0 and sampling_params.kw["max_tokens"] == 1
+        outputs = []
+        for prompt in prompts:
+            ids = prompt["prompt_token_ids"]
+            assert len(ids) < self.llm_engine.model_config.max_model_len  # vLLM would refuse the request
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].double()
+            lp = torch.log_softmax(logits, -1)
+            plp = [None] + [{ids[t]: SimpleNamespace(logprob=float(lp[t - 1, ids[t]]))} for t in range(1, len(ids))]
+            outputs.append(SimpleNamespace(prompt_logprobs=plp))
+        return outputs
+
+
+def test_vllm_reward_backend_scores_as_hf_and_skips_what_does_not_fit(tiny_pair, tmp_path, fake_vllm, monkeypatch):
+    """`reward.backend: vllm` through the real score stage: the same rewards as `hf` on the same
+    samples (same token ids), one engine per model for all shards, and a sample longer than the
+    engine's context skipped and reported (reward None, `too_long`), not truncated or fatal."""
+    from icr.config import load_config
+    from icr.data import load_prompt_set
+    from icr.generation import vllm as vllm_module
+    from icr.loop import resolve_placeholders
+    from icr.reward import reward_conversation, reward_inputs
+    from icr.runs import read_json, read_shards
+    from icr.stages import reward_tokenizer, run_generate, run_score
+
+    overrides = [f"run_root={tmp_path}", "generation.shard_size=2", "generation.n=3", "generation.max_new_tokens=12"]
+    cfg_hf = resolve_placeholders(load_config(REPO / "configs" / "tiny.yaml", overrides), tiny_pair["root"])
+    cfg_vllm = resolve_placeholders(load_config(REPO / "configs" / "tiny.yaml", overrides + ["reward.backend=vllm"]),
+                                    tiny_pair["root"])
+    prompts = load_prompt_set(cfg_hf.prompts, cfg_hf.languages)
+    dpo, sft = tiny_pair["dpo"], tiny_pair["sft"]
+    run_generate(cfg_hf, dpo, prompts, tmp_path / "gen", seed=1)
+    hf = run_score(cfg_hf, tmp_path / "gen", prompts, dpo, sft, tmp_path / "score-hf")
+    hf_records = read_shards(tmp_path / "score-hf")
+
+    # The engine's context: just too short for the longest scored sequence(s).
+    tok = reward_tokenizer(dpo, sft, cfg_hf)
+    convs = [reward_conversation("cross_lingual", rec["lang"], rec["prompt"], prompts.english(rec["id"]).instruction,
+                                 cfg_hf.reward.prefix) for rec in hf_records]
+    p_ids, r_ids, _ = reward_inputs(tok, convs, [rec["response"] for rec in hf_records])
+    lengths = [len(p) + len(r) for p, r in zip(p_ids, r_ids)]
+    limit = max(lengths)
+    StandInScorerLLM.loads = []
+    monkeypatch.setattr(vllm_module, "make_llm", lambda path, **kw: StandInScorerLLM(path, limit))
+    got = run_score(cfg_vllm, tmp_path / "gen", prompts, dpo, sft, tmp_path / "score-vllm")
+    vllm_records = read_shards(tmp_path / "score-vllm")
+
+    assert StandInScorerLLM.loads == [dpo, sft]  # one engine per model, not per shard
+    assert len(list((tmp_path / "gen").glob("shard-*.jsonl"))) >= 3
+    n_long = sum(n >= limit for n in lengths)
+    assert n_long >= 1 and got["too_long"] == n_long and got["nonfinite"] == n_long and hf["too_long"] == 0
+    assert read_json(tmp_path / "score-vllm" / "manifest.json")["counts"]["too_long"] == n_long
+    assert [(r["lang"], r["id"], r["sample"]) for r in vllm_records] == \
+        [(r["lang"], r["id"], r["sample"]) for r in hf_records]
+    compared = 0
+    for a, b, n in zip(hf_records, vllm_records, lengths):
+        if n >= limit:
+            assert b["reward"] is None and b["too_long"] is True
+            continue
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-4)
+        assert b["logp_policy"] == pytest.approx(a["logp_policy"], abs=1e-4)
+        assert b["reward_tokens"] == a["reward_tokens"] and "too_long" not in b
+        compared += 1
+    assert compared >= 10

@@ -115,7 +115,11 @@ class RewardConfig:
         "Please answer the following instruction using only {language}, unless explicitly instructed to respond "
         "in a different language.\n\n",
         "Prefix before the English instruction for non-English responses; {language} is the language name.")
-    batch_tokens: int = _f(8192, "Token budget per scoring batch (length-bucketed).", min=16)
+    backend: str = _f("hf", "hf (transformers, both models loaded together; CPU or GPU) | vllm (prompt_logprobs, "
+                      "one model at a time, the engine settings of generation.*; a sample longer than the "
+                      "engine's context is skipped and reported). Same token ids either way.",
+                      choices=("hf", "vllm"))
+    batch_tokens: int = _f(8192, "Token budget per scoring batch (length-bucketed; hf backend).", min=16)
     token_set: str = _f("paper", "Which tokens the log-prob sums cover: paper (every response token plus "
                         "end-of-turn: the paper's formula) | authors (the authors' scorer exactly: the first "
                         "response token left out and, where pad differs from end-of-turn, log p(pad | "

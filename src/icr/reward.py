@@ -412,6 +412,27 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def reward_inputs(tokenizer, conversations: list[list[dict]], responses: list[str], *, token_set: str = "paper",
+                  padded: list[bool] | None = None) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+    """The token ids whose log-probs the reward sums, for any scoring backend (hf or vllm).
+
+    Returns (prompt_ids, response_ids, n_tokens): the ids of `token_set` ("paper": every response
+    token plus end-of-turn; "authors": `authors_token_ids`, `padded[i]` saying whether row i was
+    padded in the authors' batch) and `n_tokens`, the response's own token count (end-of-turn
+    included) whatever the token set.
+    """
+    prompt_ids, response_ids = reward_token_ids(tokenizer, conversations, responses)
+    n_tokens = np.array([len(r) for r in response_ids])
+    if token_set == "authors":
+        pad = pad_token_id(tokenizer)
+        rows = [authors_token_ids(p, r, padded=bool(padded and padded[i]), pad_id=pad)
+                for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+        prompt_ids, response_ids = [p for p, _ in rows], [r for _, r in rows]
+    elif token_set != "paper":
+        raise ValueError(f"token_set must be 'paper' or 'authors', not {token_set!r}")
+    return prompt_ids, response_ids, n_tokens
+
+
 @dataclass
 class RewardModels:
     """The two models whose log-ratio is the reward, sharing one tokenizer (checked by the loader)."""
@@ -434,15 +455,8 @@ def implicit_rewards(rm: RewardModels, conversations: list[list[dict]], response
     "authors" reproduces the authors' sums (`authors_token_ids`), `padded[i]` saying whether row i
     was padded in their batch (see `authors_padded_rows`; None: no row padded).
     """
-    prompt_ids, response_ids = reward_token_ids(rm.tokenizer, conversations, responses)
-    n_tokens = np.array([len(r) for r in response_ids])
-    if token_set == "authors":
-        pad = pad_token_id(rm.tokenizer)
-        rows = [authors_token_ids(p, r, padded=bool(padded and padded[i]), pad_id=pad)
-                for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
-        prompt_ids, response_ids = [p for p, _ in rows], [r for _, r in rows]
-    elif token_set != "paper":
-        raise ValueError(f"token_set must be 'paper' or 'authors', not {token_set!r}")
+    prompt_ids, response_ids, n_tokens = reward_inputs(rm.tokenizer, conversations, responses,
+                                                       token_set=token_set, padded=padded)
     lp = sequence_logprobs([rm.policy, rm.reference], prompt_ids, response_ids,
                            pad_id=rm.tokenizer.pad_token_id, batch_tokens=batch_tokens, desc=desc,
                            shared_prompt=shared_prompt)

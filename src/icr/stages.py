@@ -175,6 +175,14 @@ def load_reward_models(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
                         tokenizer=tok_dpo)
 
 
+def reward_tokenizer(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
+    """The reward pair's one tokenizer, without loading the models (`reward.backend: vllm`)."""
+    tok_dpo = load_tokenizer(dpo_path, cfg.models.chat_template, what="reward model (policy side)")
+    tok_ref = load_tokenizer(ref_path, cfg.models.chat_template, what="reward model (reference side)")
+    check_same_tokenizer(tok_dpo, tok_ref, dpo_path, ref_path)
+    return tok_dpo
+
+
 def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_path: str, ref_path: str,
               stage_dir: Path, *, translator_path: str | None = None, shard: tuple[int, int] | None = None,
               reuse: Path | None = None) -> dict:
@@ -197,12 +205,14 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
     todo = [p for j, p in enumerate(in_shards) if not (stage_dir / p.name).is_file()
             and (shard is None or j % shard[1] == shard[0])]
     if todo:
-        rm = load_reward_models(dpo_path, ref_path, cfg)
-        padded = _authors_padding(in_shards, prompts, rm.tokenizer, r) if r.token_set == "authors" else None
+        rm = load_reward_models(dpo_path, ref_path, cfg) if r.backend == "hf" else None
+        tokenizer = rm.tokenizer if rm is not None else reward_tokenizer(dpo_path, ref_path, cfg)
+        padded = _authors_padding(in_shards, prompts, tokenizer, r) if r.token_set == "authors" else None
         translator = None
         if r.variant == "translate_to_english":
             translator = policy_backend(cfg, translator_path, batch_size=cfg.generation.batch_size)
-        for path in todo:
+
+        def shard_inputs(path: Path) -> dict:
             records = read_jsonl(path)
             responses = [rec["response"] for rec in records]
             if translator is not None:
@@ -214,21 +224,48 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
                 responses = [rec["response"] if rec["lang"] == "en" else o[0].text for rec, o in zip(records, out)]
             convs = [reward_conversation(r.variant, rec["lang"], rec["prompt"],
                                          prompts.english(rec["id"]).instruction, r.prefix) for rec in records]
-            res = implicit_rewards(rm, convs, responses, batch_tokens=r.batch_tokens, desc=f"score {path.stem}",
-                                   token_set=r.token_set,
-                                   padded=None if padded is None else
-                                   [padded[(rec["lang"], rec["id"], rec["sample"])] for rec in records])
+            return {"records": records, "responses": responses, "convs": convs,
+                    "padded": None if padded is None else [padded[(rec["lang"], rec["id"], rec["sample"])]
+                                                           for rec in records]}
+
+        def write_shard(path: Path, x: dict, res: dict) -> None:
             out_records = []
-            for j, rec in enumerate(records):
+            for j, rec in enumerate(x["records"]):
                 reward = float(res["reward"][j])
-                finite = reward == reward
-                out_records.append({**rec, "reward": reward if finite else None,
+                out_records.append({**rec, "reward": reward if reward == reward else None,
                                     "logp_policy": float(res["logp_policy"][j]),
                                     "logp_reference": float(res["logp_reference"][j]),
                                     "reward_tokens": int(res["n_tokens"][j]),
-                                    **({"translation": responses[j]} if translator is not None else {})})
+                                    **({"too_long": True} if "too_long" in res and res["too_long"][j] else {}),
+                                    **({"translation": x["responses"][j]} if r.variant == "translate_to_english" else {})})
             write_jsonl(stage_dir / path.name, out_records)
             append_journal(stage_dir, {"shard": path.name})
+
+        if rm is not None:  # hf: both models resident, shard by shard (resumes by shard)
+            for path in todo:
+                x = shard_inputs(path)
+                write_shard(path, x, implicit_rewards(rm, x["convs"], x["responses"], batch_tokens=r.batch_tokens,
+                                                      desc=f"score {path.stem}", token_set=r.token_set,
+                                                      padded=x["padded"]))
+        else:  # vllm: an engine start per model is costly, so one pass per model over all this worker's shards
+            from .generation.vllm import vllm_implicit_rewards
+
+            xs = [shard_inputs(path) for path in todo]
+            if translator is not None:  # its engine leaves the GPU before the scorers load
+                translator.close()
+                translator = None
+            g = cfg.generation
+            res = vllm_implicit_rewards(dpo_path, ref_path, tokenizer, [c for x in xs for c in x["convs"]],
+                                        [y for x in xs for y in x["responses"]], device=cfg.device,
+                                        dtype=cfg.models.dtype, tensor_parallel_size=g.tensor_parallel_size,
+                                        gpu_memory_utilization=g.gpu_memory_utilization, token_set=r.token_set,
+                                        padded=None if padded is None else [b for x in xs for b in x["padded"]],
+                                        desc=f"score {len(todo)} shards")
+            start = 0
+            for path, x in zip(todo, xs):
+                end = start + len(x["records"])
+                write_shard(path, x, {k: v[start:end] for k, v in res.items()})
+                start = end
         if translator is not None:
             translator.close()
         del rm, translator
@@ -236,9 +273,14 @@ def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_
     if shard is not None and any(not (stage_dir / p.name).is_file() for p in in_shards):
         return {"partial": True}
     records = read_shards(stage_dir)
-    counts = {"scored": len(records), "nonfinite": sum(rec["reward"] is None for rec in records)}
-    if counts["nonfinite"]:
-        log.warning("score: %d samples had non-finite log-probs and are excluded from pairs", counts["nonfinite"])
+    counts = {"scored": len(records), "nonfinite": sum(rec["reward"] is None for rec in records),
+              "too_long": sum(bool(rec.get("too_long")) for rec in records)}
+    if counts["too_long"]:
+        log.warning("score: %d samples are longer than the vLLM engine's context: not scored, excluded from pairs",
+                    counts["too_long"])
+    if counts["nonfinite"] - counts["too_long"]:
+        log.warning("score: %d samples had non-finite log-probs and are excluded from pairs",
+                    counts["nonfinite"] - counts["too_long"])
     write_manifest(stage_dir, key, counts, time.time() - t0)
     return counts
 

@@ -164,7 +164,8 @@ def _isolate(cfg: ExperimentConfig, isolate: bool | None) -> bool:
 def _gpus_each(cfg: ExperimentConfig, stage: str) -> int:
     g = cfg.generation
     samples = stage in ("generate", "eval_outputs") or (stage == "score" and cfg.reward.variant == "translate_to_english")
-    return g.tensor_parallel_size if g.backend == "vllm" and samples else 1
+    vllm_scores = stage == "score" and cfg.reward.backend == "vllm"
+    return g.tensor_parallel_size if (g.backend == "vllm" and samples) or vllm_scores else 1
 
 
 def _sharded(stage: str, cfg: ExperimentConfig, args: dict, workers: int, isolate: bool, call,

@@ -19,8 +19,9 @@ Imported only when chosen. Behaves like the `hf` backend so that the two are int
 `icr.workers` give each worker that many GPUs).
 
 `VLLMScorer` computes summed response log-probs with `prompt_logprobs` (one prefill per sequence,
-no sampling), on the same token ids as `icr.reward` (TRL's tokenisation), for the implicit reward
-on vLLM: `vllm_implicit_rewards`.
+no sampling), on the same token ids as `icr.reward` (TRL's tokenisation): `vllm_implicit_rewards`
+is the score stage's `reward.backend: vllm`. One model is loaded at a time (policy, then
+reference); a sequence longer than the engine's context is skipped and reported, not truncated.
 """
 
 from __future__ import annotations
@@ -182,7 +183,11 @@ def _old_top_k() -> bool:
 
 
 class VLLMScorer:
-    """Summed log-probs of responses given prompts, through vLLM's `prompt_logprobs`."""
+    """Summed log-probs of responses given prompts, through vLLM's `prompt_logprobs`.
+
+    A sequence (prompt + response) longer than the engine's context cannot be scored by vLLM (it
+    refuses the whole request batch): such rows are skipped and come back as NaN, for the caller to
+    exclude and report (`reward.backend: vllm`, icr.stages.run_score)."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
@@ -191,19 +196,24 @@ class VLLMScorer:
         self.llm = llm or make_llm(model_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                    engine_args={"enable_prefix_caching": False, **(engine_args or {})})
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                  desc: str | None = None) -> np.ndarray:
         from vllm import SamplingParams as VSP
 
         seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        out = np.full(len(seqs), math.nan, dtype=np.float64)
+        # vLLM needs room for the one token it must generate after the prompt.
+        fits = [i for i, s in enumerate(seqs) if len(s) < self.max_model_len]
+        if not fits:
+            return out
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate(_token_prompts(seqs), sp, use_tqdm=desc is not None)
-        out = np.zeros(len(seqs), dtype=np.float64)
-        for i, (o, p) in enumerate(zip(outputs, prompt_ids)):
+        outputs = self.llm.generate(_token_prompts([seqs[i] for i in fits]), sp, use_tqdm=desc is not None)
+        for i, o in zip(fits, outputs):
             plp = o.prompt_logprobs  # per position: {token id: Logprob} for the actual token (+ top-k); None first
             total = 0.0
-            for pos in range(len(p), len(seqs[i])):
+            for pos in range(len(prompt_ids[i]), len(seqs[i])):
                 entry = plp[pos] if plp is not None else None
                 tok = seqs[i][pos]
                 if entry is None or tok not in entry:
@@ -221,22 +231,32 @@ class VLLMScorer:
 def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conversations: list[list[dict]],
                           responses: list[str], *, device: str = "auto", dtype: str = "auto",
                           tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                          engine_args: dict | None = None) -> dict[str, np.ndarray]:
-    """`icr.reward.implicit_rewards` on vLLM: the same token ids, one model loaded at a time."""
-    from ..reward import tokenize_pair
+                          max_model_len: int | None = None, engine_args: dict | None = None,
+                          token_set: str = "paper", padded: list[bool] | None = None,
+                          desc: str | None = None) -> dict[str, np.ndarray]:
+    """`icr.reward.implicit_rewards` on vLLM (`reward.backend: vllm`): the same token ids
+    (`icr.reward.reward_inputs`), one model loaded at a time. Adds `too_long`: rows longer than the
+    engine's context, skipped (NaN reward) rather than truncated."""
+    from ..reward import reward_inputs
 
-    pairs = [tokenize_pair(tokenizer, c, r) for c, r in zip(conversations, responses)]
-    prompt_ids = [p for p, _ in pairs]
-    response_ids = [r for _, r in pairs]
-    lps = []
+    prompt_ids, response_ids, n_tokens = reward_inputs(tokenizer, conversations, responses,
+                                                       token_set=token_set, padded=padded)
+    lps, limit = [], None
     for path in (policy_path, reference_path):
+        if is_gguf(path):  # vLLM gets the converted checkpoint (see icr.models)
+            path = local_model_path(path, str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), "reward model")
         scorer = VLLMScorer(path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                            gpu_memory_utilization=gpu_memory_utilization, engine_args=engine_args)
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            engine_args=engine_args)
         try:
-            lps.append(scorer.logprobs(prompt_ids, response_ids))
+            limit = scorer.max_model_len if limit is None else min(limit, scorer.max_model_len)
+            lps.append(scorer.logprobs(prompt_ids, response_ids, desc=desc))
         finally:
             scorer.close()
+    too_long = np.array([len(p) + len(r) >= limit for p, r in zip(prompt_ids, response_ids)], dtype=bool)
+    lps[0][too_long] = math.nan
+    lps[1][too_long] = math.nan
     reward = lps[0] - lps[1]
     reward[~np.isfinite(reward)] = math.nan
-    return {"reward": reward, "logp_policy": lps[0], "logp_reference": lps[1],
-            "n_tokens": np.array([len(r) for r in response_ids])}
+    return {"reward": reward, "logp_policy": lps[0], "logp_reference": lps[1], "n_tokens": n_tokens,
+            "too_long": too_long}
