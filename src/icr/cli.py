@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "step are checked once it has run.\n\nexample:\n  icr validate configs/tiny.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (every config)")
     _common(p)
 
     p = sub.add_parser("config", help="describe every config field with its default",
@@ -253,7 +254,7 @@ def _dispatch(args) -> None:
         from .loop import preflight, prepared_dir, resolve_placeholders
 
         for path in args.config:
-            cfg = load_config(path)
+            cfg = load_config(path, args.set)
             prepared = prepared_dir(cfg)
             if prepared is not None and not (prepared / "done.json").is_file():
                 print(f"{path}: ok (config only: the prepare step has not run yet, so the files it builds "

@@ -188,6 +188,21 @@ class TrainConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """The alignment-tax check (the paper's Table 4): multiple-choice benchmarks per language through
+    lm-evaluation-harness on every evaluated checkpoint (`pip install 'icr[harness]'`)."""
+
+    tasks: dict = _f({}, "Language -> lm-eval task names run for it, e.g. {en: [arc_challenge], es: [arc_es]} "
+                     "(the paper's Table 4: Okapi's multilingual ARC, HellaSwag, MMLU, TruthfulQA; see the README). "
+                     "Empty: off.")
+    include_path: str | None = _f(None, "A folder of extra lm-eval task YAMLs (local tasks, e.g. offline copies).")
+    num_fewshot: int | None = _f(None, "Few-shot examples per question; default: each task's own.", min=0)
+    limit: float | None = _f(None, "Questions per task: a count (>= 1) or a fraction (< 1); default: all.",
+                             min=0.0, exclusive_min=True)
+    batch_size: int = _f(8, "Questions per forward batch (lm-eval's HFLM).", min=1)
+
+
+@dataclass
 class EvaluationConfig:
     enabled: bool = _f(False, "Evaluate after each iteration (and pi_SFT, pi0 before the first).")
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Evaluation prompts."})
@@ -211,6 +226,8 @@ class EvaluationConfig:
                                  "(its per-instruction data); default: alpaca_eval downloads it from the hub.")
     reward_agreement: bool = _f(False, "After scoring, measure how often the reward orders two samples as the judge "
                                 "does, per language and pair kind (needs a judge that scores single answers).")
+    harness: HarnessConfig = field(default_factory=HarnessConfig, metadata={
+        "help": "Alignment-tax benchmarks through lm-evaluation-harness (off unless tasks are named)."})
 
 
 @dataclass

@@ -199,6 +199,7 @@ class Evaluator:
 
     def __call__(self, model_path: str, label: str, t: int) -> list[dict]:
         from .evaluation.evaluate import evaluate_model
+        from .evaluation.harness import evaluate_harness
         from .evaluation.results import append_results
         from .workers import eval_outputs_stage
 
@@ -208,6 +209,9 @@ class Evaluator:
         rows = evaluate_model(model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation,
                               self.out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
                               generator=f"{cfg.name}/{label}")
+        # The alignment-tax benchmarks (lm-evaluation-harness), when configured.
+        rows += evaluate_harness(model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device,
+                                 dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
         append_results(self.results_path, rows)
         return rows
 
@@ -259,7 +263,10 @@ def preflight(cfg: ExperimentConfig):
     check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
     judge = make_judge(cfg) if uses_judge(cfg) else None
     if cfg.evaluation.enabled:
+        from .evaluation.harness import check_harness
+
         load_evaluation_data(cfg, judge)
+        check_harness(cfg.evaluation.harness, cfg.languages)
     return judge
 
 

@@ -115,6 +115,32 @@ def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
     return out
 
 
+def _harness_section(rows: list[dict]) -> list[str]:
+    """The paper's Table 4 layout: one line per (task, language, metric), one column per model."""
+    if not rows:
+        return []
+    from .evaluation.harness import FRACTION_METRICS
+
+    models = list(dict.fromkeys(r["model"] for r in sorted(rows, key=_model_order)))
+    cell = {(r["task"], r["lang"], r["metric"], r["model"]): r for r in rows}
+    lines = list(dict.fromkeys((r["task"], r["lang"], r["metric"]) for r in rows))
+    table = []
+    for task, lang, metric in lines:
+        scale = 100.0 if metric.split("/")[0] in FRACTION_METRICS else 1.0
+        values = []
+        for m in models:
+            r = cell.get((task, lang, metric, m))
+            values.append("–" if r is None else _fmt(scale * r["value"]) + (
+                "" if r["stderr"] is None else f" ± {_fmt(scale * r['stderr'])}"))
+        first = next(r for m in models if (r := cell.get((task, lang, metric, m))) is not None)
+        table.append([task, lang, metric, first["n"] if first["n"] is not None else "–",
+                      first["num_fewshot"] if first["num_fewshot"] is not None else "–"] + values)
+    return ["## Alignment tax — lm-evaluation-harness (the paper's Table 4)", "",
+            "Each benchmark through lm-evaluation-harness on each checkpoint (accuracies in %, ± standard error). "
+            "ICR should leave these where pi_SFT / pi0 had them.", "",
+            _table(["Task", "Lang", "Metric", "n", "Shots"] + models, table), ""]
+
+
 def _detail(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -253,8 +279,10 @@ def write_report(run_dir: Path) -> Path:
         raise IcrError(f"{run_dir}: no such run folder")
     plt = _pyplot()
     rows = read_results(run_dir / "results.json")
-    body = _results_section(rows, run_dir, plt) + _agreement_section(run_dir) + _pairs_section(run_dir, plt) \
-        + _timing_section(run_dir)
+    judged = [r for r in rows if r.get("kind", "judge") == "judge"]
+    harness = [r for r in rows if r.get("kind") == "harness"]
+    body = _results_section(judged, run_dir, plt) + _harness_section(harness) + _agreement_section(run_dir) \
+        + _pairs_section(run_dir, plt) + _timing_section(run_dir)
     head = [f"# ICR run report: {run_dir.name}", ""]
     if not body:
         head += ["Nothing to report yet: no results, pair statistics or stage manifests in this run.", ""]

@@ -1,4 +1,6 @@
-"""`runs/<name>/results.json`: one row per (model, language, judge). Schema: docs/results-schema.md.
+"""`runs/<name>/results.json`: one row per (model, language, judge), and, for the alignment-tax
+check (`evaluation.harness`), one row of kind "harness" per (model, language, task, metric).
+Schema: docs/results-schema.md.
 
 Other tools read this file, so the schema is checked on every write and every read: a row with a
 missing, extra or mistyped field is an error naming the row and the field.
@@ -35,10 +37,40 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
 FIELDS = tuple(SCHEMA)
 KEY = ("model", "lang", "judge")
 
+# kind "harness": an lm-evaluation-harness metric (icr.evaluation.harness); judge rows have no `kind`
+HARNESS_SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
+    "kind": ((str,), False, lambda v: v == "harness", '"harness"'),
+    "model": SCHEMA["model"],
+    "iteration": SCHEMA["iteration"],
+    "lang": SCHEMA["lang"],
+    "task": ((str,), False, lambda v: v != "", "non-empty lm-eval task name"),
+    "metric": ((str,), False, lambda v: v != "", "non-empty metric name (lm-eval's, /filter when not 'none')"),
+    "value": ((int, float), False, lambda v: True, "a finite number (lm-eval's value)"),
+    "stderr": ((int, float), True, lambda v: v >= 0, "number >= 0, or null"),
+    "n": ((int,), True, lambda v: v >= 1, "integer >= 1 (questions scored), or null"),
+    "num_fewshot": ((int,), True, lambda v: v >= 0, "integer >= 0, or null"),
+}
+HARNESS_KEY = ("model", "lang", "task", "metric")
+
+
+def _kind(row) -> str:
+    return row.get("kind", "judge") if isinstance(row, dict) else "judge"
+
+
+def _schema_and_key(row) -> tuple[dict, tuple[str, ...]]:
+    return (HARNESS_SCHEMA, HARNESS_KEY) if _kind(row) == "harness" else (SCHEMA, KEY)
+
+
+def row_key(row: dict) -> tuple:
+    """The identity of a row within results.json (its kind and key fields)."""
+    _, key = _schema_and_key(row)
+    return (_kind(row), *(row[k] for k in key))
+
 
 def _describe(row, index) -> str:
-    if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in KEY):
-        return f"results row {index} ({row['model']}, {row['lang']}, {row['judge']})"
+    _, key = _schema_and_key(row)
+    if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in key):
+        return f"results row {index} ({', '.join(row[k] for k in key)})"
     return f"results row {index}"
 
 
@@ -51,12 +83,15 @@ def validate_results(rows) -> None:
         where = _describe(row, i)
         if not isinstance(row, dict):
             raise IcrError(f"{where}: expected an object, got {type(row).__name__}")
-        extra = sorted(set(row) - set(FIELDS))
+        if "kind" in row and row["kind"] != "harness":
+            raise IcrError(f"{where}: field 'kind' is {row['kind']!r}; expected \"harness\" or no kind (a judge row)")
+        schema, key_fields = _schema_and_key(row)
+        extra = sorted(set(row) - set(schema))
         if extra:
-            raise IcrError(f"{where}: unknown field {extra[0]!r} (fields: {', '.join(FIELDS)})")
-        for field, (types, nullable, check, desc) in SCHEMA.items():
+            raise IcrError(f"{where}: unknown field {extra[0]!r} (fields: {', '.join(schema)})")
+        for field, (types, nullable, check, desc) in schema.items():
             if field not in row:
-                if field in ADDED_FIELDS:
+                if field in ADDED_FIELDS and schema is SCHEMA:
                     continue
                 raise IcrError(f"{where}: missing field {field!r}")
             value = row[field]
@@ -67,17 +102,19 @@ def validate_results(rows) -> None:
                 ok = False
             if not ok or not check(value):
                 raise IcrError(f"{where}: field {field!r} is {value!r}; expected {desc}")
-        key = tuple(row[k] for k in KEY)
+        key = row_key(row)
         if key in seen:
-            raise IcrError(f"{where}: same (model, lang, judge) as row {seen[key]}")
+            raise IcrError(f"{where}: same ({', '.join(key_fields)}) as row {seen[key]}")
         seen[key] = i
 
 
 def clean_row(row: dict) -> dict:
     """Fields in schema order, NaN turned into null (JSON has no NaN), fields added later (ADDED_FIELDS)
     null when absent. Other missing or unknown fields are kept as they are, for `validate_results` to name."""
-    row = {**{k: None for k in ADDED_FIELDS}, **row}  # rows from before a field existed: null
-    order = [k for k in FIELDS if k in row] + [k for k in row if k not in SCHEMA]
+    schema, _ = _schema_and_key(row)
+    if schema is SCHEMA:
+        row = {**{k: None for k in ADDED_FIELDS}, **row}  # rows from before a field existed: null
+    order = [k for k in schema if k in row] + [k for k in row if k not in schema]
     return {k: (None if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in order}
 
 
@@ -98,7 +135,7 @@ def read_results(path: Path) -> list[dict]:
 
 
 def append_results(path: Path, rows: list[dict]) -> list[dict]:
-    """Add rows to a results file; a row with the same (model, lang, judge) replaces the old one in
+    """Add rows to a results file; a row with the same key (`row_key`) replaces the old one in
     place. Validates everything and writes atomically. Returns the file's rows.
 
     Not safe against two writers at once: the run lock (`icr.runs.run_lock`) keeps one per run.
@@ -106,9 +143,9 @@ def append_results(path: Path, rows: list[dict]) -> list[dict]:
     new = [clean_row(r) for r in rows]
     validate_results(new)
     existing = read_results(path)
-    index = {tuple(r[k] for k in KEY): i for i, r in enumerate(existing)}
+    index = {row_key(r): i for i, r in enumerate(existing)}
     for row in new:
-        key = tuple(row[k] for k in KEY)
+        key = row_key(row)
         if key in index:
             existing[index[key]] = row
         else:

@@ -74,7 +74,7 @@ def summarise(runs: dict, languages: list[str], iterations: int) -> dict:
     final = f"M{iterations}"
     per_label: dict[str, dict] = {}
     for (label, seed), run_dir in runs.items():
-        rows = read_json(Path(run_dir) / "results.json")
+        rows = [r for r in read_json(Path(run_dir) / "results.json") if r.get("kind", "judge") == "judge"]
         res = {r["lang"]: r for r in rows if r["model"] == final}
         m0 = {r["lang"]: r for r in rows if r["model"] == "M0"}
         agreement_file = Path(run_dir) / "diagnostics" / "reward_agreement.json"
