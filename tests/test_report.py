@@ -253,3 +253,20 @@ def test_evaluation_samples_through_the_configured_backend(tmp_path, monkeypatch
     # evaluated again: answers on disk, no backend loaded
     evaluate("dpo-path", "M0", 0)
     assert len(loaded) == 2
+
+
+def test_plot_of_a_run_without_lc_has_its_legend_and_no_warning(tmp_path):
+    """Reference-free languages have no LC: the language legend moves to the WR panel instead of
+    matplotlib warning about an empty one."""
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    append_results(run / "results.json", [row(model=m, iteration=t, lang=lang, lc=None, lc_method=None)
+                                          for m, t in (("sft", -1), ("M0", 0)) for lang in ("en", "es")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = write_report(run).read_text()
+    assert "![WR across iterations](wr_by_iteration.fake.png)" in text
+    assert (run / "wr_by_iteration.fake.png").is_file()

@@ -163,7 +163,11 @@ def _plot_wr(rows: list[dict], langs: list[str], run_dir: Path, judge: str, plt)
         ax.axhline(50, color="grey", lw=0.5, ls="--")
         ax.set_title(f"{title} vs reference ({judge})")
         ax.set_ylabel("%")
-    axes[1].legend(fontsize="small")
+    # The language legend goes on the LC panel, or on the WR panel when no language has an LC
+    # (reference-free languages): an empty legend would only warn.
+    labelled = [ax for ax in (axes[1], axes[0]) if ax.get_legend_handles_labels()[0]]
+    if labelled:
+        labelled[0].legend(fontsize="small")
     name = f"wr_by_iteration.{_safe(judge)}.png"
     fig.tight_layout()
     fig.savefig(run_dir / name, dpi=100)
