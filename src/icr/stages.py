@@ -163,24 +163,22 @@ TRANSLATE_INSTRUCTION = ("Translate the following {language} text into English. 
                          "only.\n\n{text}")
 
 
-def load_reward_models(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
-    from .reward import RewardModels
-
-    tok_dpo = load_tokenizer(dpo_path, cfg.models.chat_template, what="reward model (policy side)")
-    tok_ref = load_tokenizer(ref_path, cfg.models.chat_template, what="reward model (reference side)")
-    check_same_tokenizer(tok_dpo, tok_ref, dpo_path, ref_path)
-    device = resolve_device(cfg.device)
-    return RewardModels(policy=load_causal_lm(dpo_path, device, cfg.models.dtype, what="reward model"),
-                        reference=load_causal_lm(ref_path, device, cfg.models.dtype, what="reward reference"),
-                        tokenizer=tok_dpo)
-
-
 def reward_tokenizer(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
-    """The reward pair's one tokenizer, without loading the models (`reward.backend: vllm`)."""
+    """The reward pair's one tokenizer (checked shared), without loading the models."""
     tok_dpo = load_tokenizer(dpo_path, cfg.models.chat_template, what="reward model (policy side)")
     tok_ref = load_tokenizer(ref_path, cfg.models.chat_template, what="reward model (reference side)")
     check_same_tokenizer(tok_dpo, tok_ref, dpo_path, ref_path)
     return tok_dpo
+
+
+def load_reward_models(dpo_path: str, ref_path: str, cfg: ExperimentConfig):
+    from .reward import RewardModels
+
+    tokenizer = reward_tokenizer(dpo_path, ref_path, cfg)
+    device = resolve_device(cfg.device)
+    return RewardModels(policy=load_causal_lm(dpo_path, device, cfg.models.dtype, what="reward model"),
+                        reference=load_causal_lm(ref_path, device, cfg.models.dtype, what="reward reference"),
+                        tokenizer=tokenizer)
 
 
 def run_score(cfg: ExperimentConfig, samples_dir: Path, prompts: PromptSet, dpo_path: str, ref_path: str,

