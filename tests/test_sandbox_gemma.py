@@ -65,7 +65,7 @@ def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
 
 @pytest.mark.slow
 @needs_gguf_tokenizer
-def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_path):
+def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_path, monkeypatch):
     from icr.sandbox import prepare_gemma
 
     out = tmp_path / "prepared"
@@ -95,6 +95,21 @@ def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_pat
     assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="different recipe"):
         prepare_gemma(out, base=str(stand_in), **{**SMALL, "dpo_lr": 1e-3})
+    # a premise interrupted in its second part resumes there: the first part is not measured again,
+    # and the second, measured again, is the same (seeded)
+    from icr.sandbox import build
+
+    (out / "premise.json").unlink()
+    (out / "premise.work" / "on_policy.json").unlink()
+
+    def measured_again(*a, **k):
+        raise AssertionError("the finished off-policy part was measured again")
+
+    monkeypatch.setattr(build, "measure_premise", measured_again)
+    prepare_gemma(out, base=str(stand_in), **SMALL)
+    again = json.loads(Path(paths["premise"]).read_text())
+    assert {k: v for k, v in again.items() if k != "build_timings_s"} == {
+        k: v for k, v in premise.items() if k != "build_timings_s"}
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ method meets a model with a shared multilingual representation:
    pi_SFT win rate, reward accuracy on pairs of pi_SFT samples, per language and pair kind) plus
    `on_policy`: the same reward accuracy on pairs of **pi0's own samples**, drawn as ICR's first
    iteration draws them (`policy_temperature`), which is what the reward actually has to rank.
+   The two parts are kept in `premise.work/` as each finishes.
 
 Every step is skipped when its output exists, and SFT/DPO resume from their last checkpoint, so an
 interrupted build continues where it stopped. `recipe.json` records the arguments; a different
@@ -148,18 +149,37 @@ def _prepare(out: Path, cfg: dict) -> dict:
         _timed(timings, "dpo_s", out, lambda: train_pi0(read_jsonl(out / "pi0_pairs.jsonl"), out, cfg))
 
     if not (out / "premise.json").exists():
-        def premise():
-            sft_model, tok = build._load(out / "sft")
-            dpo_model, _ = build._load(out / "dpo")
-            res = build.measure_premise(world, oracle, dpo_model, sft_model, tok, cfg)
-            res["on_policy"] = measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg)
-            return res
-        res = _timed(timings, "premise_s", out, premise)
+        # Two parts of ~20-40 min each on 2 CPU cores, each kept in premise.work/ when done: an
+        # interrupted premise resumes at the part it stopped in.
+        loaded: dict = {}
+
+        def models():
+            if not loaded:
+                loaded["sft"], loaded["tok"] = build._load(out / "sft")
+                loaded["dpo"], _ = build._load(out / "dpo")
+            return loaded["dpo"], loaded["sft"], loaded["tok"]
+
+        res = _premise_part(out, timings, "off_policy", lambda: build.measure_premise(world, oracle, *models(), cfg))
+        res["on_policy"] = _premise_part(out, timings, "on_policy",
+                                         lambda: measure_on_policy_premise(world, oracle, *models(), cfg))
+        timings["premise_s"] = round(timings["premise_off_policy_s"] + timings["premise_on_policy_s"], 1)
+        write_json(out / "timings.json", timings)
         res["build_timings_s"] = timings
         write_json(out / "premise.json", res)
     return {"sft": str(out / "sft"), "dpo": str(out / "dpo"), "world": str(out / "world.json"),
             "premise": str(out / "premise.json"), "prompts": str(out / "prompts"),
             "references": str(out / "references")}
+
+
+def _premise_part(out: Path, timings: dict, name: str, measure) -> dict:
+    """One part of the premise: read from premise.work/<name>.json when an earlier attempt finished it."""
+    path = out / "premise.work" / f"{name}.json"
+    if path.is_file():
+        return build._load_json(path)
+    res = _timed(timings, f"premise_{name}_s", out, measure)
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, res)
+    return res
 
 
 def chat_tokenizer(path: str):
