@@ -95,9 +95,27 @@ def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_pat
     assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="different recipe"):
         prepare_gemma(out, base=str(stand_in), **{**SMALL, "dpo_lr": 1e-3})
+    # a recipe that changes only pi0's DPO reuses pi_SFT and its pairs (linked, not rebuilt)
+    from icr.sandbox import build, gemma
+
+    def rebuilt(*a, **k):
+        raise AssertionError("pi_SFT or its pairs built again for a recipe that changes only pi0")
+
+    with monkeypatch.context() as m:
+        m.setattr(gemma, "train_sft", rebuilt)
+        m.setattr(build, "english_pairs", rebuilt)
+        other = prepare_gemma(tmp_path / "prepared-nll", base=str(stand_in), **{**SMALL, "dpo_nll_weight": 1.0})
+    assert Path(other["sft"]).resolve() == Path(paths["sft"]).resolve()
+    assert (tmp_path / "prepared-nll" / "pi0_pairs.jsonl").read_bytes() == (out / "pi0_pairs.jsonl").read_bytes()
+    assert Path(other["dpo"]).resolve() != Path(paths["dpo"]).resolve()
+    other_timings = json.loads(Path(other["premise"]).read_text())["build_timings_s"]
+    assert set(other_timings["reused"]) == {"sft_s", "pairs_s"} and other_timings["sft_s"] == premise[
+        "build_timings_s"]["sft_s"]
+    # ... and one that changes SFT builds its own
+    assert gemma._step_dir(out, {**gemma.DEFAULTS, **SMALL, "sft_lr": 1e-4}, "sft") != Path(paths["sft"]).resolve()
+
     # a premise interrupted in its second part resumes there: the first part is not measured again,
     # and the second, measured again, is the same (seeded)
-    from icr.sandbox import build
 
     (out / "premise.json").unlink()
     (out / "premise.work" / "on_policy.json").unlink()

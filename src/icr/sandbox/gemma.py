@@ -39,12 +39,14 @@ recipe in the same folder is refused.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 from ..errors import IcrError
-from ..runs import cache_root, read_jsonl, write_json, write_jsonl
+from ..runs import cache_root, read_jsonl, text_hash, write_json, write_jsonl
 from . import build
 from .oracle import OracleJudge
 from .world import LANGUAGE_WORDS, LANGUAGES, build_world
@@ -75,6 +77,7 @@ DEFAULTS: dict = dict(
     sft_epochs=1, sft_lr=5e-5, sft_batch_size=16, sft_prefixed_ratio=0.3, sft_translate_ratio=0.2,
     # English DPO -> pi0
     pref_samples=6, pref_pairs_per_prompt=3, dpo_epochs=2, dpo_beta=0.1, dpo_lr=5e-6, dpo_batch_size=8,
+    dpo_nll_weight=0.0,  # + this x NLL of the chosen answer (TRL's "sft" loss term); 0 = plain DPO
     # premise
     premise_samples=4, premise_wr_samples=2, premise_policy_samples=4, policy_temperature=0.9,
     max_new_tokens=16, max_length=128,
@@ -131,22 +134,29 @@ def _prepare(out: Path, cfg: dict) -> dict:
     build._write_prompt_files(world, out)
     oracle = OracleJudge(out)
 
-    if not build._is_model(out / "sft"):
+    sft_dir, pairs_dir, dpo_dir = (_step_dir(out, cfg, step) for step in ("sft", "pairs", "dpo"))
+    if not build._is_model(sft_dir):
         base = _timed(timings, "base_convert_s", out, lambda: local_model_path(base_model_spec(cfg["base"]), "float32",
                                                                                  "prepare.args.base"))
         import random
 
         convs = build.sft_conversations(world, random.Random(f"sandbox-data-{cfg['seed']}"), cfg)
-        _timed(timings, "sft_s", out, lambda: train_sft(base, convs, out / "sft.work", out / "sft", cfg))
+        _step(timings, "sft_s", out, sft_dir,
+              lambda: train_sft(base, convs, sft_dir.with_name(sft_dir.name + ".work"), sft_dir, cfg))
+    _link(out / "sft", sft_dir, timings, "sft_s")
 
-    if not (out / "pi0_pairs.jsonl").exists():
+    if not (pairs_dir / "pi0_pairs.jsonl").exists():
         def pairs():
-            model, tok = build._load(out / "sft")
-            write_jsonl(out / "pi0_pairs.jsonl", build.english_pairs(world, oracle, model, tok, cfg))
-        _timed(timings, "pairs_s", out, pairs)
+            model, tok = build._load(sft_dir)
+            pairs_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(pairs_dir / "pi0_pairs.jsonl", build.english_pairs(world, oracle, model, tok, cfg))
+        _step(timings, "pairs_s", out, pairs_dir, pairs)
+    _link(out / "pi0_pairs.jsonl", pairs_dir / "pi0_pairs.jsonl", timings, "pairs_s", pairs_dir)
 
-    if not build._is_model(out / "dpo"):
-        _timed(timings, "dpo_s", out, lambda: train_pi0(read_jsonl(out / "pi0_pairs.jsonl"), out, cfg))
+    if not build._is_model(dpo_dir):
+        _step(timings, "dpo_s", out, dpo_dir, lambda: train_pi0(read_jsonl(pairs_dir / "pi0_pairs.jsonl"), sft_dir,
+                                                                dpo_dir.with_name(dpo_dir.name + ".work"), dpo_dir, cfg))
+    _link(out / "dpo", dpo_dir, timings, "dpo_s")
 
     if not (out / "premise.json").exists():
         # Two parts of ~20-40 min each on 2 CPU cores, each kept in premise.work/ when done: an
@@ -169,6 +179,49 @@ def _prepare(out: Path, cfg: dict) -> dict:
     return {"sft": str(out / "sft"), "dpo": str(out / "dpo"), "world": str(out / "world.json"),
             "premise": str(out / "premise.json"), "prompts": str(out / "prompts"),
             "references": str(out / "references")}
+
+
+# Recipe arguments that only the later steps read. pi_SFT and its English pairs are keyed without
+# them, pi0 without the premise's: a recipe that changes only pi0's DPO reuses pi_SFT (70 min on 2
+# CPU cores) instead of rebuilding it. threads and save_steps change no result.
+DPO_ARGS = frozenset({"dpo_epochs", "dpo_beta", "dpo_lr", "dpo_batch_size", "dpo_nll_weight"})
+PREMISE_ARGS = frozenset({"premise_samples", "premise_wr_samples", "premise_policy_samples", "policy_temperature"})
+RESULT_NEUTRAL_ARGS = frozenset({"threads", "save_steps"})
+STEPS_FOLDER = "prepare_gemma-steps"
+
+
+def _step_dir(out: Path, cfg: dict, step: str) -> Path:
+    """Where a step's output lives: `<out's parent>/prepare_gemma-steps/<step>-<key>`, the key a hash
+    of the recipe arguments the step (and the steps before it) can read, shared by every recipe
+    with those arguments. The build folder links to it (`sft`, `pi0_pairs.jsonl`, `dpo`)."""
+    unused = RESULT_NEUTRAL_ARGS | PREMISE_ARGS | (DPO_ARGS if step in ("sft", "pairs") else frozenset())
+    key = text_hash(step, json.dumps({k: v for k, v in cfg.items() if k not in unused}, sort_keys=True))
+    return out.parent / STEPS_FOLDER / f"{step}-{key}"
+
+
+def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
+    """Run a step; its wall time goes to the build's timings and to the step's own record."""
+    _timed(timings, key, out, fn)
+    write_json(step_dir.with_name(step_dir.name + ".timing.json"), {key: timings[key]})
+
+
+def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | None = None) -> None:
+    """Point the build folder's name at the step's output (relative link); a reused step's wall time
+    is copied from its record, marked as reused."""
+    rel = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == rel:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        raise IcrError(f"{link}: a folder where the build expects a link to {target} (built by an older icr?)")
+    link.symlink_to(rel)
+    if key not in timings:
+        record = build._load_json((step_dir or target).with_name((step_dir or target).name + ".timing.json")) or {}
+        if key in record:
+            timings[key] = record[key]
+            timings.setdefault("reused", []).append(key)
+            write_json(link.parent / "timings.json", timings)
 
 
 def _premise_part(out: Path, timings: dict, name: str, measure) -> dict:
@@ -236,17 +289,17 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def train_pi0(pairs: list[dict], out: Path, cfg: dict) -> None:
-    """pi0: plain DPO (no NLL term) of pi_SFT on the English oracle pairs, via the pipeline's trainer."""
+def train_pi0(pairs: list[dict], sft_dir: Path, work: Path, model_dir: Path, cfg: dict) -> None:
+    """pi0: DPO of pi_SFT on the English oracle pairs (+ `dpo_nll_weight` x NLL of the chosen answer,
+    as in icr's own iterations), via the pipeline's trainer."""
     from ..config import TrainConfig
     from ..train import train_dpo
 
-    tcfg = TrainConfig(beta=cfg["dpo_beta"], nll_weight=0.0, learning_rate=cfg["dpo_lr"], epochs=cfg["dpo_epochs"],
+    tcfg = TrainConfig(beta=cfg["dpo_beta"], nll_weight=cfg["dpo_nll_weight"], learning_rate=cfg["dpo_lr"], epochs=cfg["dpo_epochs"],
                        per_device_batch_size=cfg["dpo_batch_size"], warmup_ratio=0.05, max_length=cfg["max_length"],
                        save_steps=cfg["save_steps"], logging_steps=10, freeze=list(cfg["freeze"]))
     rows = [{"prompt": p["instruction"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    train_dpo(rows, str(out / "sft"), str(out / "sft"), tcfg, out / "dpo.work", out / "dpo", seed=cfg["seed"],
-              device="cpu")
+    train_dpo(rows, str(sft_dir), str(sft_dir), tcfg, work, model_dir, seed=cfg["seed"], device="cpu")
 
 
 def measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg: dict) -> dict:
