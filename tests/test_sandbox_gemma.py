@@ -152,3 +152,31 @@ def test_sandbox_gemma_config_runs_end_to_end_on_the_stand_in(stand_in, tmp_path
     assert {"sft", "M0", "M1", "M1-oracle-pairs", "M1-random-pairs"} <= models
     saved = json.loads((run / "iter1" / "model" / "config.json").read_text())
     assert saved["model_type"] == "gemma3_text"
+
+
+def test_pi0_trains_on_the_chosen_pair_kinds_only(monkeypatch, tmp_path):
+    import icr.train
+    from icr.sandbox import gemma
+
+    seen = {}
+    monkeypatch.setattr(icr.train, "train_dpo", lambda rows, *a, **k: seen.update(rows=rows))
+    pairs = [{"instruction": "q", "chosen": "Answer: 1.", "rejected": r, "kind": k}
+             for k, r in (("correctness", "Answer: 2."), ("language", "Respuesta: 1."), ("conciseness", "Answer: ... 1."))]
+    cfg = {**gemma.DEFAULTS, "dpo_pair_kinds": ["correctness", "conciseness"]}
+    gemma.train_pi0(pairs, tmp_path / "sft", tmp_path / "work", tmp_path / "dpo", cfg)
+    assert [r["rejected"] for r in seen["rows"]] == ["Answer: 2.", "Answer: ... 1."]
+    gemma.train_pi0(pairs, tmp_path / "sft", tmp_path / "work", tmp_path / "dpo", gemma.DEFAULTS)
+    assert len(seen["rows"]) == 3  # default: every kind
+    with pytest.raises(ValueError, match="dpo_pair_kinds.*'tone'"):
+        gemma.train_pi0(pairs, tmp_path / "sft", tmp_path / "work", tmp_path / "dpo", {**cfg, "dpo_pair_kinds": ["tone"]})
+
+
+def test_an_argument_added_with_a_none_default_keeps_older_builds_valid(tmp_path):
+    from icr.sandbox import build, gemma
+
+    recipe = {k: v for k, v in gemma.DEFAULTS.items() if k != "dpo_pair_kinds"}  # as built before it existed
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    cfg, _ = build.recipe_folder(tmp_path, {}, gemma.DEFAULTS, "x")
+    assert gemma._step_dir(tmp_path, cfg, "dpo") == gemma._step_dir(tmp_path, recipe, "dpo")
+    with pytest.raises(ValueError, match="different recipe"):
+        build.recipe_folder(tmp_path, {"dpo_pair_kinds": ["correctness"]}, gemma.DEFAULTS, "x")

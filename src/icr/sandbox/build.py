@@ -102,7 +102,12 @@ def recipe_folder(out_dir: str | Path, recipe: dict, defaults: dict, name: str) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.json"
-    if recipe_path.exists() and json.loads(recipe_path.read_text()) != cfg:
+    # None-valued arguments are left out of the comparison: an argument added later with a None
+    # default (= the old behaviour) keeps folders built before it valid.
+    def given(r: dict) -> dict:
+        return {k: v for k, v in r.items() if v is not None}
+
+    if recipe_path.exists() and given(json.loads(recipe_path.read_text())) != given(cfg):
         raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
     write_json(recipe_path, cfg)
     return cfg, out

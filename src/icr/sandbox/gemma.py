@@ -78,6 +78,10 @@ DEFAULTS: dict = dict(
     # English DPO -> pi0
     pref_samples=6, pref_pairs_per_prompt=3, dpo_epochs=2, dpo_beta=0.1, dpo_lr=5e-6, dpo_batch_size=8,
     dpo_nll_weight=0.0,  # + this x NLL of the chosen answer (TRL's "sft" loss term); 0 = plain DPO
+    # oracle pair kinds pi0's DPO trains on (None: all). "language" pairs (an English answer over a
+    # foreign-language one, for an English prompt) teach a real multilingual model to answer in
+    # English everywhere; the paper's English preference data has no such contrast.
+    dpo_pair_kinds=None,
     # premise
     premise_samples=4, premise_wr_samples=2, premise_policy_samples=4, policy_temperature=0.9,
     max_new_tokens=16, max_length=128,
@@ -184,7 +188,7 @@ def _prepare(out: Path, cfg: dict) -> dict:
 # Recipe arguments that only the later steps read. pi_SFT and its English pairs are keyed without
 # them, pi0 without the premise's: a recipe that changes only pi0's DPO reuses pi_SFT (70 min on 2
 # CPU cores) instead of rebuilding it. threads and save_steps change no result.
-DPO_ARGS = frozenset({"dpo_epochs", "dpo_beta", "dpo_lr", "dpo_batch_size", "dpo_nll_weight"})
+DPO_ARGS = frozenset({"dpo_epochs", "dpo_beta", "dpo_lr", "dpo_batch_size", "dpo_nll_weight", "dpo_pair_kinds"})
 PREMISE_ARGS = frozenset({"premise_samples", "premise_wr_samples", "premise_policy_samples", "policy_temperature"})
 RESULT_NEUTRAL_ARGS = frozenset({"threads", "save_steps"})
 STEPS_FOLDER = "prepare_gemma-steps"
@@ -195,7 +199,9 @@ def _step_dir(out: Path, cfg: dict, step: str) -> Path:
     of the recipe arguments the step (and the steps before it) can read, shared by every recipe
     with those arguments. The build folder links to it (`sft`, `pi0_pairs.jsonl`, `dpo`)."""
     unused = RESULT_NEUTRAL_ARGS | PREMISE_ARGS | (DPO_ARGS if step in ("sft", "pairs") else frozenset())
-    key = text_hash(step, json.dumps({k: v for k, v in cfg.items() if k not in unused}, sort_keys=True))
+    # None-valued arguments (a later argument's default, the old behaviour) do not enter the key.
+    key = text_hash(step, json.dumps({k: v for k, v in cfg.items() if k not in unused and v is not None},
+                                     sort_keys=True))
     return out.parent / STEPS_FOLDER / f"{step}-{key}"
 
 
@@ -298,6 +304,12 @@ def train_pi0(pairs: list[dict], sft_dir: Path, work: Path, model_dir: Path, cfg
     tcfg = TrainConfig(beta=cfg["dpo_beta"], nll_weight=cfg["dpo_nll_weight"], learning_rate=cfg["dpo_lr"], epochs=cfg["dpo_epochs"],
                        per_device_batch_size=cfg["dpo_batch_size"], warmup_ratio=0.05, max_length=cfg["max_length"],
                        save_steps=cfg["save_steps"], logging_steps=10, freeze=list(cfg["freeze"]))
+    kinds = cfg["dpo_pair_kinds"]
+    if kinds is not None:
+        unknown = sorted(set(kinds) - {p["kind"] for p in pairs})
+        if unknown:
+            raise ValueError(f"dpo_pair_kinds: no English pair of kind {unknown} (kinds: {sorted({p['kind'] for p in pairs})})")
+        pairs = [p for p in pairs if p["kind"] in kinds]
     rows = [{"prompt": p["instruction"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     train_dpo(rows, str(sft_dir), str(sft_dir), tcfg, work, model_dir, seed=cfg["seed"], device="cpu")
 

@@ -1,0 +1,49 @@
+"""Re-measure the Gemma sandbox's on-policy premise with more samples per prompt (issue 11, item 3).
+
+    python bench/gemma_on_policy.py .cache/icr/prepared/icr.sandbox.prepare_gemma-<key> --samples 8 \
+        --out docs/results/sandbox-gemma-recipe2/premise-on-policy-8.json
+
+`premise.json`'s on-policy part draws 4 samples of pi0 per dev prompt (40 per language), which leaves
+~25 English pairs that differ in correctness: too few to tell 0.52 from 0.65. This reruns exactly
+`icr.sandbox.gemma.measure_on_policy_premise` on the built pair with `--samples` per prompt; nothing
+else changes (same world, oracle, models, temperature, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def main() -> None:
+    from icr.runs import write_json
+    from icr.sandbox import build
+    from icr.sandbox.gemma import measure_on_policy_premise
+    from icr.sandbox.oracle import OracleJudge
+    from icr.sandbox.world import build_world
+
+    p = argparse.ArgumentParser()
+    p.add_argument("prepared", type=Path)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    cfg = json.loads((a.prepared / "recipe.json").read_text())
+    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    sft, tok = build._load(a.prepared / "sft")
+    dpo, _ = build._load(a.prepared / "dpo")
+    t = time.time()
+    res = measure_on_policy_premise(world, OracleJudge(a.prepared), dpo, sft, tok,
+                                    {**cfg, "premise_policy_samples": a.samples})
+    res["seconds"] = round(time.time() - t, 1)
+    res["prepared"] = a.prepared.name
+    write_json(a.out, res)
+    print(json.dumps({k: res[k] for k in ("reward_accuracy", "n_pairs", "seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
