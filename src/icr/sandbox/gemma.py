@@ -33,7 +33,9 @@ method meets a model with a shared multilingual representation:
 
 Every step is skipped when its output exists, and SFT/DPO resume from their last checkpoint, so an
 interrupted build continues where it stopped. `recipe.json` records the arguments; a different
-recipe in the same folder is refused.
+recipe in the same folder is refused. pi_SFT, the English pairs and pi0 are kept in a step store
+beside the build folders (`_step_dir`), keyed by the arguments each can read, so a recipe that
+changes only pi0 (or only the premise) reuses the hour-long steps before it.
 """
 
 from __future__ import annotations
