@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def main() -> None:
     from icr.runs import write_json
     from icr.sandbox import build
-    from icr.sandbox.gemma import measure_on_policy_premise
+    from icr.sandbox.gemma import measure_on_policy_premise, recipe_world
     from icr.sandbox.oracle import OracleJudge
-    from icr.sandbox.world import build_world
 
     p = argparse.ArgumentParser()
     p.add_argument("prepared", type=Path)
@@ -33,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     cfg = json.loads((a.prepared / "recipe.json").read_text())
-    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    world = recipe_world(cfg)
     sft, tok = build._load(a.prepared / "sft")
     dpo, _ = build._load(a.prepared / "dpo")
     t = time.time()

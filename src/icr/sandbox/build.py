@@ -92,6 +92,12 @@ DEFAULTS: dict = dict(
 )
 
 
+def given_args(recipe: dict) -> dict:
+    """A recipe's arguments without the None-valued ones: what identifies a build. An argument added
+    later with a None default (= the old behaviour) keeps folders and keys built before it valid."""
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
 def recipe_folder(out_dir: str | Path, recipe: dict, defaults: dict, name: str) -> tuple[dict, Path]:
     """(the full recipe, the build folder): unknown arguments refused, the folder created, and a folder
     built with another recipe refused (its recipe.json is the record of what it holds)."""
@@ -102,12 +108,7 @@ def recipe_folder(out_dir: str | Path, recipe: dict, defaults: dict, name: str) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "recipe.json"
-    # None-valued arguments are left out of the comparison: an argument added later with a None
-    # default (= the old behaviour) keeps folders built before it valid.
-    def given(r: dict) -> dict:
-        return {k: v for k, v in r.items() if v is not None}
-
-    if recipe_path.exists() and given(json.loads(recipe_path.read_text())) != given(cfg):
+    if recipe_path.exists() and given_args(json.loads(recipe_path.read_text())) != given_args(cfg):
         raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
     write_json(recipe_path, cfg)
     return cfg, out

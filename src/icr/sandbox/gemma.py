@@ -127,6 +127,11 @@ def _timed(timings: dict, key: str, out: Path, fn):
     return result
 
 
+def recipe_world(cfg: dict):
+    """The world (tasks, splits) a recipe builds; the oracle reads it back from world.json."""
+    return build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+
+
 def _prepare(out: Path, cfg: dict) -> dict:
     import torch
 
@@ -134,7 +139,7 @@ def _prepare(out: Path, cfg: dict) -> dict:
 
     timings = build._load_json(out / "timings.json") or {}
     torch.manual_seed(cfg["seed"])
-    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    world = recipe_world(cfg)
     if not (out / "world.json").exists():
         write_json(out / "world.json", world.to_json())
     build._write_prompt_files(world, out)
@@ -201,21 +206,26 @@ def _step_dir(out: Path, cfg: dict, step: str) -> Path:
     of the recipe arguments the step (and the steps before it) can read, shared by every recipe
     with those arguments. The build folder links to it (`sft`, `pi0_pairs.jsonl`, `dpo`)."""
     unused = RESULT_NEUTRAL_ARGS | PREMISE_ARGS | (DPO_ARGS if step in ("sft", "pairs") else frozenset())
-    # None-valued arguments (a later argument's default, the old behaviour) do not enter the key.
-    key = text_hash(step, json.dumps({k: v for k, v in cfg.items() if k not in unused and v is not None},
+    key = text_hash(step, json.dumps({k: v for k, v in build.given_args(cfg).items() if k not in unused},
                                      sort_keys=True))
     return out.parent / STEPS_FOLDER / f"{step}-{key}"
+
+
+def _timing_record(step_dir: Path) -> Path:
+    """A step's own record of its wall time, beside its output in the step store."""
+    return step_dir.with_name(step_dir.name + ".timing.json")
 
 
 def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
     """Run a step; its wall time goes to the build's timings and to the step's own record."""
     _timed(timings, key, out, fn)
-    write_json(step_dir.with_name(step_dir.name + ".timing.json"), {key: timings[key]})
+    write_json(_timing_record(step_dir), {key: timings[key]})
 
 
 def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | None = None) -> None:
-    """Point the build folder's name at the step's output (relative link); a reused step's wall time
-    is copied from its record, marked as reused."""
+    """Point the build folder's name at the step's output `target` (relative link; `step_dir` when
+    the target is a file inside it); a reused step's wall time is copied from its record, marked as
+    reused."""
     rel = os.path.relpath(target, link.parent)
     if link.is_symlink() and os.readlink(link) == rel:
         return
@@ -225,7 +235,7 @@ def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | No
         raise IcrError(f"{link}: a folder where the build expects a link to {target} (built by an older icr?)")
     link.symlink_to(rel)
     if key not in timings:
-        record = build._load_json((step_dir or target).with_name((step_dir or target).name + ".timing.json")) or {}
+        record = build._load_json(_timing_record(step_dir or target)) or {}
         if key in record:
             timings[key] = record[key]
             timings.setdefault("reused", []).append(key)
@@ -308,9 +318,10 @@ def train_pi0(pairs: list[dict], sft_dir: Path, work: Path, model_dir: Path, cfg
                        save_steps=cfg["save_steps"], logging_steps=10, freeze=list(cfg["freeze"]))
     kinds = cfg["dpo_pair_kinds"]
     if kinds is not None:
-        unknown = sorted(set(kinds) - {p["kind"] for p in pairs})
+        present = {p["kind"] for p in pairs}
+        unknown = sorted(set(kinds) - present)
         if unknown:
-            raise ValueError(f"dpo_pair_kinds: no English pair of kind {unknown} (kinds: {sorted({p['kind'] for p in pairs})})")
+            raise ValueError(f"dpo_pair_kinds: no English pair of kind {unknown} (kinds: {sorted(present)})")
         pairs = [p for p in pairs if p["kind"] in kinds]
     rows = [{"prompt": p["instruction"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     train_dpo(rows, str(sft_dir), str(sft_dir), tcfg, work, model_dir, seed=cfg["seed"], device="cpu")
