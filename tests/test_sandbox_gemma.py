@@ -180,3 +180,27 @@ def test_an_argument_added_with_a_none_default_keeps_older_builds_valid(tmp_path
     assert gemma._step_dir(tmp_path, cfg, "dpo") == gemma._step_dir(tmp_path, recipe, "dpo")
     with pytest.raises(ValueError, match="different recipe"):
         build.recipe_folder(tmp_path, {"dpo_pair_kinds": ["correctness"]}, gemma.DEFAULTS, "x")
+
+
+def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):
+    """A step that resumes from an earlier attempt's checkpoint measures only the last attempt:
+    the build's timings (and the step's record, copied to builds that reuse it) say so."""
+    from icr.sandbox import gemma
+
+    steps = tmp_path / gemma.STEPS_FOLDER
+    whole, resumed = steps / "dpo-a", steps / "dpo-b"
+    for d in (whole, resumed):
+        d.mkdir(parents=True)
+    for n in (25, 100):
+        (steps / "dpo-b.work" / f"checkpoint-{n}").mkdir(parents=True)
+    timings: dict = {}
+    gemma._step(timings, "dpo_s", tmp_path, whole, lambda: None)
+    assert "resumed" not in timings
+    assert "resumed" not in json.loads(gemma._timing_record(whole).read_text())
+    gemma._step(timings, "dpo_s", tmp_path, resumed, lambda: None)
+    assert "checkpoint-100" in timings["resumed"]["dpo_s"]
+    # a build that links to the resumed step inherits the mark with the time
+    other: dict = {}
+    (tmp_path / "other").mkdir()
+    gemma._link(tmp_path / "other" / "dpo", resumed, other, "dpo_s")
+    assert other["reused"] == ["dpo_s"] and "checkpoint-100" in other["resumed"]["dpo_s"]

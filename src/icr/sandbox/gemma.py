@@ -217,9 +217,21 @@ def _timing_record(step_dir: Path) -> Path:
 
 
 def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
-    """Run a step; its wall time goes to the build's timings and to the step's own record."""
+    """Run a step; its wall time goes to the build's timings and to the step's own record. A step
+    that resumes from a checkpoint an earlier (killed) attempt left in its `.work` folder measures
+    only this attempt's time: `timings["resumed"]` says so and names the checkpoint, so a partial
+    time is never read as the step's cost."""
+    work = step_dir.with_name(step_dir.name + ".work")
+    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])) \
+        if work.is_dir() else []
+    if checkpoints:
+        timings.setdefault("resumed", {})[key] = (f"resumed from {checkpoints[-1].name} of an earlier attempt: "
+                                                  "the wall time is the last attempt's only")
     _timed(timings, key, out, fn)
-    write_json(_timing_record(step_dir), {key: timings[key]})
+    record = {key: timings[key]}
+    if checkpoints:
+        record["resumed"] = {key: timings["resumed"][key]}
+    write_json(_timing_record(step_dir), record)
 
 
 def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | None = None) -> None:
@@ -239,6 +251,8 @@ def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | No
         if key in record:
             timings[key] = record[key]
             timings.setdefault("reused", []).append(key)
+            if key in record.get("resumed", {}):
+                timings.setdefault("resumed", {})[key] = record["resumed"][key]
             write_json(link.parent / "timings.json", timings)
 
 
