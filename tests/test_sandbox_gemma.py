@@ -191,8 +191,10 @@ def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):
     whole, resumed = steps / "dpo-a", steps / "dpo-b"
     for d in (whole, resumed):
         d.mkdir(parents=True)
-    for n in (25, 100):
-        (steps / "dpo-b.work" / f"checkpoint-{n}").mkdir(parents=True)
+    for n in (25, 100):  # where train_sft / train_dpo keep them; 125 was cut off mid-save
+        (steps / "dpo-b.work" / "checkpoints" / f"checkpoint-{n}").mkdir(parents=True)
+        (steps / "dpo-b.work" / "checkpoints" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (steps / "dpo-b.work" / "checkpoints" / "checkpoint-125").mkdir()
     timings: dict = {}
     gemma._step(timings, "dpo_s", tmp_path, whole, lambda: None)
     assert "resumed" not in timings

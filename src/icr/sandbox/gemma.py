@@ -221,15 +221,15 @@ def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
     that resumes from a checkpoint an earlier (killed) attempt left in its `.work` folder measures
     only this attempt's time: `timings["resumed"]` says so and names the checkpoint, so a partial
     time is never read as the step's cost."""
-    work = step_dir.with_name(step_dir.name + ".work")
-    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])) \
-        if work.is_dir() else []
-    if checkpoints:
-        timings.setdefault("resumed", {})[key] = (f"resumed from {checkpoints[-1].name} of an earlier attempt: "
+    from ..train import _latest_checkpoint
+
+    checkpoint = _latest_checkpoint(step_dir.with_name(step_dir.name + ".work"))  # the one training resumes from
+    if checkpoint:
+        timings.setdefault("resumed", {})[key] = (f"resumed from {Path(checkpoint).name} of an earlier attempt: "
                                                   "the wall time is the last attempt's only")
     _timed(timings, key, out, fn)
     record = {key: timings[key]}
-    if checkpoints:
+    if checkpoint:
         record["resumed"] = {key: timings["resumed"][key]}
     write_json(_timing_record(step_dir), record)
 
