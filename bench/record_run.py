@@ -4,8 +4,9 @@
         --prepared .cache/icr/prepared/icr.sandbox.prepare_gemma-74ef4cd69bac5f24 \
         --time time-1.txt --time time-2.txt --command "make demo-gemma"
 
-Copies results.json, report.md, its plots, config.yaml and timings.json from the run folder, and
-premise.json, recipe.json and the build's timings from the prepared folder; writes run.json with
+Copies results.json, report.md, its plots, config.yaml, timings.json and diagnostics/*.json from
+the run folder, and premise.json, recipe.json and the build's timings from the prepared folder;
+writes run.json with
 the command, the machine, and the wall time (summed) and peak memory (largest) of every attempt
 from `/usr/bin/time -v` outputs (a resumed run has several). Refuses an unfinished run (no
 results.json or no report.md): the record is of a finished run or nothing.
@@ -54,6 +55,11 @@ def record(run_dir: Path, out_dir: Path, *, prepared: Path | None, time_files: l
     for png in sorted(run_dir.glob("*.png")):
         shutil.copy2(png, out_dir / png.name)
         copied.append(png.name)
+    # the reward's agreement with the judge per iteration (report.md shows iteration 1's only)
+    for diag in sorted((run_dir / "diagnostics").glob("*.json")):
+        (out_dir / "diagnostics").mkdir(exist_ok=True)
+        shutil.copy2(diag, out_dir / "diagnostics" / diag.name)
+        copied.append(f"diagnostics/{diag.name}")
     if prepared is not None:
         for src, dst in PREPARED_FILES.items():
             if (Path(prepared) / src).is_file():

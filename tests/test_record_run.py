@@ -28,6 +28,8 @@ def test_record_sums_attempts_and_copies_the_run(tmp_path):
     (run / "results.json").write_text("[]\n")
     (run / "report.md").write_text("# report\n")
     (run / "wr.png").write_bytes(b"png")
+    (run / "diagnostics").mkdir()
+    (run / "diagnostics" / "reward_agreement_iter2.json").write_text('{"en": {}}\n')
     (prepared / "premise.json").write_text('{"on_policy": {}}\n')
     (prepared / "timings.json").write_text('{"sft_s": 1}\n')
     t1, t2 = tmp_path / "t1.txt", tmp_path / "t2.txt"
@@ -39,8 +41,9 @@ def test_record_sums_attempts_and_copies_the_run(tmp_path):
     assert info["wall_s_total"] == 4205.0 + 2730.5
     assert info["peak_rss_mib"] == 5120.0
     assert [a["exit_status"] for a in info["attempts"]] == [137, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["build_timings.json", "premise.json", "report.md",
-                                                     "results.json", "run.json", "wr.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["build_timings.json", "diagnostics", "premise.json",
+                                                     "report.md", "results.json", "run.json", "wr.png"]
+    assert (out / "diagnostics" / "reward_agreement_iter2.json").read_text() == '{"en": {}}\n'
 
 
 def test_an_unfinished_run_is_refused(tmp_path):
