@@ -7,8 +7,8 @@
 Copies results.json, report.md, its plots, config.yaml, timings.json and diagnostics/*.json from
 the run folder, and premise.json, recipe.json and the build's timings from the prepared folder;
 writes run.json with the command, the machine, and the wall time (summed) and peak memory
-(largest) of every attempt from `/usr/bin/time -v` outputs (a resumed run has several). Refuses an unfinished run (no
-results.json or no report.md): the record is of a finished run or nothing.
+(largest) of every attempt from `/usr/bin/time -v` outputs (a resumed run has several). Refuses
+an unfinished run (no results.json or no report.md): the record is of a finished run or nothing.
 """
 
 from __future__ import annotations
