@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def main() -> None:
     from icr.sandbox import build
     from icr.sandbox.gemma import recipe_world
-    from icr.sandbox.world import LANGUAGE_WORDS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -37,8 +36,7 @@ def main() -> None:
             for line in open(f, encoding="utf-8")]
     pick = [r for r in rows if r["lang"] in langs][::a.stride][:a.rows]
     tasks = {t.id: t for t in recipe_world(json.loads((a.prepared / "recipe.json").read_text())).split("train")}
-    instr = [tasks[r["id"]].instruction("en") if r["lang"] == "en" else
-             build.PREFIX.format(language=LANGUAGE_WORDS[r["lang"]]) + tasks[r["id"]].instruction("en") for r in pick]
+    instr = [build.reward_instruction(tasks[r["id"]], r["lang"]) for r in pick]
     sft, tok = build._load(a.prepared / "sft")
     dpo, _ = build._load(a.prepared / "dpo")
     again = build._rewards(dpo, sft, tok, instr, [r["response"] for r in pick])

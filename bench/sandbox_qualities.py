@@ -19,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-QUALITIES = ("well_formed", "correct", "language", "concise")
-
-
 def qualities(run_dir: Path) -> dict:
     import yaml
 
+    from icr.sandbox.build import quality_shares
     from icr.sandbox.oracle import OracleJudge
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -38,10 +36,7 @@ def qualities(run_dir: Path) -> dict:
         for lang_dir in sorted(p for p in model_dir.iterdir() if (p / "model_outputs.json").is_file()):
             rows = json.loads((lang_dir / "model_outputs.json").read_text())
             verdicts = [oracle.verdict(r["output"], r["id"], lang_dir.name) for r in rows]
-            entry = {q: round(sum(getattr(v, q) for v in verdicts) / len(verdicts), 4) for q in QUALITIES}
-            entry["score"] = round(sum(v.score for v in verdicts) / len(verdicts), 4)
-            entry["n"] = len(verdicts)
-            out.setdefault(model_dir.name, {})[lang_dir.name] = entry
+            out.setdefault(model_dir.name, {})[lang_dir.name] = {**quality_shares(verdicts), "n": len(verdicts)}
     return out
 
 

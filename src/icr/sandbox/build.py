@@ -419,10 +419,7 @@ def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok
         s1 = sample(sft_model, tok, instr, k, 0.6, 0.9, cfg["max_new_tokens"], seed + 1)
         wins, quality = [], {}
         for name, ss in (("pi0", s0), ("sft", s1)):
-            v = [oracle.verdict(o, t.id, lang) for t, outs in zip(tasks, ss) for o in outs]
-            quality[name] = {"score": _mean([x.score for x in v]), "well_formed": _mean([x.well_formed for x in v]),
-                             "correct": _mean([x.correct for x in v]), "language": _mean([x.language for x in v]),
-                             "concise": _mean([x.concise for x in v])}
+            quality[name] = quality_shares([oracle.verdict(o, t.id, lang) for t, outs in zip(tasks, ss) for o in outs])
         for t, a_outs, b_outs in zip(tasks, s0, s1):
             for a, b in zip(a_outs, b_outs):
                 sa, sb = oracle.score_text(a, t.id, lang), oracle.score_text(b, t.id, lang)
@@ -436,8 +433,7 @@ def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok
         for t, o in zip(tasks, outs):
             for y in dict.fromkeys(o):
                 rows.append((t, y))
-        cross = [t.instruction("en") if lang == "en" else PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en")
-                 for t, _ in rows]
+        cross = [reward_instruction(t, lang) for t, _ in rows]
         native = [t.instruction(lang) for t, _ in rows]
         ys = [y for _, y in rows]
         r_cross = _rewards(dpo_model, sft_model, tok, cross, ys)
@@ -465,6 +461,19 @@ def _rewards(dpo_model, sft_model, tok, instructions, responses):
     a = response_logprobs(dpo_model, tok, instructions, responses)
     b = response_logprobs(sft_model, tok, instructions, responses)
     return [x - y for x, y in zip(a, b)]
+
+
+def reward_instruction(task, lang: str) -> str:
+    """G(x) of the cross-lingual reward: the task's English instruction, behind the "answer using
+    only {language}" prefix for every other language."""
+    return task.instruction("en") if lang == "en" else PREFIX.format(language=LANGUAGE_WORDS[lang]) + task.instruction("en")
+
+
+def quality_shares(verdicts) -> dict:
+    """Mean oracle score and the share of answers with each quality, over oracle verdicts."""
+    return {"score": _mean(v.score for v in verdicts), "well_formed": _mean(v.well_formed for v in verdicts),
+            "correct": _mean(v.correct for v in verdicts), "language": _mean(v.language for v in verdicts),
+            "concise": _mean(v.concise for v in verdicts)}
 
 
 def _mean(xs) -> float | None:

@@ -51,7 +51,7 @@ from ..errors import IcrError
 from ..runs import cache_root, read_jsonl, text_hash, write_json, write_jsonl
 from . import build
 from .oracle import OracleJudge
-from .world import LANGUAGE_WORDS, LANGUAGES, build_world
+from .world import LANGUAGES, build_world
 
 # Gemma's turn format. The assistant turn ends with <end_of_turn> and nothing after it (Gemma's own
 # template adds "\n"): the end token is then the last response token, which the implicit reward
@@ -153,7 +153,7 @@ def _prepare(out: Path, cfg: dict) -> dict:
 
         convs = build.sft_conversations(world, random.Random(f"sandbox-data-{cfg['seed']}"), cfg)
         _step(timings, "sft_s", out, sft_dir,
-              lambda: train_sft(base, convs, sft_dir.with_name(sft_dir.name + ".work"), sft_dir, cfg))
+              lambda: train_sft(base, convs, _work_dir(sft_dir), sft_dir, cfg))
     _link(out / "sft", sft_dir, timings, "sft_s")
 
     if not (pairs_dir / "pi0_pairs.jsonl").exists():
@@ -166,7 +166,7 @@ def _prepare(out: Path, cfg: dict) -> dict:
 
     if not build._is_model(dpo_dir):
         _step(timings, "dpo_s", out, dpo_dir, lambda: train_pi0(read_jsonl(pairs_dir / "pi0_pairs.jsonl"), sft_dir,
-                                                                dpo_dir.with_name(dpo_dir.name + ".work"), dpo_dir, cfg))
+                                                                _work_dir(dpo_dir), dpo_dir, cfg))
     _link(out / "dpo", dpo_dir, timings, "dpo_s")
 
     if not (out / "premise.json").exists():
@@ -211,6 +211,11 @@ def _step_dir(out: Path, cfg: dict, step: str) -> Path:
     return out.parent / STEPS_FOLDER / f"{step}-{key}"
 
 
+def _work_dir(step_dir: Path) -> Path:
+    """Where a training step keeps its checkpoints until its output is saved."""
+    return step_dir.with_name(step_dir.name + ".work")
+
+
 def _timing_record(step_dir: Path) -> Path:
     """A step's own record of its wall time, beside its output in the step store."""
     return step_dir.with_name(step_dir.name + ".timing.json")
@@ -223,7 +228,7 @@ def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
     time is never read as the step's cost."""
     from ..train import _latest_checkpoint
 
-    checkpoint = _latest_checkpoint(step_dir.with_name(step_dir.name + ".work"))  # the one training resumes from
+    checkpoint = _latest_checkpoint(_work_dir(step_dir))  # the one training resumes from
     if checkpoint:
         timings.setdefault("resumed", {})[key] = (f"resumed from {Path(checkpoint).name} of an earlier attempt: "
                                                   "the wall time is the last attempt's only")
@@ -357,8 +362,7 @@ def measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg: dic
         outs = build.sample(dpo_model, tok, [t.instruction(lang) for t in tasks], cfg["premise_policy_samples"],
                             cfg["policy_temperature"], 1.0, cfg["max_new_tokens"], seed)
         rows = [(t, y) for t, o in zip(tasks, outs) for y in dict.fromkeys(o)]
-        instr = [t.instruction("en") if lang == "en" else
-                 build.PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en") for t, _ in rows]
+        instr = [build.reward_instruction(t, lang) for t, _ in rows]
         ys = [y for _, y in rows]
         rewards = build._rewards(dpo_model, sft_model, tok, instr, ys)
         by_id = defaultdict(list)
