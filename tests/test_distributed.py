@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,8 @@ import yaml
 
 from .conftest import REPO
 
-ACCEL = REPO / "configs" / "accelerate"
+ACCEL = REPO / "src" / "icr" / "accelerate_configs"
+SHIPPED = {"ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "cpu_2proc"}
 
 
 def _pairs(root: Path, n: int = 16) -> list[dict]:
@@ -32,13 +38,57 @@ def test_shipped_accelerate_configs_are_valid():
     from accelerate.commands.config.config_args import load_config_from_file
 
     names = {p.stem for p in ACCEL.glob("*.yaml")}
-    assert {"ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "cpu_2proc"} <= names
+    assert SHIPPED <= names
     for path in ACCEL.glob("*.yaml"):
         cfg = load_config_from_file(str(path))  # accelerate's own parser: unknown keys fail here
         raw = yaml.safe_load(path.read_text())
         assert cfg.num_processes == raw["num_processes"] >= 2, path
-    paper = yaml.safe_load((REPO / "configs" / "paper-llama3-8b.yaml").read_text())
-    assert (REPO / paper["train"]["accelerate_config"]).is_file()
+    from icr.train_launch import resolve_accelerate_config
+
+    for name in ("paper-llama3-8b", "paper-llama3-8b-lowres", "icr-llama3-8b"):
+        paper = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        assert resolve_accelerate_config(paper["train"]["accelerate_config"]) == ACCEL / "deepspeed_zero3.yaml"
+
+
+def test_shipped_accelerate_config_is_found_by_name_from_any_directory(monkeypatch, tmp_path):
+    from icr.errors import IcrError
+    from icr.train_launch import resolve_accelerate_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_accelerate_config("deepspeed_zero3") == ACCEL / "deepspeed_zero3.yaml"
+    assert resolve_accelerate_config("ddp.yaml") == ACCEL / "ddp.yaml"
+    (tmp_path / "ddp.yaml").write_text("num_processes: 2\n")  # a file of that name wins over the shipped one
+    assert resolve_accelerate_config("ddp.yaml") == Path("ddp.yaml")
+    with pytest.raises(IcrError) as err:
+        resolve_accelerate_config("zero4")
+    assert str(err.value) == ("train.accelerate_config: 'zero4' is neither a file nor a shipped config "
+                              "(cpu_2proc, ddp, deepspeed_zero2, deepspeed_zero3, fsdp)")
+
+
+def test_a_built_wheel_ships_the_accelerate_configs_and_finds_them_by_name(tmp_path):
+    """A non-editable install: the wheel carries the YAMLs, and a name resolves to a real file from
+    another directory, both from the unpacked wheel and from the wheel imported as a zip."""
+    src = tmp_path / "checkout"
+    shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("icr-*.whl")
+    entries = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"icr/accelerate_configs/{n}.yaml" for n in SHIPPED} <= entries
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")  # installing a pure-Python wheel = unpacking it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import icr.train_launch as t; "
+            "p = t.resolve_accelerate_config('deepspeed_zero3'); print(t.__file__); print(p.read_text() if p.is_file() else '-')")
+    expected = (ACCEL / "deepspeed_zero3.yaml").read_text()
+    for where in (tmp_path / "site", wheel):
+        out = subprocess.run([sys.executable, "-c", code, str(where)], cwd=elsewhere, check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}).stdout
+        module, config = out.split("\n", 1)
+        assert module.startswith(str(where)), module
+        assert config == expected + "\n", config
 
 
 def test_accelerate_command_line(monkeypatch):

@@ -1,7 +1,7 @@
 """Training launched through `accelerate`: `train_dpo_launched` runs `icr.train.train_dpo` under
 `accelerate launch` with one of the shipped configs
-(`configs/accelerate/{ddp,deepspeed_zero2,deepspeed_zero3,fsdp,cpu_2proc}.yaml`): it writes a job
-file and starts
+(`icr/accelerate_configs/{ddp,deepspeed_zero2,deepspeed_zero3,fsdp,cpu_2proc}.yaml`, package data):
+it writes a job file and starts
 
     python -m accelerate.commands.launch --config_file CFG [--num_processes N] --mixed_precision P
         --main_process_port PORT [$ICR_ACCELERATE_ARGS] -m icr.train_worker JOB.json
@@ -13,6 +13,8 @@ Beside `train.py` (which it launches) and below `stages.py` (which calls it).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,13 +24,18 @@ import socket
 import subprocess
 import sys
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from .errors import IcrError
 
 log = logging.getLogger("icr")
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+# The shipped configs are package data (pyproject.toml), found from any working directory and in a
+# non-editable install; one extracted from a zip install is a temporary copy, removed at exit.
+SHIPPED_CONFIGS = files("icr") / "accelerate_configs"
+_EXTRACTED = contextlib.ExitStack()
+atexit.register(_EXTRACTED.close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,14 +47,15 @@ def free_port() -> int:
 
 
 def resolve_accelerate_config(path: str) -> Path:
-    """A config path as given, or a shipped name: `ddp`, `deepspeed_zero3`, ... (configs/accelerate/)."""
+    """A config path as given, or a shipped name: `ddp`, `deepspeed_zero3`, ... (SHIPPED_CONFIGS).
+    Always a real file: `accelerate launch --config_file` reads it in another process."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
-    shipped = REPO_CONFIGS / (path if path.endswith(".yaml") else f"{path}.yaml")
+    shipped = SHIPPED_CONFIGS / (path if path.endswith(".yaml") else f"{path}.yaml")
     if shipped.is_file():
-        return shipped
-    names = sorted(q.stem for q in REPO_CONFIGS.glob("*.yaml"))
+        return _EXTRACTED.enter_context(as_file(shipped))
+    names = sorted(q.name.removesuffix(".yaml") for q in SHIPPED_CONFIGS.iterdir() if q.name.endswith(".yaml"))
     raise IcrError(f"train.accelerate_config: {path!r} is neither a file nor a shipped config ({', '.join(names)})")
 
 
