@@ -176,10 +176,10 @@ def test_an_argument_added_with_a_none_default_keeps_older_builds_valid(tmp_path
 
     recipe = {k: v for k, v in gemma.DEFAULTS.items() if k != "dpo_pair_kinds"}  # as built before it existed
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    cfg, _ = build.recipe_folder(tmp_path, {}, gemma.DEFAULTS, "x")
+    cfg, _ = build.recipe_folder(tmp_path, {}, gemma.GemmaRecipe, "x")
     assert gemma._step_dir(tmp_path, cfg, "dpo") == gemma._step_dir(tmp_path, recipe, "dpo")
     with pytest.raises(ValueError, match="different recipe"):
-        build.recipe_folder(tmp_path, {"dpo_pair_kinds": ["correctness"]}, gemma.DEFAULTS, "x")
+        build.recipe_folder(tmp_path, {"dpo_pair_kinds": ["correctness"]}, gemma.GemmaRecipe, "x")
 
 
 def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from icr.errors import IcrError
 from icr.sandbox.oracle import judge_text
 from icr.sandbox.world import (DEGENERATE_KINDS, FAMILIES, LANGUAGES, QUALITIES, SPLITS, build_world,
                                reference_answer, render_response, solve)
@@ -106,5 +107,5 @@ def test_prepare_reduced_recipe_writes_everything(tmp_path):
     assert (out / "dpo" / "config.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError):
         prepare(out, **{**TINY, "seed": 9})
-    with pytest.raises(TypeError):
+    with pytest.raises(IcrError, match=r"prepare\.args\.no_such_knob: unknown"):
         prepare(out, no_such_knob=1)

