@@ -107,10 +107,22 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
 
-def harness(kills: int, seed: int, workdir: Path, atol: float) -> dict:
-    sys.path.insert(0, str(REPO / "src"))
-    from icr.runs import read_journal
+def read_journal(stage_dir: Path) -> list[dict]:
+    """The events of a stage's `journal.jsonl` (icr.runs.append_journal): which process finished which
+    shard; a line cut by a kill is skipped."""
+    path = Path(stage_dir) / "journal.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    return out
 
+
+def harness(kills: int, seed: int, workdir: Path, atol: float) -> dict:
     rng = random.Random(seed)
     cache = workdir / "cache"
     environment = env(cache)

@@ -4,7 +4,23 @@ import numpy as np
 import pytest
 
 from icr.config import PairsConfig
-from icr.pairs import alpha_grid, alpha_search, alpha_search_bruteforce, llamafactory_dataset_info, select_pairs
+from icr.pairs import alpha_grid, alpha_search, llamafactory_dataset_info, select_pairs
+
+
+def alpha_search_bruteforce(rewards, lengths, alphas) -> float:
+    """The rule, literally: for each alpha, each prompt, pick argmax/argmin; keep the smallest gap."""
+    best_alpha, best_gap = None, None
+    for alpha in alphas:
+        diffs = []
+        for r, ln in zip(rewards, lengths):
+            adj = [ri - alpha * li for ri, li in zip(r, ln)]
+            c = max(range(len(adj)), key=lambda j: (adj[j], -j))
+            w = min(range(len(adj)), key=lambda j: (adj[j], j))
+            diffs.append(ln[c] - ln[w])
+        gap = abs(sum(diffs) / len(diffs))
+        if best_gap is None or gap < best_gap:
+            best_alpha, best_gap = float(alpha), gap
+    return best_alpha
 
 
 @pytest.mark.parametrize("seed", range(5))

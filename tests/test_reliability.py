@@ -28,6 +28,21 @@ def test_kill_and_resume_harness_quick(tmp_path):
     assert result["max_weight_diff"] <= 1e-5
 
 
+def test_kill_resume_reads_the_stage_journal_and_skips_a_line_cut_by_a_kill(tmp_path):
+    import runpy
+
+    from icr.runs import append_journal
+
+    read_journal = runpy.run_path(str(REPO / "bench" / "kill_resume.py"))["read_journal"]
+    assert read_journal(tmp_path) == []  # no journal yet
+    append_journal(tmp_path, {"shard": 0})
+    append_journal(tmp_path, {"shard": 1})
+    with open(tmp_path / "journal.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"shard": 2, "pi')  # killed mid-write
+    assert [e["shard"] for e in read_journal(tmp_path)] == [0, 1]
+    assert read_journal(tmp_path)[0]["pid"] == os.getpid()
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):

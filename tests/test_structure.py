@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
+
+import pytest
 
 from .conftest import REPO
 
@@ -100,3 +104,43 @@ def test_no_import_cycles_between_icr_modules():
 def test_every_module_imports():
     for name in sorted(import_graph()):
         importlib.import_module(name)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(src=SRC) -> list[str]:
+    """Functions of icr longer than MAX_FUNCTION_LINES, from `def` to their last line."""
+    out = []
+    for path in sorted((src / "icr").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    out.append(f"{path.relative_to(src)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_over_80_lines():
+    assert long_functions() == []
+
+
+# The lazy-import rule (src/icr/__init__.py): the command line answers without the heavy packages.
+HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "numpy")
+
+
+def _imported_packages(*args: str) -> set[str]:
+    """Top-level names of every module `python -X importtime ARGS` imported (its report on stderr)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args", [["-c", "import icr.cli; icr.cli.build_parser()"], ["-m", "icr.cli", "--help"]],
+                         ids=["build_parser", "help"])
+def test_the_command_line_loads_no_heavy_package(args):
+    loaded = _imported_packages(*args)
+    assert {"icr", "argparse"} <= loaded  # the report is read right
+    assert sorted(loaded & set(HEAVY)) == []

@@ -60,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "English preference-aligned model (arXiv 2503.04647).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_validate, _add_config, _add_stage_commands, _add_evaluate, _add_sandbox,
+                _add_report):  # in this order in `icr --help`
+        add(sub)
+    return parser
 
+
+def _add_run(sub) -> None:
+    """`icr run CONFIG`: the whole loop."""
     p = sub.add_parser("run", help="run the whole loop from one config (resumable)",
                        description="Run prepare, then generate -> score -> pairs -> train for each iteration, "
                                    "evaluation and controls as configured. Finished stages are skipped.\n\n"
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     _common(p)
 
+
+def _add_validate(sub) -> None:
+    """`icr validate CONFIG...`: check without running."""
     p = sub.add_parser("validate", help="check a config and everything it names, without running",
                        description="Load and validate a config, then check what it names without running: "
                                    "prompt and reference files for every language, the models' config, tokenizer "
@@ -81,10 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (every config)")
     _common(p)
 
+
+def _add_config(sub) -> None:
+    """`icr config`: every config field."""
     p = sub.add_parser("config", help="describe every config field with its default",
                        description="Print every config field, its default and meaning.\n\nexample:\n  icr config")
     _common(p)
 
+
+def _add_stage_commands(sub) -> None:
+    """`icr generate|score|pairs|train CONFIG --iteration t`: one stage."""
     for name, help, ex in (
         ("generate", "sample N responses per prompt per language from the policy",
          "icr generate configs/tiny.yaml --iteration 1 --shard 0/2"),
@@ -101,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="compute only shards with index %% N == I (several workers share a stage); "
                                  "the last worker to finish writes the manifest")
 
+
+def _add_evaluate(sub) -> None:
+    """`icr evaluate CONFIG --model M --label L`."""
     p = sub.add_parser("evaluate", help="evaluate a model against references with a judge",
                        description="Generate one answer per evaluation prompt and language, judge it against the "
                                    "references, and add rows to results.json.\n\nexample:\n"
@@ -113,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _common(p)
 
+
+def _add_sandbox(sub) -> None:
+    """`icr sandbox build|ablate`."""
     p = sub.add_parser("sandbox", help="the built-in sandbox: build the starting pair, run ablations",
                        description="The sandbox world (see docs/sandbox.md).\n\nexamples:\n"
                                    "  icr sandbox build                      # world + pi_SFT + pi0, prints the premise check\n"
@@ -128,13 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _common(p)
 
+
+def _add_report(sub) -> None:
+    """`icr report RUN_DIR`."""
     p = sub.add_parser("report", help="write report.md and plots for a run folder",
                        description="Render runs/<name>/report.md and PNGs from results.json and stage files.\n\n"
                                    "example:\n  icr report runs/tiny",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     _common(p)
-    return parser
 
 
 def _parse_shard(value: str | None):

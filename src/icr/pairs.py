@@ -3,8 +3,8 @@
 The alpha search is written here (no library has it): per language, alpha on the grid
 0, step, ..., alpha_max is the one that makes chosen and rejected equally long on average, where
 chosen = argmax and rejected = argmin of r - alpha*len(y). It is vectorised over prompts,
-candidates and blocks of alphas; `alpha_search_bruteforce` is the rule written out literally, for
-tests. Ties (in the argmax/argmin and between alphas) go to the first index / smallest alpha.
+candidates and blocks of alphas; tests/test_pairs.py checks it against the rule written out
+literally. Ties (in the argmax/argmin and between alphas) go to the first index / smallest alpha.
 """
 
 from __future__ import annotations
@@ -25,14 +25,6 @@ def _pad(groups: list[list[float]], fill: float) -> np.ndarray:
     return out
 
 
-def pick_best_worst(rewards: np.ndarray, lengths: np.ndarray, valid: np.ndarray, alpha: float):
-    """Chosen/rejected indices per row of r - alpha*len over valid candidates (padded arrays)."""
-    adjusted = rewards - alpha * lengths
-    best = np.where(valid, adjusted, -np.inf).argmax(axis=1)
-    worst = np.where(valid, adjusted, np.inf).argmin(axis=1)
-    return best, worst, adjusted
-
-
 def alpha_search(rewards: list[list[float]], lengths: list[list[float]], alphas: np.ndarray,
                  block: int = 128) -> tuple[float, np.ndarray]:
     """Return (best alpha, |mean length difference| per alpha) for one language's prompts."""
@@ -49,22 +41,6 @@ def alpha_search(rewards: list[list[float]], lengths: list[list[float]], alphas:
         diff = ln[rows[None], best] - ln[rows[None], worst]  # (A, P)
         gaps[start:start + block] = np.abs(diff.mean(axis=1))
     return float(alphas[int(np.argmin(gaps))]), gaps
-
-
-def alpha_search_bruteforce(rewards, lengths, alphas) -> float:
-    """The rule, literally: for each alpha, each prompt, pick argmax/argmin; keep the smallest gap."""
-    best_alpha, best_gap = None, None
-    for alpha in alphas:
-        diffs = []
-        for r, ln in zip(rewards, lengths):
-            adj = [ri - alpha * li for ri, li in zip(r, ln)]
-            c = max(range(len(adj)), key=lambda j: (adj[j], -j))
-            w = min(range(len(adj)), key=lambda j: (adj[j], j))
-            diffs.append(ln[c] - ln[w])
-        gap = abs(sum(diffs) / len(diffs))
-        if best_gap is None or gap < best_gap:
-            best_alpha, best_gap = float(alpha), gap
-    return best_alpha
 
 
 def alpha_grid(cfg: PairsConfig) -> np.ndarray:
@@ -101,6 +77,7 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, rec in enumerate(scored):
         groups[(rec["lang"], rec["id"])].append(i)
+    length_of = _length_function(scored, cfg)
 
     stats: dict[str, dict] = {}
     pairs: list[dict] = []
@@ -108,71 +85,94 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
         keys = [k for k in groups if k[0] == lang]
         st = {"n_prompts": len(keys), "n_candidates": 0, "candidates_in_language": 0, "dropped_filters": 0,
               "dropped_no_pair": 0, "dropped_margin": 0, "dropped_nonfinite": 0}
-        kept_keys, cand_idx = [], []
-        for key in keys:
-            idx = groups[key]
-            st["n_candidates"] += len(idx)
-            finite = [i for i in idx if np.isfinite(scores[i])]
-            st["dropped_nonfinite"] += len(idx) - len(finite)
-            keep = []
-            for i in finite:
-                rec = scored[i]
-                ok_lang = in_language is None or in_language(rec["response"], lang)
-                st["candidates_in_language"] += bool(ok_lang)
-                if (cfg.language_filter and not ok_lang) or (cfg.drop_truncated and not rec["finished"]):
-                    continue
-                keep.append(i)
-            if len(keep) < 2:
-                st["dropped_filters"] += 1
-                continue
-            kept_keys.append(key)
-            cand_idx.append(keep)
-
-        if cfg.length_unit == "tokens":
-            length_of = lambda i: scored[i]["n_tokens"]  # noqa: E731
-        elif cfg.length_strip:
-            length_of = lambda i: len(scored[i]["response"].strip())  # noqa: E731
-        else:
-            length_of = lambda i: len(scored[i]["response"])  # noqa: E731
-        alpha, curve = 0.0, None
-        if cfg.selection == "reward" and cfg.length_control and cand_idx:
-            grid = alpha_grid(cfg)
-            alpha, gaps = alpha_search([[scores[i] for i in c] for c in cand_idx],
-                                       [[length_of(i) for i in c] for c in cand_idx], grid)
-            stride = max(1, len(grid) // 100)
-            curve = [[float(grid[j]), float(gaps[j])] for j in range(0, len(grid), stride)]
-        st["alpha"] = alpha
-        if curve:
-            st["alpha_curve"] = curve
-
-        chosen_len, rejected_len, chosen_in_lang = [], [], []
-        for key, cands in zip(kept_keys, cand_idx):
-            pair = _pick(key, cands, scored, scores, length_of, alpha, cfg, seed, judge_scores)
-            if pair is None:
-                st["dropped_no_pair"] += 1
-                continue
-            c, w, margin = pair
-            if cfg.min_margin is not None and margin < cfg.min_margin:
-                st["dropped_margin"] += 1
-                continue
-            chosen_len.append(len(scored[c]["response"]))
-            rejected_len.append(len(scored[w]["response"]))
-            if in_language is not None:
-                chosen_in_lang.append(in_language(scored[c]["response"], lang))
-            pairs.append({
-                "id": key[1], "lang": lang, "prompt": scored[c]["prompt"],
-                "chosen": scored[c]["response"], "rejected": scored[w]["response"],
-                "chosen_reward": scored[c]["reward"], "rejected_reward": scored[w]["reward"],
-                "chosen_sample": scored[c]["sample"], "rejected_sample": scored[w]["sample"],
-                "alpha": alpha,
-            })
-        st["n_pairs"] = len(chosen_len)
-        st["chosen_len_mean"] = float(np.mean(chosen_len)) if chosen_len else None
-        st["rejected_len_mean"] = float(np.mean(rejected_len)) if rejected_len else None
-        st["chosen_fidelity"] = float(np.mean(chosen_in_lang)) if chosen_in_lang else None
-        st["candidate_fidelity"] = st["candidates_in_language"] / max(1, st["n_candidates"] - st["dropped_nonfinite"])
+        kept_keys, cand_idx = _filter_candidates(lang, keys, groups, scored, scores, cfg, in_language, st)
+        alpha = _length_control_alpha(cand_idx, scores, length_of, cfg, st)
+        pairs += _language_pairs(lang, kept_keys, cand_idx, scored, scores, length_of, alpha, cfg, seed,
+                                 judge_scores, in_language, st)
         stats[lang] = st
     return pairs, {"per_language": stats}
+
+
+def _filter_candidates(lang, keys, groups, scored, scores, cfg: PairsConfig, in_language, st):
+    """(prompts with >= 2 candidates left, their candidates) after the non-finite, language and
+    truncation filters; what was dropped is counted in `st`."""
+    kept_keys, cand_idx = [], []
+    for key in keys:
+        idx = groups[key]
+        st["n_candidates"] += len(idx)
+        finite = [i for i in idx if np.isfinite(scores[i])]
+        st["dropped_nonfinite"] += len(idx) - len(finite)
+        keep = []
+        for i in finite:
+            rec = scored[i]
+            ok_lang = in_language is None or in_language(rec["response"], lang)
+            st["candidates_in_language"] += bool(ok_lang)
+            if (cfg.language_filter and not ok_lang) or (cfg.drop_truncated and not rec["finished"]):
+                continue
+            keep.append(i)
+        if len(keep) < 2:
+            st["dropped_filters"] += 1
+            continue
+        kept_keys.append(key)
+        cand_idx.append(keep)
+    return kept_keys, cand_idx
+
+
+def _length_function(scored: list[dict], cfg: PairsConfig):
+    """len(y) of record i for the length control: tokens, characters of the stripped text, or characters."""
+    if cfg.length_unit == "tokens":
+        return lambda i: scored[i]["n_tokens"]
+    if cfg.length_strip:
+        return lambda i: len(scored[i]["response"].strip())
+    return lambda i: len(scored[i]["response"])
+
+
+def _length_control_alpha(cand_idx, scores, length_of, cfg: PairsConfig, st) -> float:
+    """One language's alpha (0.0 without length control), recorded in `st` with its search curve."""
+    alpha, curve = 0.0, None
+    if cfg.selection == "reward" and cfg.length_control and cand_idx:
+        grid = alpha_grid(cfg)
+        alpha, gaps = alpha_search([[scores[i] for i in c] for c in cand_idx],
+                                   [[length_of(i) for i in c] for c in cand_idx], grid)
+        stride = max(1, len(grid) // 100)
+        curve = [[float(grid[j]), float(gaps[j])] for j in range(0, len(grid), stride)]
+    st["alpha"] = alpha
+    if curve:
+        st["alpha_curve"] = curve
+    return alpha
+
+
+def _language_pairs(lang, kept_keys, cand_idx, scored, scores, length_of, alpha, cfg: PairsConfig, seed,
+                    judge_scores, in_language, st) -> list[dict]:
+    """One language's pairs (one per prompt that has one); the pair counts and lengths go to `st`."""
+    pairs = []
+    chosen_len, rejected_len, chosen_in_lang = [], [], []
+    for key, cands in zip(kept_keys, cand_idx):
+        pair = _pick(key, cands, scored, scores, length_of, alpha, cfg, seed, judge_scores)
+        if pair is None:
+            st["dropped_no_pair"] += 1
+            continue
+        c, w, margin = pair
+        if cfg.min_margin is not None and margin < cfg.min_margin:
+            st["dropped_margin"] += 1
+            continue
+        chosen_len.append(len(scored[c]["response"]))
+        rejected_len.append(len(scored[w]["response"]))
+        if in_language is not None:
+            chosen_in_lang.append(in_language(scored[c]["response"], lang))
+        pairs.append({
+            "id": key[1], "lang": lang, "prompt": scored[c]["prompt"],
+            "chosen": scored[c]["response"], "rejected": scored[w]["response"],
+            "chosen_reward": scored[c]["reward"], "rejected_reward": scored[w]["reward"],
+            "chosen_sample": scored[c]["sample"], "rejected_sample": scored[w]["sample"],
+            "alpha": alpha,
+        })
+    st["n_pairs"] = len(chosen_len)
+    st["chosen_len_mean"] = float(np.mean(chosen_len)) if chosen_len else None
+    st["rejected_len_mean"] = float(np.mean(rejected_len)) if rejected_len else None
+    st["chosen_fidelity"] = float(np.mean(chosen_in_lang)) if chosen_in_lang else None
+    st["candidate_fidelity"] = st["candidates_in_language"] / max(1, st["n_candidates"] - st["dropped_nonfinite"])
+    return pairs
 
 
 def _pick(key, cands, scored, scores, length_of, alpha, cfg: PairsConfig, seed, judge_scores):

@@ -93,14 +93,6 @@ def read_json(path: Path):
         return json.load(fh)
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def text_hash(*parts: str) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -137,19 +129,6 @@ def append_journal(stage_dir: Path, event: dict) -> None:
     line = dumps_record({**event, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n"
     with open(Path(stage_dir) / "journal.jsonl", "a", encoding="utf-8") as fh:
         fh.write(line)
-
-
-def read_journal(stage_dir: Path) -> list[dict]:
-    path = Path(stage_dir) / "journal.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line cut by a kill
-    return out
 
 
 def check_free_disk(folder: Path, needed_bytes: int, what: str) -> None:
