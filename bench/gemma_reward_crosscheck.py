@@ -1,5 +1,5 @@
 """Check that a finished sandbox run's iteration-1 rewards equal the premise's scorer on the same
-prompts and answers (the loop's `icr.reward` path vs `icr.sandbox.build._rewards`).
+prompts and answers (the loop's `icr.reward` path vs `icr.sandbox.build.implicit_rewards`).
 
     python bench/gemma_reward_crosscheck.py runs/sandbox-gemma \
         .cache/icr/prepared/icr.sandbox.prepare_gemma-<key> --langs en,es,sw --rows 45
@@ -39,7 +39,7 @@ def main() -> None:
     instr = [build.reward_instruction(tasks[r["id"]], r["lang"]) for r in pick]
     sft, tok = build._load(a.prepared / "sft")
     dpo, _ = build._load(a.prepared / "dpo")
-    again = build._rewards(dpo, sft, tok, instr, [r["response"] for r in pick])
+    again = build.implicit_rewards(dpo, sft, tok, instr, [r["response"] for r in pick])
     print(json.dumps({"rows": len(pick), "langs": langs,
                       "max_abs_diff": max(abs(x - r["reward"]) for x, r in zip(again, pick))}))
 

@@ -17,6 +17,40 @@ from collections import defaultdict
 from .evaluation.judges import JudgeItem
 
 
+def agreement(reward_a: float, reward_b: float, judge_a: float, judge_b: float) -> float:
+    """1 when the reward orders two answers as the judge does, 0 when it reverses them, 0.5 when the
+    reward ties them (for two answers the judge tells apart)."""
+    if reward_a == reward_b:
+        return 0.5
+    return float((reward_a > reward_b) == (judge_a > judge_b))
+
+
+def pair_agreement(ids: list[str], responses: list[str], rewards: list[float], judge_scores: list[float],
+                   kind_of=None, max_pairs_per_prompt: int | None = None) -> dict[str, list[float]]:
+    """Agreement of each pair of answers to the same prompt: `{"all": [hit, ...], kind: [hit, ...]}`.
+
+    Row j is answer `responses[j]` to prompt `ids[j]` with `rewards[j]` and `judge_scores[j]`. The
+    pairs of a prompt are its rows' combinations in row order, the first `max_pairs_per_prompt` of
+    them (None: all); pairs the judge ties, or of identical answers, are skipped (no preference to
+    agree with). `kind_of(response_a, response_b, id)` names the quality a pair differs in; each hit
+    is also listed under it. The one place where the reward is checked against a judge: the loop's
+    diagnostics (`reward_agreement`) and the sandbox premises use it.
+    """
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for j, pid in enumerate(ids):
+        by_id[pid].append(j)
+    tallies: dict[str, list[float]] = {"all": []}
+    for pid, rows in by_id.items():
+        for a, b in itertools.islice(itertools.combinations(rows, 2), max_pairs_per_prompt):
+            if judge_scores[a] == judge_scores[b] or responses[a] == responses[b]:
+                continue
+            hit = agreement(rewards[a], rewards[b], judge_scores[a], judge_scores[b])
+            tallies["all"].append(hit)
+            if kind_of is not None:
+                tallies.setdefault(kind_of(responses[a], responses[b], pid), []).append(hit)
+    return tallies
+
+
 def reward_agreement(scored: list[dict], judge, max_pairs_per_prompt: int = 45) -> dict:
     """`{lang: {kind: {"agree": share, "n": pairs}}}` with kind "all" always present.
 
@@ -27,21 +61,17 @@ def reward_agreement(scored: list[dict], judge, max_pairs_per_prompt: int = 45) 
     kind_of = getattr(judge, "pair_kind", None)
     if kind_of is None and hasattr(judge, "judge"):  # a CachedJudge wraps the real one
         kind_of = getattr(judge.judge, "pair_kind", None)
-    groups = defaultdict(list)
+    by_lang = defaultdict(list)
     for rec, s in zip(scored, judge_scores):
         if rec.get("reward") is not None and not math.isnan(rec["reward"]):
-            groups[(rec["lang"], rec["id"])].append((rec, s))
-    tallies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (lang, pid), members in sorted(groups.items()):
-        for (a, sa), (b, sb) in itertools.islice(itertools.combinations(members, 2), max_pairs_per_prompt):
-            if sa == sb or a["response"] == b["response"]:
-                continue
-            if a["reward"] == b["reward"]:
-                hit = 0.5
-            else:
-                hit = float((a["reward"] > b["reward"]) == (sa > sb))
-            tallies[lang]["all"].append(hit)
-            if kind_of is not None:
-                tallies[lang][kind_of(a["response"], b["response"], pid, lang)].append(hit)
-    return {lang: {kind: {"agree": sum(v) / len(v), "n": len(v)} for kind, v in sorted(kinds.items())}
-            for lang, kinds in sorted(tallies.items())}
+            by_lang[rec["lang"]].append((rec, s))
+    out = {}
+    for lang, members in sorted(by_lang.items()):
+        members.sort(key=lambda m: m[0]["id"])  # stable: a prompt's answers keep their order
+        tallies = pair_agreement([r["id"] for r, _ in members], [r["response"] for r, _ in members],
+                                 [r["reward"] for r, _ in members], [s for _, s in members],
+                                 None if kind_of is None else lambda a, b, pid, lang=lang: kind_of(a, b, pid, lang),
+                                 max_pairs_per_prompt)
+        if tallies["all"]:
+            out[lang] = {kind: {"agree": sum(v) / len(v), "n": len(v)} for kind, v in sorted(tallies.items())}
+    return out

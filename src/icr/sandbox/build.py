@@ -416,15 +416,7 @@ def english_pairs(world: World, oracle: OracleJudge, sft_model, tok, cfg: dict) 
 # Premise
 # ---------------------------------------------------------------------------------------------
 
-def _agreement(r_a: float, r_b: float, s_a: float, s_b: float) -> float:
-    if r_a == r_b:
-        return 0.5
-    return 1.0 if (r_a > r_b) == (s_a > s_b) else 0.0
-
-
 def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok, cfg: dict) -> dict:
-    from collections import defaultdict
-
     tasks = world.split("dev")
     seed = cfg["seed"] + 7
     res = {"split": "dev", "n_prompts": len(tasks), "win_rate_pi0_vs_sft": {}, "reward_accuracy": {},
@@ -460,28 +452,32 @@ def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok
         cross = [reward_instruction(t, lang) for t, _ in rows]
         native = [t.instruction(lang) for t, _ in rows]
         ys = [y for _, y in rows]
-        r_cross = _rewards(dpo_model, sft_model, tok, cross, ys)
-        r_native = r_cross if lang == "en" else _rewards(dpo_model, sft_model, tok, native, ys)
-        by_id = defaultdict(list)
-        for j, (t, y) in enumerate(rows):
-            by_id[t.id].append(j)
-        acc, acc_ml, kinds = [], [], defaultdict(list)
-        for tid, js in by_id.items():
-            for a, b in itertools.combinations(js, 2):
-                sa, sb = oracle.score_text(ys[a], tid, lang), oracle.score_text(ys[b], tid, lang)
-                if sa == sb:
-                    continue
-                acc.append(_agreement(r_cross[a], r_cross[b], sa, sb))
-                acc_ml.append(_agreement(r_native[a], r_native[b], sa, sb))
-                kinds[oracle.pair_kind(ys[a], ys[b], tid, lang)].append(acc[-1])
+        r_cross = implicit_rewards(dpo_model, sft_model, tok, cross, ys)
+        r_native = r_cross if lang == "en" else implicit_rewards(dpo_model, sft_model, tok, native, ys)
+        cross_acc = oracle_agreement(oracle, rows, r_cross, lang)
+        acc = cross_acc.pop("all")
         res["reward_accuracy"][lang] = _mean(acc)
-        res["reward_accuracy_multilingual"][lang] = _mean(acc_ml)
-        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(kinds.items())}
+        res["reward_accuracy_multilingual"][lang] = _mean(oracle_agreement(oracle, rows, r_native, lang,
+                                                                            kinds=False)["all"])
+        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(cross_acc.items())}
         res["n_pairs"][lang] = len(acc)
     return res
 
 
-def _rewards(dpo_model, sft_model, tok, instructions, responses):
+def oracle_agreement(oracle: OracleJudge, rows: list[tuple], rewards: list[float], lang: str,
+                     kinds: bool = True) -> dict[str, list[float]]:
+    """The reward's agreement with the oracle on every pair of `rows` ((task, answer) pairs, a task's
+    answers distinct) to the same task: `icr.diagnostics.pair_agreement`, the loop's own measure,
+    with the oracle's score and (if `kinds`) pair kind in `lang`."""
+    from ..diagnostics import pair_agreement
+
+    return pair_agreement([t.id for t, _ in rows], [y for _, y in rows], rewards,
+                          [oracle.score_text(y, t.id, lang) for t, y in rows],
+                          (lambda a, b, tid: oracle.pair_kind(a, b, tid, lang)) if kinds else None)
+
+
+def implicit_rewards(dpo_model, sft_model, tok, instructions, responses) -> list[float]:
+    """The implicit reward log pi0(y|x) - log pi_SFT(y|x) of each response, summed over its tokens."""
     a = response_logprobs(dpo_model, tok, instructions, responses)
     b = response_logprobs(sft_model, tok, instructions, responses)
     return [x - y for x, y in zip(a, b)]

@@ -40,11 +40,9 @@ changes only pi0 (or only the premise) reuses the hour-long steps before it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,18 +403,8 @@ def measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg: dic
         rows = [(t, y) for t, o in zip(tasks, outs) for y in dict.fromkeys(o)]
         instr = [build.reward_instruction(t, lang) for t, _ in rows]
         ys = [y for _, y in rows]
-        rewards = build._rewards(dpo_model, sft_model, tok, instr, ys)
-        by_id = defaultdict(list)
-        for j, (t, _) in enumerate(rows):
-            by_id[t.id].append(j)
-        acc, kinds = [], defaultdict(list)
-        for tid, js in by_id.items():
-            for a, b in itertools.combinations(js, 2):
-                sa, sb = oracle.score_text(ys[a], tid, lang), oracle.score_text(ys[b], tid, lang)
-                if sa == sb:
-                    continue
-                acc.append(build._agreement(rewards[a], rewards[b], sa, sb))
-                kinds[oracle.pair_kind(ys[a], ys[b], tid, lang)].append(acc[-1])
+        kinds = build.oracle_agreement(oracle, rows, build.implicit_rewards(dpo_model, sft_model, tok, instr, ys), lang)
+        acc = kinds.pop("all")
         res["reward_accuracy"][lang] = build._mean(acc)
         res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": build._mean(v), "n": len(v)}
                                                 for k, v in sorted(kinds.items())}

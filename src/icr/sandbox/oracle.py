@@ -52,9 +52,6 @@ class Verdict:
             return 0.0
         return round(sum(WEIGHTS[k] for k in WEIGHTS if getattr(self, k)), 6)
 
-    def qualities(self) -> tuple[bool, bool, bool, bool]:
-        return (self.well_formed, self.correct, self.language, self.concise)
-
 
 def parse(text: str) -> tuple[str | None, int, int | None]:
     """(tag language or None, filler count, number or None) of a well-formed answer; None tag and
