@@ -1,11 +1,11 @@
 """Re-measure the Gemma sandbox's on-policy premise with more samples per prompt (issue 11, item 3).
 
-    python bench/gemma_on_policy.py .cache/icr/prepared/icr.sandbox.prepare_gemma-<key> --samples 8 \
+    python bench/gemma_on_policy.py .cache/icr/prepared/bench/sandbox_gemma.py.prepare_gemma-<key> --samples 8 \
         --out docs/results/sandbox-gemma-recipe2/premise-on-policy-8.json
 
 `premise.json`'s on-policy part draws 4 samples of pi0 per dev prompt (40 per language), which leaves
 ~25 English pairs that differ in correctness: too few to tell 0.52 from 0.65. This reruns exactly
-`icr.sandbox.gemma.measure_on_policy_premise` on the built pair with `--samples` per prompt; nothing
+`sandbox_gemma.measure_on_policy_premise` (bench/sandbox_gemma.py) on the built pair with `--samples` per prompt; nothing
 else changes (same world, oracle, models, temperature, seed).
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def main() -> None:
     from icr.runs import write_json
     from icr.sandbox import build
-    from icr.sandbox.gemma import measure_on_policy_premise, recipe_world
+    from sandbox_gemma import measure_on_policy_premise, recipe_world  # bench/, beside this script
     from icr.sandbox.oracle import OracleJudge
 
     p = argparse.ArgumentParser()
@@ -33,8 +33,8 @@ def main() -> None:
     a = p.parse_args()
     cfg = json.loads((a.prepared / "recipe.json").read_text())
     world = recipe_world(cfg)
-    sft, tok = build._load(a.prepared / "sft")
-    dpo, _ = build._load(a.prepared / "dpo")
+    sft, tok = build.load_model(a.prepared / "sft")
+    dpo, _ = build.load_model(a.prepared / "dpo")
     t = time.time()
     res = measure_on_policy_premise(world, OracleJudge(a.prepared), dpo, sft, tok,
                                     {**cfg, "premise_policy_samples": a.samples})

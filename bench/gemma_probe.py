@@ -2,7 +2,7 @@
 
     nice -n 10 /usr/bin/time -v python bench/gemma_probe.py --out /tmp/gemma-probe
 
-Runs `icr.sandbox:prepare_gemma` on the packaged Gemma-3-270M at tiny sizes (load + convert, a few
+Runs `prepare_gemma` (bench/sandbox_gemma.py) on the packaged Gemma-3-270M at tiny sizes (load + convert, a few
 SFT steps, English pairs, a DPO step or two, the premise with on-policy samples) and prints, per
 stage, the wall time and the units it processed, so the full recipe's and config's cost can be
 extrapolated (docs/sandbox.md, "Gemma world"). Needs `pip install 'icr[gemma]'`. Wall times
@@ -26,8 +26,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/gemma-probe", help="prepared folder (reused: delete it to re-measure)")
     args = ap.parse_args()
     from icr.runs import read_jsonl
-    from icr.sandbox import prepare_gemma
-    from icr.sandbox.gemma import DEFAULTS
+    from sandbox_gemma import DEFAULTS, prepare_gemma  # bench/, beside this script
 
     t0, load0 = time.time(), os.getloadavg()
     paths = prepare_gemma(args.out, **PROBE)

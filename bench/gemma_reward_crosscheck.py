@@ -2,7 +2,7 @@
 prompts and answers (the loop's `icr.reward` path vs `icr.sandbox.build.implicit_rewards`).
 
     python bench/gemma_reward_crosscheck.py runs/sandbox-gemma \
-        .cache/icr/prepared/icr.sandbox.prepare_gemma-<key> --langs en,es,sw --rows 45
+        .cache/icr/prepared/bench/sandbox_gemma.py.prepare_gemma-<key> --langs en,es,sw --rows 45
 
 Written when the Gemma run's premise (0.64 correctness agreement on dev prompts) and its loop's
 iteration-1 diagnostics (0.51 on train prompts) disagreed: it rules the scoring in or out. Loads
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def main() -> None:
     from icr.sandbox import build
-    from icr.sandbox.gemma import recipe_world
+    from sandbox_gemma import recipe_world  # bench/, beside this script
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -37,8 +37,8 @@ def main() -> None:
     pick = [r for r in rows if r["lang"] in langs][::a.stride][:a.rows]
     tasks = {t.id: t for t in recipe_world(json.loads((a.prepared / "recipe.json").read_text())).split("train")}
     instr = [build.reward_instruction(tasks[r["id"]], r["lang"]) for r in pick]
-    sft, tok = build._load(a.prepared / "sft")
-    dpo, _ = build._load(a.prepared / "dpo")
+    sft, tok = build.load_model(a.prepared / "sft")
+    dpo, _ = build.load_model(a.prepared / "dpo")
     again = build.implicit_rewards(dpo, sft, tok, instr, [r["response"] for r in pick])
     print(json.dumps({"rows": len(pick), "langs": langs,
                       "max_abs_diff": max(abs(x - r["reward"]) for x, r in zip(again, pick))}))

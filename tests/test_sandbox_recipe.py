@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.sandbox_gemma import GemmaRecipe, _step_dir
 from icr.errors import IcrError
 from icr.sandbox import build
-from icr.sandbox.gemma import GemmaRecipe, _step_dir
 from icr.sandbox.recipe import check, defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_every_field_is_documented(recipe_class):
 ])
 def test_unknown_argument_or_wrong_type_is_one_line_naming_the_field(tmp_path, recipe, message):
     with pytest.raises(IcrError) as e:
-        build.recipe_folder(tmp_path / "p", recipe, GemmaRecipe, "icr.sandbox.prepare_gemma")
+        build.recipe_folder(tmp_path / "p", recipe, GemmaRecipe, "prepare_gemma")
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p").exists()  # refused before anything is built
 

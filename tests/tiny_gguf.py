@@ -75,7 +75,7 @@ def write_tiny_gemma_gguf(path: str | Path, seed: int = 0, chat_template: str | 
         _write(path, model, cfg, tokens, types, chat_template)
         from transformers import AutoTokenizer
 
-        from icr.sandbox.gemma import GEMMA_CHAT_TEMPLATE
+        from bench.sandbox_gemma import GEMMA_CHAT_TEMPLATE  # the Gemma recipe's turn format
         from icr.tiny import fit_causal_lm
 
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -38,7 +38,9 @@ def _f(default, help: str, **kw):
 class PrepareConfig:
     """A function run before the loop that builds local models/data (cached by its arguments)."""
 
-    call: str = _f("", "Dotted path `module:function`; called as fn(out_dir, **args). Its folder is `{prepared}`.")
+    call: str = _f("", "Dotted path `module:function`, or `path/to/file.py:function` (a Python file, the path "
+                   "relative to the working directory: research code outside the package); called as "
+                   "fn(out_dir, **args). Its folder is `{prepared}`.")
     args: dict = _f({}, "Keyword arguments for the function; part of the cache key.")
 
 

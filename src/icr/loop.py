@@ -42,11 +42,32 @@ def run_prepare(cfg: ExperimentConfig) -> Path | None:
     done = out / "done.json"
     if done.is_file():
         return out
-    module, _, fn = call.partition(":")
-    try:
-        func = getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise IcrError(f"prepare.call: cannot import {call!r} ({e})") from None
+    module, _, fn = call.rpartition(":")
+    if module.endswith(".py"):  # research code outside the package: `path/to/file.py:function`, path from the cwd
+        path = Path(module)
+        if not path.is_file():
+            raise IcrError(f"prepare.call: no file {module} (a .py path is relative to the working directory "
+                           f"{Path.cwd()})")
+        import sys
+        from importlib.util import module_from_spec, spec_from_file_location
+
+        name = f"icr_prepare_{path.stem}_{text_hash(str(path.resolve()))}"
+        if name not in sys.modules:  # registered before it runs: dataclasses look their module up
+            spec = spec_from_file_location(name, path)
+            sys.modules[name] = module_from_spec(spec)
+            try:
+                spec.loader.exec_module(sys.modules[name])
+            except BaseException:
+                del sys.modules[name]
+                raise
+        func = getattr(sys.modules[name], fn, None)
+        if not callable(func):
+            raise IcrError(f"prepare.call: {module} has no function {fn!r}")
+    else:
+        try:
+            func = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise IcrError(f"prepare.call: cannot import {call!r} ({e})") from None
     # Two runs sharing a prepare step must not build into the same folder at once.
     with hold_lock(out.with_name(out.name + ".lock"), f"prepare: {out} is being built"):
         if done.is_file():  # built by another process while this one started

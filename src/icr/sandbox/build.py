@@ -140,7 +140,7 @@ def recipe_folder(out_dir: str | Path, recipe: dict, recipe_class, name: str) ->
 def prepare(out_dir: str | Path, **recipe) -> dict:
     """Build (or reuse) everything under `out_dir`; returns paths and the premise numbers."""
     cfg, out = recipe_folder(out_dir, recipe, ToyRecipe, "icr.sandbox.prepare")
-    timings = _load_json(out / "timings.json") or {}
+    timings = load_json(out / "timings.json") or {}
     t_all = time.time()
 
     import torch
@@ -162,14 +162,14 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
     world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
     if not (out / "world.json").exists():
         write_json(out / "world.json", world.to_json())
-    _write_prompt_files(world, out)
+    write_prompt_files(world, out)
     oracle = OracleJudge(out)
 
     rng = random.Random(f"sandbox-data-{cfg['seed']}")
     pre_texts = pretraining_texts(world, rng, cfg)
     sft_convs = sft_conversations(world, rng, cfg)
 
-    if not _is_model(out / "sft"):
+    if not is_model(out / "sft"):
         t = time.time()
         from ..tiny import build_model, build_tokenizer, fit_causal_lm
 
@@ -188,8 +188,8 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         timings["sft_s"] = round(time.time() - t, 1)
         write_json(out / "timings.json", timings)
 
-    if not _is_model(out / "dpo"):
-        sft_model, tok = _load(out / "sft")
+    if not is_model(out / "dpo"):
+        sft_model, tok = load_model(out / "sft")
         t = time.time()
         pairs = english_pairs(world, oracle, sft_model, tok, cfg)
         from ..runs import write_jsonl
@@ -197,15 +197,15 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         write_jsonl(out / "pi0_pairs.jsonl", pairs)
         timings["pairs_s"] = round(time.time() - t, 1)
         t = time.time()
-        policy, _ = _load(out / "sft")
+        policy, _ = load_model(out / "sft")
         train_dpo(policy, sft_model, tok, pairs, out / "dpo", cfg)
         timings["dpo_s"] = round(time.time() - t, 1)
         write_json(out / "timings.json", timings)
 
     if not (out / "premise.json").exists():
         t = time.time()
-        sft_model, tok = _load(out / "sft")
-        dpo_model, _ = _load(out / "dpo")
+        sft_model, tok = load_model(out / "sft")
+        dpo_model, _ = load_model(out / "dpo")
         premise = measure_premise(world, oracle, dpo_model, sft_model, tok, cfg)
         timings["premise_s"] = round(time.time() - t, 1)
         premise["build_timings_s"] = timings
@@ -264,7 +264,8 @@ def sft_conversations(world: World, rng: random.Random, cfg: dict) -> list[list[
     return convs
 
 
-def _write_prompt_files(world: World, out: Path) -> None:
+def write_prompt_files(world: World, out: Path) -> None:
+    """The pipeline's files: `prompts/{train,eval}/{lang}.jsonl` and `references/{lang}.json` (kept if present)."""
     for split in ("train", "eval"):
         for lang in LANGUAGES:
             path = out / "prompts" / split / f"{lang}.jsonl"
@@ -340,11 +341,13 @@ def train_dpo(policy, reference, tok, pairs: list[dict], out_path: Path, cfg: di
 # Sampling, scoring, pairs
 # ---------------------------------------------------------------------------------------------
 
-def _is_model(path: Path) -> bool:
+def is_model(path: Path) -> bool:
+    """Whether `path` holds a saved model (a finished training step)."""
     return (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
-def _load(path: Path):
+def load_model(path: Path):
+    """(model, tokenizer) of a saved model, in eval mode, padding on the left for sampling."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -354,7 +357,8 @@ def _load(path: Path):
     return model, tok
 
 
-def _load_json(path: Path):
+def load_json(path: Path):
+    """A JSON file's content, or None when it does not exist."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -440,7 +444,7 @@ def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok
             for a, b in zip(a_outs, b_outs):
                 sa, sb = oracle.score_text(a, t.id, lang), oracle.score_text(b, t.id, lang)
                 wins.append(1.0 if sa > sb else 0.0 if sa < sb else 0.5)
-        res["win_rate_pi0_vs_sft"][lang] = _mean(wins)
+        res["win_rate_pi0_vs_sft"][lang] = rounded_mean(wins)
         res["sample_quality"][lang] = quality
 
         # reward accuracy on pairs of pi_SFT samples
@@ -456,10 +460,11 @@ def measure_premise(world: World, oracle: OracleJudge, dpo_model, sft_model, tok
         r_native = r_cross if lang == "en" else implicit_rewards(dpo_model, sft_model, tok, native, ys)
         cross_acc = oracle_agreement(oracle, rows, r_cross, lang)
         acc = cross_acc.pop("all")
-        res["reward_accuracy"][lang] = _mean(acc)
-        res["reward_accuracy_multilingual"][lang] = _mean(oracle_agreement(oracle, rows, r_native, lang,
+        res["reward_accuracy"][lang] = rounded_mean(acc)
+        res["reward_accuracy_multilingual"][lang] = rounded_mean(oracle_agreement(oracle, rows, r_native, lang,
                                                                             kinds=False)["all"])
-        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(cross_acc.items())}
+        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": rounded_mean(v), "n": len(v)}
+                                                for k, v in sorted(cross_acc.items())}
         res["n_pairs"][lang] = len(acc)
     return res
 
@@ -491,11 +496,12 @@ def reward_instruction(task, lang: str) -> str:
 
 def quality_shares(verdicts) -> dict:
     """Mean oracle score and the share of answers with each quality, over oracle verdicts."""
-    return {"score": _mean(v.score for v in verdicts), "well_formed": _mean(v.well_formed for v in verdicts),
-            "correct": _mean(v.correct for v in verdicts), "language": _mean(v.language for v in verdicts),
-            "concise": _mean(v.concise for v in verdicts)}
+    verdicts = list(verdicts)
+    return {name: rounded_mean(getattr(v, name) for v in verdicts)
+            for name in ("score", "well_formed", "correct", "language", "concise")}
 
 
-def _mean(xs) -> float | None:
+def rounded_mean(xs) -> float | None:
+    """The mean to 4 decimals (the premise's numbers), None for no values."""
     xs = list(xs)
     return round(sum(float(x) for x in xs) / len(xs), 4) if xs else None

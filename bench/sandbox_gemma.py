@@ -1,12 +1,15 @@
-"""The sandbox on a real pretrained multilingual base model: Gemma-3-270M (issue 11).
+"""The sandbox on a real pretrained multilingual base model: Gemma-3-270M (issue 11). Research code,
+outside the `icr` package: the package keeps the world, the oracle, the toy preparation and the
+ablations (`icr.sandbox`); this recipe reuses their public pieces by import.
 
 `prepare_gemma(out_dir, **recipe)` is `configs/sandbox-gemma.yaml`'s `prepare.call`
-(`icr.sandbox:prepare_gemma`). It builds the same kind of starting pair as `build.prepare`, but
-from a real base model instead of a 0.5 M-parameter model pre-trained from scratch, so that the
-method meets a model with a shared multilingual representation:
+(`bench/sandbox_gemma.py:prepare_gemma`: the pipeline loads a `path.py:function` call from the file,
+the path relative to the working directory). It builds the same kind of starting pair as
+`icr.sandbox.build.prepare`, but from a real base model instead of a 0.5 M-parameter model
+pre-trained from scratch, so that the method meets a model with a shared multilingual representation:
 
 1. **World** - the toy sandbox's world, oracle, prompt and reference files, unchanged
-   (`build.build_world`, `build._write_prompt_files`). The answer grammar already uses
+   (`build.build_world`, `build.write_prompt_files`). The answer grammar already uses
    natural-language words (`Answer: 7.`, `Respuesta: 7.`, `Ответ: 7.`, ...); the base model copies
    it in every language 3-shot (shared/notes/real-model-notes.md), so the oracle stays exactly the
    one fixed before any model was trained, and the two worlds' numbers are comparable.
@@ -23,21 +26,26 @@ method meets a model with a shared multilingual representation:
    trained takes 14 s instead of 4.2 s, and the task words are all in the vocabulary already.
 4. **English preference pairs** - `build.english_pairs` (oracle-labelled pairs of pi_SFT samples on
    the English `pref` prompts), cached in `pi0_pairs.jsonl`.
-5. **pi0** - plain DPO (sigmoid, reference pi_SFT) through the pipeline's own trainer
-   (`icr.train.train_dpo`: checkpoints, resume, atomic save), same freeze.
+5. **pi0** - DPO (sigmoid, reference pi_SFT; + `dpo_nll_weight` x NLL) through the pipeline's own
+   trainer (`icr.train.train_dpo`: checkpoints, resume, atomic save), same freeze.
 6. **Premise** (`premise.json`, `dev` prompts, before any ICR): `build.measure_premise` (pi0 vs
    pi_SFT win rate, reward accuracy on pairs of pi_SFT samples, per language and pair kind) plus
    `on_policy`: the same reward accuracy on pairs of **pi0's own samples**, drawn as ICR's first
-   iteration draws them (`policy_temperature`), which is what the reward actually has to rank.
-   The two parts are kept in `premise.work/` as each finishes.
+   iteration draws them (`policy_temperature`), which is what the reward actually has to rank. Both
+   count agreement with `icr.diagnostics.pair_agreement` (via `build.oracle_agreement`), the loop's
+   own measure. The two parts are kept in `premise.work/` as each finishes.
 
 Every step is skipped when its output exists, and SFT/DPO resume from their last checkpoint, so an
 interrupted build continues where it stopped. `recipe.json` records the arguments; a different
 recipe in the same folder is refused. pi_SFT, the English pairs and pi0 are kept in a step store
-beside the build folders (`_step_dir`), keyed by the arguments each can read, so a recipe that
-changes only pi0 (or only the premise) reuses the hour-long steps before it.
-"""
+(`steps_root`, `_step_dir`), keyed by the arguments each can read, so a recipe that changes only pi0
+(or only the premise) reuses the hour-long steps before it.
 
+Why pi_SFT still trains through TRL's SFTTrainer here rather than the pipeline's trainer: the
+recorded run (docs/results/sandbox-gemma/) was built with it, and a build takes ~2.6 h on 2 CPU
+cores, so no session could show that another trainer gives byte-identical weights. Moving it (and
+the step store) onto the pipeline's training is left for a session that can rebuild and compare.
+"""
 from __future__ import annotations
 
 import json
@@ -46,13 +54,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IcrError
-from ..runs import cache_root, read_jsonl, text_hash, write_json, write_jsonl
-from . import build
-from .oracle import OracleJudge
-from .recipe import arg
-from .recipe import defaults as recipe_defaults
-from .world import LANGUAGES, build_world
+from icr.errors import IcrError
+from icr.runs import cache_root, read_jsonl, text_hash, write_json, write_jsonl
+from icr.sandbox import build
+from icr.sandbox.oracle import OracleJudge
+from icr.sandbox.recipe import arg
+from icr.sandbox.recipe import defaults as recipe_defaults
+from icr.sandbox.world import LANGUAGES, build_world
 
 # Gemma's turn format. The assistant turn ends with <end_of_turn> and nothing after it (Gemma's own
 # template adds "\n"): the end token is then the last response token, which the implicit reward
@@ -72,7 +80,7 @@ GEMMA_PACKAGE_BASE = "gemma3-270m"
 
 @dataclass
 class GemmaRecipe:
-    """`icr.sandbox:prepare_gemma`'s arguments (`prepare.args` in configs/sandbox-gemma.yaml). Every
+    """`prepare_gemma`'s arguments (`prepare.args` in configs/sandbox-gemma.yaml). Every
     field is part of the build's identity (`recipe.json`); the step store keys each step by the fields
     it reads (`_step_dir`). Sizes are smaller than the toy world's (`build.ToyRecipe`): every sample
     costs ~100x more here. Sizes are per language unless said otherwise."""
@@ -133,7 +141,7 @@ DEFAULTS: dict = recipe_defaults(GemmaRecipe)
 
 def prepare_gemma(out_dir: str | Path, **recipe) -> dict:
     """Build (or reuse) everything under `out_dir`; returns paths and the premise file."""
-    cfg, out = build.recipe_folder(out_dir, recipe, GemmaRecipe, "icr.sandbox.prepare_gemma")
+    cfg, out = build.recipe_folder(out_dir, recipe, GemmaRecipe, "prepare_gemma")
 
     import torch
 
@@ -174,18 +182,18 @@ def recipe_world(cfg: dict):
 def _prepare(out: Path, cfg: dict) -> dict:
     import torch
 
-    from ..models import local_model_path
+    from icr.models import local_model_path
 
-    timings = build._load_json(out / "timings.json") or {}
+    timings = build.load_json(out / "timings.json") or {}
     torch.manual_seed(cfg["seed"])
     world = recipe_world(cfg)
     if not (out / "world.json").exists():
         write_json(out / "world.json", world.to_json())
-    build._write_prompt_files(world, out)
+    build.write_prompt_files(world, out)
     oracle = OracleJudge(out)
 
     sft_dir, pairs_dir, dpo_dir = (_step_dir(out, cfg, step) for step in ("sft", "pairs", "dpo"))
-    if not build._is_model(sft_dir):
+    if not build.is_model(sft_dir):
         base = _timed(timings, "base_convert_s", out, lambda: local_model_path(base_model_spec(cfg["base"]), "float32",
                                                                                  "prepare.args.base"))
         import random
@@ -197,13 +205,13 @@ def _prepare(out: Path, cfg: dict) -> dict:
 
     if not (pairs_dir / "pi0_pairs.jsonl").exists():
         def pairs():
-            model, tok = build._load(sft_dir)
+            model, tok = build.load_model(sft_dir)
             pairs_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(pairs_dir / "pi0_pairs.jsonl", build.english_pairs(world, oracle, model, tok, cfg))
         _step(timings, "pairs_s", out, pairs_dir, pairs)
     _link(out / "pi0_pairs.jsonl", pairs_dir / "pi0_pairs.jsonl", timings, "pairs_s", pairs_dir)
 
-    if not build._is_model(dpo_dir):
+    if not build.is_model(dpo_dir):
         _step(timings, "dpo_s", out, dpo_dir, lambda: train_pi0(read_jsonl(pairs_dir / "pi0_pairs.jsonl"), sft_dir,
                                                                 _work_dir(dpo_dir), dpo_dir, cfg))
     _link(out / "dpo", dpo_dir, timings, "dpo_s")
@@ -215,8 +223,8 @@ def _prepare(out: Path, cfg: dict) -> dict:
 
         def models():
             if not loaded:
-                loaded["sft"], loaded["tok"] = build._load(out / "sft")
-                loaded["dpo"], _ = build._load(out / "dpo")
+                loaded["sft"], loaded["tok"] = build.load_model(out / "sft")
+                loaded["dpo"], _ = build.load_model(out / "dpo")
             return loaded["dpo"], loaded["sft"], loaded["tok"]
 
         res = _premise_part(out, timings, "off_policy", lambda: build.measure_premise(world, oracle, *models(), cfg))
@@ -240,14 +248,25 @@ RESULT_NEUTRAL_ARGS = frozenset({"threads", "save_steps"})
 STEPS_FOLDER = "prepare_gemma-steps"
 
 
+def steps_root(out: Path) -> Path:
+    """The step store: `<ICR_CACHE>/prepared/prepare_gemma-steps/` for a build folder anywhere under
+    `<ICR_CACHE>/prepared/` (the pipeline names the folder after the call, `icr.sandbox.prepare_gemma-<key>`
+    when the recipe was in the package, `bench/sandbox_gemma.py.prepare_gemma-<key>` now: one store
+    for both), else `<out's parent>/prepare_gemma-steps/` (a folder given directly)."""
+    prepared = cache_root() / "prepared"
+    if prepared.resolve() in Path(out).resolve().parents:
+        return prepared / STEPS_FOLDER
+    return Path(out).parent / STEPS_FOLDER
+
+
 def _step_dir(out: Path, cfg: dict, step: str) -> Path:
-    """Where a step's output lives: `<out's parent>/prepare_gemma-steps/<step>-<key>`, the key a hash
-    of the recipe arguments the step (and the steps before it) can read, shared by every recipe
-    with those arguments. The build folder links to it (`sft`, `pi0_pairs.jsonl`, `dpo`)."""
+    """Where a step's output lives: `<steps_root>/<step>-<key>`, the key a hash of the recipe
+    arguments the step (and the steps before it) can read, shared by every recipe with those
+    arguments. The build folder links to it (`sft`, `pi0_pairs.jsonl`, `dpo`)."""
     unused = RESULT_NEUTRAL_ARGS | PREMISE_ARGS | (DPO_ARGS if step in ("sft", "pairs") else frozenset())
     key = text_hash(step, json.dumps({k: v for k, v in build.given_args(cfg).items() if k not in unused},
                                      sort_keys=True))
-    return out.parent / STEPS_FOLDER / f"{step}-{key}"
+    return steps_root(out) / f"{step}-{key}"
 
 
 def _work_dir(step_dir: Path) -> Path:
@@ -265,7 +284,7 @@ def _step(timings: dict, key: str, out: Path, step_dir: Path, fn) -> None:
     that resumes from a checkpoint an earlier (killed) attempt left in its `.work` folder measures
     only this attempt's time: `timings["resumed"]` says so and names the checkpoint, so a partial
     time is never read as the step's cost."""
-    from ..train import _latest_checkpoint
+    from icr.train import _latest_checkpoint
 
     checkpoint = _latest_checkpoint(_work_dir(step_dir))  # the one training resumes from
     if checkpoint:
@@ -291,7 +310,7 @@ def _link(link: Path, target: Path, timings: dict, key: str, step_dir: Path | No
         raise IcrError(f"{link}: a folder where the build expects a link to {target} (built by an older icr?)")
     link.symlink_to(rel)
     if key not in timings:
-        record = build._load_json(_timing_record(step_dir or target)) or {}
+        record = build.load_json(_timing_record(step_dir or target)) or {}
         if key in record:
             timings[key] = record[key]
             timings.setdefault("reused", []).append(key)
@@ -304,7 +323,7 @@ def _premise_part(out: Path, timings: dict, name: str, measure) -> dict:
     """One part of the premise: read from premise.work/<name>.json when an earlier attempt finished it."""
     path = out / "premise.work" / f"{name}.json"
     if path.is_file():
-        return build._load_json(path)
+        return build.load_json(path)
     res = _timed(timings, f"premise_{name}_s", out, measure)
     path.parent.mkdir(exist_ok=True)
     write_json(path, res)
@@ -334,8 +353,8 @@ def train_sft(base: str, convs: list[list[dict]], work: Path, model_dir: Path, c
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from ..compat import checkpointing_kwargs
-    from ..train import _latest_checkpoint, freeze_parameters
+    from icr.compat import checkpointing_kwargs
+    from icr.train import _latest_checkpoint, freeze_parameters
 
     tok = chat_tokenizer(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -368,8 +387,8 @@ def _as_list(x) -> list:
 def train_pi0(pairs: list[dict], sft_dir: Path, work: Path, model_dir: Path, cfg: dict) -> None:
     """pi0: DPO of pi_SFT on the English oracle pairs (+ `dpo_nll_weight` x NLL of the chosen answer,
     as in icr's own iterations), via the pipeline's trainer."""
-    from ..config import TrainConfig
-    from ..train import train_dpo
+    from icr.config import TrainConfig
+    from icr.train import train_dpo
 
     tcfg = TrainConfig(beta=cfg["dpo_beta"], nll_weight=cfg["dpo_nll_weight"], learning_rate=cfg["dpo_lr"], epochs=cfg["dpo_epochs"],
                        per_device_batch_size=cfg["dpo_batch_size"], warmup_ratio=0.05, max_length=cfg["max_length"],
@@ -405,8 +424,8 @@ def measure_on_policy_premise(world, oracle, dpo_model, sft_model, tok, cfg: dic
         ys = [y for _, y in rows]
         kinds = build.oracle_agreement(oracle, rows, build.implicit_rewards(dpo_model, sft_model, tok, instr, ys), lang)
         acc = kinds.pop("all")
-        res["reward_accuracy"][lang] = build._mean(acc)
-        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": build._mean(v), "n": len(v)}
+        res["reward_accuracy"][lang] = build.rounded_mean(acc)
+        res["reward_accuracy_by_kind"][lang] = {k: {"accuracy": build.rounded_mean(v), "n": len(v)}
                                                 for k, v in sorted(kinds.items())}
         res["n_pairs"][lang] = len(acc)
         res["distinct_samples_per_prompt"][lang] = round(len(rows) / max(1, len(tasks)), 2)
