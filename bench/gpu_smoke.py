@@ -217,7 +217,7 @@ def part_score(args, tok, model) -> None:
     """Two 8B-shaped models: the authors' way vs icr's scorer (each --batch-tokens) vs the floor."""
     import numpy as np
 
-    from icr.reward import sequence_logprobs
+    from icr.logprobs import sequence_logprobs
 
     reference = random_llama(LLAMA3_8B, tok, seed=1)
     models = [model, reference]

@@ -71,19 +71,19 @@ def main() -> None:
         fn = getattr(module, name)
 
         def wrapped(*a, **k):
+            label_ = label(a) if callable(label) else label
             sampler.reset()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                stages.append({"stage": label, "seconds": round(time.perf_counter() - t0, 2),
+                stages.append({"stage": label_, "seconds": round(time.perf_counter() - t0, 2),
                                "peak_rss_mb": round(max(sampler.peak, sampler.rss_mb()), 1)})
         setattr(module, name, wrapped)
 
     # What the loop calls: generate/score/train through icr.workers (in this process unless
     # isolate_stages is on, then the figures are the parent's), pairs directly.
-    for stage in ("generate", "score", "train"):
-        wrap(icr.workers, f"{stage}_stage", stage)
+    wrap(icr.workers, "run_stage", lambda a: a[0])  # run_stage(kind, cfg, plan, ...)
     wrap(icr.stages, "run_pairs", "pairs")
     if hasattr(icr.loop, "run_prepare"):
         wrap(icr.loop, "run_prepare", "prepare")

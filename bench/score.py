@@ -1,4 +1,4 @@
-"""Scorer benchmark: `icr.reward.sequence_logprobs` against the reference code's way, same inputs.
+"""Scorer benchmark: `icr.logprobs.sequence_logprobs` against the reference code's way, same inputs.
 
     .venv/bin/python bench/score.py [--quick]
 
@@ -105,7 +105,7 @@ def main() -> None:
 
     import torch
 
-    from icr.reward import sequence_logprobs
+    from icr.logprobs import sequence_logprobs
 
     rng = np.random.default_rng(args.seed)
     work = {}

@@ -99,8 +99,8 @@ def test_accelerate_command_line(monkeypatch):
         resolve_accelerate_config("zero4")
     assert mixed_precision("auto", "cpu") == "no" and mixed_precision("auto", "cuda") == "bf16"
     monkeypatch.setenv("ICR_ACCELERATE_ARGS", "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1")
-    cmd = accelerate_command(ACCEL / "ddp.yaml", "icr.train_worker", ["job.json"], num_processes=16, precision="bf16")
-    assert cmd[-3:] == ["-m", "icr.train_worker", "job.json"]
+    cmd = accelerate_command(ACCEL / "ddp.yaml", "icr.workers", ["job.json"], num_processes=16, precision="bf16")
+    assert cmd[-3:] == ["-m", "icr.workers", "job.json"]
     assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--machine_rank") + 1] == "1"
     assert "--main_process_port" not in cmd  # several machines: the port comes with the node arguments
 
@@ -187,21 +187,24 @@ def _digest(stage_dir: Path) -> dict[str, str]:
 def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_path):
     from icr.config import load_config
     from icr.data import load_prompt_set
-    from icr.workers import generate_stage, score_stage
     from icr.loop import resolve_placeholders
+    from icr.plan import iteration_plan
     from icr.runs import read_json
     from icr.stages import run_generate, run_score
+    from icr.workers import run_stage
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_root={tmp_path}", "generation.shard_size=4",
                                                        "generation.max_new_tokens=12"])
     cfg = resolve_placeholders(cfg, tiny_pair["root"])
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
     dpo, sft = tiny_pair["dpo"], tiny_pair["sft"]
-    a, b = tmp_path / "unsharded", tmp_path / "sharded"
-    ga = run_generate(cfg, dpo, prompts, a / "generate", seed=42)
-    sa = run_score(cfg, a / "generate", prompts, dpo, sft, a / "score")
-    gb = generate_stage(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
-    sb = score_stage(cfg, b / "generate", prompts, dpo, sft, b / "score", workers=2)
+    pa, pb = iteration_plan(cfg, tmp_path / "unsharded", 1), iteration_plan(cfg, tmp_path / "sharded", 1)
+    assert (pa.policy, pa.reward_policy, pa.reward_reference) == (dpo, dpo, sft)
+    a, b = pa.dir, pb.dir
+    ga = run_generate(cfg, pa, prompts=prompts)
+    sa = run_score(cfg, pa, prompts=prompts)
+    gb = run_stage("generate", cfg, pb, prompts=prompts, workers=2)
+    sb = run_stage("score", cfg, pb, prompts=prompts, workers=2)
     assert gb["workers"] == sb["workers"] == 2
     assert ga["shards"] >= 3  # both workers had work: shards 0, 2, .. and 1, 3, ..
     for stage in ("generate", "score"):
@@ -212,7 +215,7 @@ def test_two_concurrent_shard_workers_equal_the_unsharded_stages(tiny_pair, tmp_
     assert sb["scored"] == sa["scored"]
     assert not (b / "generate.workers").exists() and not (b / "score.workers").exists()
     # A finished stage is not redone: no worker is started.
-    again = generate_stage(cfg, dpo, prompts, b / "generate", seed=42, workers=2)
+    again = run_stage("generate", cfg, pb, prompts=prompts, workers=2)
     assert again == {"skipped": True}
 
 

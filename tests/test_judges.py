@@ -5,7 +5,7 @@ import types
 import pytest
 
 from icr.errors import IcrError
-from icr.evaluation.judges import (SHIPPED_JUDGE_CONFIGS, AlpacaEvalJudge, CachedJudge, FakeJudge, JudgeItem,
+from icr.evaluation.judges import (SHIPPED_JUDGE_CONFIGS, AlpacaEvalJudge, CachedJudge, can_score, FakeJudge, JudgeItem,
                                    get_judge, resolve_annotators_config)
 
 
@@ -88,8 +88,10 @@ def test_cached_judge_retries_failures_and_hides_missing_score(tmp_path):
     judge = CachedJudge(Flaky(), tmp_path / "c.jsonl")
     assert math.isnan(judge.compare(items(1))[0])
     assert judge.compare(items(1)) == [1.0]
-    assert not hasattr(judge, "score")
-    assert hasattr(CachedJudge(FakeJudge(), tmp_path / "d.jsonl"), "score")
+    assert not can_score(judge)  # Flaky declares nothing and has no score method
+    with pytest.raises(IcrError, match="cannot score single answers"):
+        judge.score(items(1))
+    assert can_score(CachedJudge(FakeJudge(), tmp_path / "d.jsonl"))
 
 
 MULTILINGUAL = "weighted_alpaca_eval_gpt4_turbo_multilingual"

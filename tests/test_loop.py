@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,16 +109,18 @@ def test_judge_chosen_pairs_and_agreement_are_keyed_by_the_judge(tiny_run, tmp_p
     from icr.config import load_config
     from icr.evaluation.judges import get_judge
     from icr.loop import _agreement
+    from icr.plan import iteration_plan
     from icr.stages import run_pairs
 
     scores = tiny_run / "iter1" / "score"
     cfg = load_config(TINY, [f"run_root={tmp_path}", "pairs.selection=judge", "evaluation.judge=fake"])
     other = load_config(TINY, [f"run_root={tmp_path}", "pairs.selection=judge", "evaluation.judge=fake",
                                "evaluation.judge_args={mode: hash}"])
-    out = tmp_path / "pairs"
-    assert "skipped" not in run_pairs(cfg, scores, out, seed=42, iteration=1, judge=get_judge("fake"))
-    assert run_pairs(cfg, scores, out, seed=42, iteration=1, judge=get_judge("fake")).get("skipped")
-    assert "skipped" not in run_pairs(other, scores, out, seed=42, iteration=1, judge=get_judge("fake", mode="hash"))
+    plan = iteration_plan(cfg, tmp_path / "run", 1)
+    shutil.copytree(scores, plan.score_dir)
+    assert "skipped" not in run_pairs(cfg, plan, judge=get_judge("fake"))
+    assert run_pairs(cfg, plan, judge=get_judge("fake")).get("skipped")
+    assert "skipped" not in run_pairs(other, plan, judge=get_judge("fake", mode="hash"))
 
     diag = tmp_path / "diagnostics" / "reward_agreement_iter1.json"
     _agreement(cfg, tmp_path, scores, 1, get_judge("fake"))

@@ -149,6 +149,7 @@ def test_full_disk_during_a_run_exits_2(tmp_path, cli, monkeypatch):
 def test_long_prompts_are_skipped_and_reported(tmp_path, tiny_pair):
     from icr.config import load_config
     from icr.data import load_prompt_set
+    from icr.plan import iteration_plan
     from icr.stages import run_generate
 
     cfg = load_config(TINY, [f"run_root={tmp_path}", f"models.dpo={tiny_pair['dpo']}",
@@ -156,8 +157,9 @@ def test_long_prompts_are_skipped_and_reported(tmp_path, tiny_pair):
                              f"prompts.path={tiny_pair['root']}/prompts/train/{{lang}}.jsonl",
                              "generation.max_prompt_tokens=14", "generation.n=2"])
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
-    stage = tmp_path / "gen"
-    counts = run_generate(cfg, tiny_pair["dpo"], prompts, stage, seed=1)
+    plan = iteration_plan(cfg, tmp_path / "run", 1)
+    stage = plan.generate_dir
+    counts = run_generate(cfg, plan, prompts=prompts)
     assert counts["skipped_long_prompts"] > 0
     assert counts["samples"] == 2 * (counts["prompts"] - counts["skipped_long_prompts"])
     skipped = [json.loads(line) for p in stage.glob("skipped-*.jsonl") for line in p.read_text().splitlines()]

@@ -212,7 +212,7 @@ def test_evaluation_samples_through_the_configured_backend(tmp_path, monkeypatch
     vllm) with the evaluation decoding and batch size; rows recorded in results.json."""
     from icr import generation
     from icr.config import config_from_dict
-    from icr.loop import Evaluator
+    from icr.evaluation.evaluate import Evaluator
 
     for lang in ("en", "es"):
         (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[lang]))

@@ -5,8 +5,8 @@ import pytest
 
 from icr.errors import IcrError
 from icr.models import check_same_tokenizer, load_causal_lm, load_tokenizer
-from icr.reward import (RewardModels, implicit_rewards, make_batches, reward_conversation, sequence_logprobs,
-                        tokenize_pair)
+from icr.logprobs import make_batches, sequence_logprobs
+from icr.reward import RewardModels, implicit_rewards, reward_conversation, tokenize_pair
 
 from .conftest import plain_logprob
 

@@ -61,8 +61,8 @@ def test_score_stage_pads_rows_as_the_authors_batches(models, tmp_path):
     """Batches of 3 consecutive prompts of a language's file, per sample index, across icr's shards."""
     from icr.config import RewardConfig
     from icr.data import Prompt, PromptSet
-    from icr.runs import write_jsonl
-    from icr.stages import _authors_padding
+    from icr.runs import read_jsonl, write_jsonl
+    from icr.scoring import authors_padding
 
     tok, _, _ = models
     ids = ["p0", "p1", "p2", "p3", "p4"]
@@ -75,5 +75,6 @@ def test_score_stage_pads_rows_as_the_authors_batches(models, tmp_path):
             for i in ids for k in (0, 1)]
     write_jsonl(tmp_path / "shard-00000.jsonl", recs[:4])  # p0, p1 | p2.. in the next shard
     write_jsonl(tmp_path / "shard-00001.jsonl", recs[4:])
-    got = _authors_padding(sorted(tmp_path.glob("shard-*.jsonl")), prompts, tok, RewardConfig())
+    samples = [rec for p in sorted(tmp_path.glob("shard-*.jsonl")) for rec in read_jsonl(p)]
+    got = authors_padding(samples, prompts, tok, RewardConfig())
     assert {k for k, v in got.items() if v} == {("es", "p0", 0), ("es", "p2", 0), ("es", "p4", 1)}

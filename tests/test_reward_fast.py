@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from icr.reward import RewardModels, implicit_rewards, sequence_logprobs, supports_shared_prompt
+from icr.logprobs import sequence_logprobs, supports_shared_prompt
+from icr.reward import RewardModels, implicit_rewards
 
 from .conftest import plain_logprob
 
@@ -93,7 +94,7 @@ def test_implicit_rewards_default_path_equals_plain(models):
 
 
 def test_split_sorted_covers_all_within_budget_and_beats_greedy_padding():
-    from icr.reward import make_batches, split_sorted
+    from icr.logprobs import make_batches, split_sorted
 
     g = np.random.default_rng(0)
     lengths = g.integers(1, 120, size=60).tolist()

@@ -144,3 +144,28 @@ def test_the_command_line_loads_no_heavy_package(args):
     loaded = _imported_packages(*args)
     assert {"icr", "argparse"} <= loaded  # the report is read right
     assert sorted(loaded & set(HEAVY)) == []
+
+
+def process_starters(src=SRC) -> list[str]:
+    """Modules of icr other than the launcher that could start a process themselves."""
+    out = []
+    for path in sorted((src / "icr").rglob("*.py")):
+        if path.name == "launch.py" and path.parent.name == "icr":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("subprocess", "multiprocessing") for n in names) or (
+                    isinstance(node, ast.Attribute) and node.attr in ("system", "popen", "execv", "spawnv")
+                    and isinstance(node.value, ast.Name) and node.value.id == "os"):
+                out.append(f"{path.relative_to(src)}:{node.lineno}")
+    return out
+
+
+def test_every_child_process_is_started_by_the_launcher(tmp_path):
+    """One launcher (icr.launch): shard workers, isolated stages and accelerate training all go
+    through it, so a second backend (Ray) replaces one module."""
+    assert process_starters() == []
+    (tmp_path / "icr").mkdir()
+    (tmp_path / "icr" / "x.py").write_text("def f():\n    import subprocess\n    os.system('ls')\n")
+    assert process_starters(tmp_path) == ["icr/x.py:2", "icr/x.py:3"]

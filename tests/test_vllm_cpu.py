@@ -111,7 +111,8 @@ def tiny128(tmp_path_factory) -> dict:
 
 
 def _mean_token_logprob(model, tokenizer, convs, samples) -> float:
-    from icr.reward import sequence_logprobs, tokenize_pair
+    from icr.logprobs import sequence_logprobs
+    from icr.reward import tokenize_pair
 
     pairs = [tokenize_pair(tokenizer, c, s["text"]) for c, ss in zip(convs, samples) for s in ss]
     lp = sequence_logprobs([model], [p for p, _ in pairs], [r for _, r in pairs], pad_id=tokenizer.pad_token_id)

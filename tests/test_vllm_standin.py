@@ -4,6 +4,7 @@ engine's max_model_len is skipped and reported, not sent."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from types import SimpleNamespace
@@ -56,6 +57,7 @@ def test_every_sample_of_a_run_has_its_own_seed_and_long_prompts_are_skipped(tin
     from icr.generation.vllm import VLLMBackend
     from icr.loop import resolve_placeholders
     from icr.runs import read_jsonl
+    from icr.plan import iteration_plan
     from icr.stages import prompt_items, run_generate
 
     cfg = resolve_placeholders(load_config(REPO / "configs" / "tiny.yaml", [
@@ -71,14 +73,15 @@ def test_every_sample_of_a_run_has_its_own_seed_and_long_prompts_are_skipped(tin
     # The longest prompt(s) do not fit: max_model_len - max_new_tokens is below them.
     engine = StandInLLM(max_model_len=lengths[-1] - 1 + 8)
     monkeypatch.setitem(generation.BACKENDS, "vllm", lambda path, **o: VLLMBackend(path, llm=engine, **o))
-    result = run_generate(cfg, tiny_pair["dpo"], prompts, tmp_path / "gen", seed=42)
+    plan = iteration_plan(cfg, tmp_path / "run", 1)  # samples from pi0 = tiny_pair["dpo"]
+    result = run_generate(cfg, plan, prompts=prompts)
 
     too_long = sum(n == lengths[-1] for n in lengths)
     assert result["shards"] >= 3 and result["skipped_long_prompts"] == too_long >= 1
     assert result["samples"] == (len(items) - too_long) * 4
     assert len(engine.sample_seeds) == result["samples"]
     assert len(set(engine.sample_seeds)) == len(engine.sample_seeds)  # was: neighbouring prompts overlapped
-    skipped = [r for p in sorted((tmp_path / "gen").glob("skipped-*.jsonl")) for r in read_jsonl(p)]
+    skipped = [r for p in sorted(plan.generate_dir.glob("skipped-*.jsonl")) for r in read_jsonl(p)]
     assert [r["prompt_tokens"] for r in skipped] == [lengths[-1]] * too_long
 
 
@@ -122,7 +125,9 @@ def test_vllm_reward_backend_scores_as_hf_and_skips_what_does_not_fit(tiny_pair,
     from icr.loop import resolve_placeholders
     from icr.reward import reward_conversation, reward_inputs
     from icr.runs import read_json, read_shards
-    from icr.stages import reward_tokenizer, run_generate, run_score
+    from icr.plan import iteration_plan
+    from icr.scoring import reward_tokenizer
+    from icr.stages import run_generate, run_score
 
     overrides = [f"run_root={tmp_path}", "generation.shard_size=2", "generation.n=3", "generation.max_new_tokens=12"]
     cfg_hf = resolve_placeholders(load_config(REPO / "configs" / "tiny.yaml", overrides), tiny_pair["root"])
@@ -130,9 +135,12 @@ def test_vllm_reward_backend_scores_as_hf_and_skips_what_does_not_fit(tiny_pair,
                                     tiny_pair["root"])
     prompts = load_prompt_set(cfg_hf.prompts, cfg_hf.languages)
     dpo, sft = tiny_pair["dpo"], tiny_pair["sft"]
-    run_generate(cfg_hf, dpo, prompts, tmp_path / "gen", seed=1)
-    hf = run_score(cfg_hf, tmp_path / "gen", prompts, dpo, sft, tmp_path / "score-hf")
-    hf_records = read_shards(tmp_path / "score-hf")
+    plan_hf, plan_vllm = iteration_plan(cfg_hf, tmp_path / "hf", 1), iteration_plan(cfg_vllm, tmp_path / "vllm", 1)
+    assert (plan_hf.reward_policy, plan_hf.reward_reference) == (dpo, sft)
+    run_generate(cfg_hf, plan_hf, prompts=prompts)
+    shutil.copytree(plan_hf.generate_dir, plan_vllm.generate_dir)  # the same samples for both backends
+    hf = run_score(cfg_hf, plan_hf, prompts=prompts)
+    hf_records = read_shards(plan_hf.score_dir)
 
     # The engine's context: just too short for the longest scored sequence(s).
     tok = reward_tokenizer(dpo, sft, cfg_hf)
@@ -143,14 +151,14 @@ def test_vllm_reward_backend_scores_as_hf_and_skips_what_does_not_fit(tiny_pair,
     limit = max(lengths)
     StandInScorerLLM.loads = []
     monkeypatch.setattr(vllm_module, "make_llm", lambda path, **kw: StandInScorerLLM(path, limit))
-    got = run_score(cfg_vllm, tmp_path / "gen", prompts, dpo, sft, tmp_path / "score-vllm")
-    vllm_records = read_shards(tmp_path / "score-vllm")
+    got = run_score(cfg_vllm, plan_vllm, prompts=prompts)
+    vllm_records = read_shards(plan_vllm.score_dir)
 
     assert StandInScorerLLM.loads == [dpo, sft]  # one engine per model, not per shard
-    assert len(list((tmp_path / "gen").glob("shard-*.jsonl"))) >= 3
+    assert len(list(plan_hf.generate_dir.glob("shard-*.jsonl"))) >= 3
     n_long = sum(n >= limit for n in lengths)
     assert n_long >= 1 and got["too_long"] == n_long and got["nonfinite"] == n_long and hf["too_long"] == 0
-    assert read_json(tmp_path / "score-vllm" / "manifest.json")["counts"]["too_long"] == n_long
+    assert read_json(plan_vllm.score_dir / "manifest.json")["counts"]["too_long"] == n_long
     assert [(r["lang"], r["id"], r["sample"]) for r in vllm_records] == \
         [(r["lang"], r["id"], r["sample"]) for r in hf_records]
     compared = 0
@@ -199,7 +207,7 @@ def test_worker_exit_code_survives_an_abort_at_interpreter_exit_after_vllm(tmp_p
 
     job = tmp_path / "w" / "job.json"
     job.parent.mkdir()
-    job.write_text(json.dumps({"stage": "score", "config": {"name": "x", "languages": ["en"], "not_a_field": 1},
+    job.write_text(json.dumps({"kind": "score", "config": {"name": "x", "languages": ["en"], "not_a_field": 1},
                                "args": {}}))
     proc = _run_python(_ABORT_AT_EXIT + "import runpy; "
                        f"sys.argv = ['icr.workers', {str(job)!r}, '--shard', '0/1']; "

@@ -35,34 +35,40 @@ def _cfg(tiny_pair, tmp_path, *sets):
 def test_an_in_process_stage_gives_its_model_back_and_a_kept_reference_is_seen(tiny_pair, tmp_path, monkeypatch):
     from icr.data import load_prompt_set
     from icr.generation.hf import HFBackend
-    from icr.workers import generate_stage
+    from icr.plan import iteration_plan
+    from icr.workers import run_stage
 
     cfg = _cfg(tiny_pair, tmp_path, "prompts.limit=2")
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
     before = live_models()
-    generate_stage(cfg, tiny_pair["dpo"], prompts, tmp_path / "a", seed=1, isolate=False)
+    run_stage("generate", cfg, iteration_plan(cfg, tmp_path / "a", 1), prompts=prompts, isolate=False)
     assert live_models() - before == set()
     # The check itself: a stage that keeps its model (here: close() stashes it) is caught.
     kept = []
     monkeypatch.setattr(HFBackend, "close", lambda self: kept.append(self.model))
-    generate_stage(cfg, tiny_pair["dpo"], prompts, tmp_path / "b", seed=1, isolate=False)
+    run_stage("generate", cfg, iteration_plan(cfg, tmp_path / "b", 1), prompts=prompts, isolate=False)
     assert live_models() - before  # the model (and its inner decoder, also a PreTrainedModel)
 
 
 @pytest.mark.slow
 def test_a_worker_error_is_the_parents_one_line_error(tiny_pair, tmp_path):
+    import dataclasses
+
     from icr.data import load_prompt_set
     from icr.errors import IcrError
-    from icr.workers import generate_stage
+    from icr.plan import iteration_plan
+    from icr.workers import run_stage
 
     cfg = _cfg(tiny_pair, tmp_path, "prompts.limit=1")
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
+    a, b = (dataclasses.replace(iteration_plan(cfg, tmp_path / x, 1), policy=str(tmp_path / "no-model"))
+            for x in ("a", "b"))
     with pytest.raises(IcrError) as here:
-        generate_stage(cfg, str(tmp_path / "no-model"), prompts, tmp_path / "a", seed=1, isolate=False)
+        run_stage("generate", cfg, a, prompts=prompts, isolate=False)
     with pytest.raises(IcrError) as there:
-        generate_stage(cfg, str(tmp_path / "no-model"), prompts, tmp_path / "b", seed=1, isolate=True)
+        run_stage("generate", cfg, b, prompts=prompts, isolate=True)
     assert str(there.value) == str(here.value) and "no-model" in str(here.value)
-    assert (tmp_path / "b.workers" / "worker-0.log").is_file()  # kept for a failed worker
+    assert (b.dir / "generate.workers" / "worker-0.log").is_file()  # kept for a failed worker
 
 
 @pytest.mark.slow

@@ -177,11 +177,10 @@ def _stage(args) -> None:
     """One stage of one iteration, with the iteration's folders, seed and models from `icr.plan`
     (the same plan `icr run` follows), in this process: the command is the process."""
     from .config import load_config
-    from .data import load_prompt_set
     from .loop import resolve_placeholders, run_prepare
     from .plan import iteration_plan
     from .runs import run_lock
-    from .stages import run_generate, run_pairs, run_score, run_train
+    from .stages import SHARDED, run_pairs, run_train
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
@@ -190,22 +189,16 @@ def _stage(args) -> None:
         raise IcrError(f"--iteration: must be within 1..{cfg.iterations}, got {t}")
     it = iteration_plan(cfg, cfg.run_dir, t)
     shard = _parse_shard(getattr(args, "shard", None))
-    if args.command in ("generate", "score"):
-        prompts = load_prompt_set(cfg.prompts, cfg.languages)
-        if args.command == "generate":
-            result = run_generate(cfg, it.policy, prompts, it.generate_dir, seed=it.seed, shard=shard)
-        else:
-            result = run_score(cfg, it.generate_dir, prompts, it.reward_policy, it.reward_reference, it.score_dir,
-                               translator_path=it.policy, shard=shard)
+    if args.command in SHARDED:
+        result = SHARDED[args.command](cfg, it, shard=shard)
     else:
         with run_lock(cfg.run_dir):
             if args.command == "pairs":
-                from .loop import make_judge
+                from .evaluation.evaluate import make_judge
 
-                result = run_pairs(cfg, it.score_dir, it.pairs_dir, seed=it.seed, iteration=t,
-                                   judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
+                result = run_pairs(cfg, it, judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
             else:
-                result = run_train(cfg, it.pairs_dir, it.policy, it.train_dir, it.model_dir, seed=it.seed)
+                result = run_train(cfg, it)
     print(result)
 
 
@@ -335,7 +328,8 @@ def _sandbox(args) -> None:
 
 def _evaluate(args) -> None:
     from .config import load_config
-    from .loop import Evaluator, make_judge, resolve_placeholders, run_prepare
+    from .evaluation.evaluate import Evaluator, make_judge
+    from .loop import resolve_placeholders, run_prepare
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))

@@ -390,6 +390,16 @@ def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     return cfg
 
 
+def section_from_dict(cls, data: dict, prefix: str, source: str = "config"):
+    """One config section (e.g. TrainConfig from `dataclasses.asdict` in a job file), checked as
+    strictly as a whole config."""
+    errors: list[str] = []
+    section = _build(cls, data, prefix + ".", errors)
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    return section
+
+
 def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     from .languages import LANGUAGE_NAMES
 

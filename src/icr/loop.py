@@ -135,8 +135,9 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
     `on_stage(name, result)` is called after each stage (e.g. bench/stage_memory.py records the
     GPU memory this process holds between stages).
     """
+    from .evaluation.evaluate import Evaluator
     from .stages import run_pairs
-    from .workers import generate_stage, score_stage, train_stage
+    from .workers import run_stage
 
     timings = {} if timings is None else timings
     prompts = load_prompt_set(cfg.prompts, cfg.languages)
@@ -164,12 +165,10 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
         it = iteration_plan(cfg, run_dir, t)
         lent = iteration_plan(cfg, reuse_from, t) if reuse_from else None
         for stage, fn in (
-            ("generate", lambda: generate_stage(cfg, it.policy, prompts, it.generate_dir, seed=it.seed,
-                                                reuse=lent and lent.generate_dir)),
-            ("score", lambda: score_stage(cfg, it.generate_dir, prompts, it.reward_policy, it.reward_reference,
-                                          it.score_dir, translator_path=it.policy, reuse=lent and lent.score_dir)),
-            ("pairs", lambda: run_pairs(cfg, it.score_dir, it.pairs_dir, seed=it.seed, iteration=t, judge=judge)),
-            ("train", lambda: train_stage(cfg, it.pairs_dir, it.policy, it.train_dir, it.model_dir, seed=it.seed)),
+            ("generate", lambda: run_stage("generate", cfg, it, prompts=prompts, reuse=lent)),
+            ("score", lambda: run_stage("score", cfg, it, prompts=prompts, reuse=lent)),
+            ("pairs", lambda: run_pairs(cfg, it, judge=judge)),
+            ("train", lambda: run_stage("train", cfg, it)),
         ):
             result = timed(f"iter{t}/{stage}", fn)
             status = ("skipped (manifest matches)" if result.get("skipped") else
@@ -187,13 +186,14 @@ def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, j
     """diagnostics/reward_agreement_iter<t>.json (iteration 1 also as reward_agreement.json, the
     agreement of pi0's reward, which the report shows)."""
     from .diagnostics import reward_agreement
+    from .evaluation.judges import can_score
     from .runs import read_shards
 
     out = run_dir / "diagnostics" / f"reward_agreement_iter{t}.json"
     key = {"scores": read_json(scores_dir / "manifest.json")["key"], **judge_identity(cfg)}
     if out.is_file() and read_json(out).get("key") == key:
         return
-    if not hasattr(judge, "score"):
+    if not can_score(judge):
         raise IcrError("evaluation.reward_agreement: the judge cannot score single answers (use reward_model, "
                        "or the sandbox's icr.sandbox:OracleJudge)")
     agreement = reward_agreement(read_shards(scores_dir), judge)
@@ -201,40 +201,6 @@ def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, j
     if t == 1:
         write_json(run_dir / "diagnostics" / "reward_agreement.json", agreement)
     log.info("reward agreement iter%d: %s", t, {lang: round(v["all"]["agree"], 3) for lang, v in agreement.items()})
-
-
-class Evaluator:
-    """The one evaluation path (`icr run` after each model, `icr evaluate` for one): sample one answer
-    per evaluation prompt and language through the configured backend (in its own process when
-    stages are isolated), judge against the references, add the rows to `results_path`.
-
-    Outputs go to `<run_dir>/eval/<label>/<lang>/`; prompts and references are read once."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, judge, results_path: Path):
-        if not cfg.evaluation.prompts.path:
-            raise IcrError("evaluation.prompts.path: required to evaluate")
-        self.cfg, self.judge, self.results_path = cfg, judge, Path(results_path)
-        self.out_dir = Path(run_dir) / "eval"
-        prompt_set, self.references = load_evaluation_data(cfg, judge)
-        self.prompts = prompt_set.as_rows()
-
-    def __call__(self, model_path: str, label: str, t: int) -> list[dict]:
-        from .evaluation.evaluate import evaluate_model
-        from .evaluation.harness import evaluate_harness
-        from .evaluation.results import append_results
-        from .workers import eval_outputs_stage
-
-        cfg = self.cfg
-        eval_outputs_stage(cfg, model_path, label, self.prompts, self.out_dir)
-        # The answers are on disk now: evaluate_model only judges and scores them.
-        rows = evaluate_model(model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation,
-                              self.out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
-                              generator=f"{cfg.name}/{label}")
-        # The alignment-tax benchmarks (lm-evaluation-harness), when configured.
-        rows += evaluate_harness(model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device,
-                                 dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
-        append_results(self.results_path, rows)
-        return rows
 
 
 def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Path | None = None,
@@ -272,6 +238,7 @@ def preflight(cfg: ExperimentConfig):
     models (config, tokenizer, weight headers, shared tokenizer), the judge (built), and that the
     run folder can be created. `icr validate` runs the same checks.
     """
+    from .evaluation.evaluate import make_judge
     from .models import check_model, check_same_tokenizer, load_tokenizer
 
     check_run_root(cfg)
@@ -284,6 +251,7 @@ def preflight(cfg: ExperimentConfig):
     check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
     judge = make_judge(cfg) if uses_judge(cfg) else None
     if cfg.evaluation.enabled:
+        from .evaluation.evaluate import load_evaluation_data
         from .evaluation.harness import check_harness
 
         load_evaluation_data(cfg, judge)
@@ -313,24 +281,3 @@ def check_run_root(cfg: ExperimentConfig) -> None:
         raise IcrError(f"run_root: {existing} is a file, not a folder (run folder {cfg.run_dir})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise IcrError(f"run_root: cannot write in {existing} (permission denied); set run_root to a writable folder")
-
-
-def load_evaluation_data(cfg: ExperimentConfig, judge):
-    """(evaluation prompt set, references matched to it) for every language; see `icr.data`."""
-    from .data import load_references
-
-    ev = cfg.evaluation
-    prompts = load_prompt_set(ev.prompts, cfg.languages, field="evaluation.prompts")
-    references = load_references(ev.references, prompts, cfg.languages,
-                                 judge_scores_alone=judge is not None and hasattr(judge, "score"),
-                                 judge_name=cfg.evaluation.judge)
-    return prompts, references
-
-
-def make_judge(cfg: ExperimentConfig):
-    """The configured evaluation judge, with its judgements cached in the run folder."""
-    from .evaluation.judges import CachedJudge, get_judge
-
-    judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
-    return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
-

@@ -48,6 +48,12 @@ class IterationPlan:
     reward_reference: str  # pi_ref of the implicit reward
     model_dir: Path  # pi_t, written by the train stage
 
+    def to_dict(self) -> dict:
+        """JSON form (a job file's `args["plan"]`, icr.launch); `plan_from_dict` reads it back."""
+        return {"t": self.t, "dir": str(self.dir), "seed": self.seed, "policy": self.policy,
+                "reward_policy": self.reward_policy, "reward_reference": self.reward_reference,
+                "model_dir": str(self.model_dir)}
+
     @property
     def generate_dir(self) -> Path:
         return self.dir / "generate"
@@ -63,6 +69,10 @@ class IterationPlan:
     @property
     def train_dir(self) -> Path:
         return self.dir / "train"
+
+
+def plan_from_dict(data: dict) -> IterationPlan:
+    return IterationPlan(**{**data, "dir": Path(data["dir"]), "model_dir": Path(data["model_dir"])})
 
 
 def iteration_plan(cfg: ExperimentConfig, run_dir: Path, t: int) -> IterationPlan:

@@ -1,8 +1,10 @@
 """The implicit cross-lingual reward: r = log pi_dpo(y | G(x)) - log pi_ref(y | G(x)).
 
-Written here rather than taken from TRL because TRL computes these sums only inside training
-batches of chosen/rejected pairs; scoring N free samples per prompt under a *different* prompt
-(the English instruction) is not something it offers. The tokenisation is TRL's, so the sums equal
+What is defined here: the prompt G(x) a response is scored under (`reward_conversation`), which
+tokens are summed (`reward_inputs`: every response token, or the authors' set), and the reward
+from the two sums (`implicit_reward`). The sums themselves come from a scoring engine
+(`icr.logprobs` on transformers, `icr.generation.vllm` on vLLM; chosen in `icr.scoring`). The
+tokenisation is TRL's, so the sums equal
 the reference log-probs `DPOTrainer` computes for the same pairs (tested):
 
 - prompt ids = chat template of the conversation with the generation prompt;
@@ -10,23 +12,6 @@ the reference log-probs `DPOTrainer` computes for the same pairs (tested):
   prompt ids. They therefore include the end-of-turn token (and whatever the model's own
   template puts after an assistant turn).
 
-Speed (see bench/score.py, BENCHMARKS.md). Two exact paths, both feeding every model the same
-batches in one pass over the data, both applying the output head only at positions that predict a
-response token (log-prob = logit - logsumexp, in chunks; never a log-softmax over the prompt):
-
-- shared prompt (default where the model allows): each *distinct* prompt is run once (prompts
-  sorted by length, right-padded batches under the token budget) and its keys/values kept; the
-  responses of that batch of prompts are then sorted by length across prompts and run in
-  sub-batches on top of the gathered prompt caches (explicit positions and a 4-D mask, so prompts
-  of different lengths share a sub-batch with no padding in the response part). The first response
-  token's log-prob comes from the prompt pass; a response's last token is never fed.
-- plain (fallback): prompt + response per row, sorted by total length, packed under the budget.
-
-The shared-prompt path needs a model whose decoder takes a key/value cache (`cache=` from
-transformers 5.24, `past_key_values=` before; see icr.compat) and builds a plain
-`DynamicCache` (full attention on every layer: Llama, Qwen2/3, Mistral without a sliding window,
-...) with sdpa or eager attention; other models (sliding-window or hybrid caches, flash-attention
-kernels that take no 4-D mask, no separable decoder) take the plain path, model by model.
 """
 
 from __future__ import annotations
@@ -35,10 +20,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .compat import cache_kwarg, output_cache, takes_cache
 from .languages import language_name
 
 
@@ -74,287 +56,6 @@ def reward_conversation(variant: str, lang: str, instruction: str, english_instr
     else:
         content = english_instruction
     return [{"role": "user", "content": content}]
-
-
-def _output_head(model):
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return head, softcap
-
-
-def _decoder(model):
-    # Llama/Mistral/Qwen/Gemma: model.model is the decoder stack returning hidden states.
-    return model.get_decoder() if hasattr(model, "get_decoder") else None
-
-
-def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), packed so that rows x longest <= batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current, longest = [], [], 0
-    for i in order:
-        width = max(longest, lengths[i])
-        if current and width * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, width = [], lengths[i]
-        current.append(i)
-        longest = width
-    if current:
-        batches.append(current)
-    return batches
-
-
-def split_sorted(lengths: list[int], batch_tokens: int, overhead: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), cut into contiguous sub-batches of least cost.
-
-    Cost of a sub-batch = rows x its longest + `overhead` (the fixed cost of one forward, in
-    token-equivalents); rows x longest <= batch_tokens unless a single row. Exact minimum by
-    dynamic programming over the sorted lengths: it pays padding only where another forward
-    would cost more (greedy packing to the budget pads every row to the longest of the lot).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if not order:
-        return []
-    width = np.array([lengths[i] for i in order], dtype=np.int64)
-    n = len(order)
-    best = np.zeros(n + 1)
-    cut = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        starts = np.arange(j)
-        cost = best[:j] + (j - starts) * width[:j] + overhead
-        cost[((j - starts) * width[:j] > batch_tokens) & (j - starts > 1)] = np.inf
-        k = int(np.argmin(cost))
-        best[j], cut[j] = cost[k], k
-    batches, j = [], n
-    while j > 0:
-        batches.append(order[cut[j]:j])
-        j = int(cut[j])
-    return batches[::-1]
-
-
-HEAD_CHUNK = 4096
-SUBBATCH_OVERHEAD_CPU = 1024  # see split_sorted; measured: 96 made CPU scoring 2x slower (small matmuls)  # positions per output-head call: bounds the (positions x vocabulary) logits tensor
-
-
-def _token_logprobs(head, softcap, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each row of `hidden` (positions x hidden size), in fp32, head applied in chunks."""
-    out = []
-    for s in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[s:s + HEAD_CHUNK]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        tgt = targets[s:s + HEAD_CHUNK].unsqueeze(-1)
-        out.append(logits.gather(-1, tgt).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-@torch.inference_mode()
-def _batch_logprobs(model, ids, mask, resp_mask, targets) -> torch.Tensor:
-    """Summed log-probs of target tokens at positions where resp_mask is set; one value per row."""
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    decoder = _decoder(model)
-    head, softcap = _output_head(model)
-    if decoder is not None and head is not None:
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        token_lp = _token_logprobs(head, softcap, hidden[resp_mask], targets[resp_mask])
-    else:  # generic fallback: full logits
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[resp_mask].float()
-        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[resp_mask].unsqueeze(-1)).squeeze(-1)
-    rows = torch.nonzero(resp_mask)[:, 0]
-    out = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
-    out.index_add_(0, rows, token_lp.double())
-    return out
-
-
-def _plain_logprobs(models, prompt_ids, response_ids, pad_id, batch_tokens, padding_side, bar) -> np.ndarray:
-    """Prompt + response per row, rows sorted by length and packed under the token budget."""
-    n = len(prompt_ids)
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    out = np.zeros((len(models), n), dtype=np.float64)
-    device = next(models[0].parameters()).device
-    for batch in make_batches(lengths, batch_tokens):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        targets = torch.zeros_like(ids)
-        resp_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, i in enumerate(batch):
-            seq = prompt_ids[i] + response_ids[i]
-            off = width - len(seq) if padding_side == "left" else 0
-            ids[row, off:off + len(seq)] = torch.tensor(seq)
-            mask[row, off:off + len(seq)] = 1
-            # position j predicts token j+1: positions from the last prompt token to the one before the end
-            start = off + len(prompt_ids[i]) - 1
-            stop = off + len(seq) - 1
-            targets[row, start:stop] = torch.tensor(seq[len(prompt_ids[i]):])
-            resp_mask[row, start:stop] = True
-        ids, mask, targets, resp_mask = (t.to(device) for t in (ids, mask, targets, resp_mask))
-        for m, model in enumerate(models):
-            out[m, batch] = _batch_logprobs(model, ids, mask, resp_mask, targets).cpu().numpy()
-        bar.update(len(batch))
-    return out
-
-
-def supports_shared_prompt(model) -> bool:
-    """Whether `model`'s prompt keys/values can be computed once and reused under a 4-D mask."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    decoder, (head, _) = _decoder(model), _output_head(model)
-    config = getattr(model, "config", None)
-    if decoder is None or head is None or config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False  # flash-attention kernels take no 4-D mask
-    try:
-        if not takes_cache(decoder):
-            return False
-        layers = DynamicCache(config=config).layers
-    except Exception:  # noqa: BLE001 - any surprise means: take the plain path
-        return False
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-@torch.inference_mode()
-def _shared_prompt_logprobs(models, prompt_ids, response_ids, pad_id, batch_tokens, padding_side,
-                            bar) -> np.ndarray:
-    """Each distinct prompt run once per model; its responses run on its cached keys/values.
-
-    Distinct prompts are sorted by length and packed into batches under `batch_tokens` (padded
-    on `padding_side`); the responses of one such prompt batch are sorted by length *across* its
-    prompts and cut into right-padded sub-batches (`split_sorted`: least padding plus per-forward
-    overhead, at most `batch_tokens` response positions each), run on
-    a cache gathered from the prompt batch (rows = the responses' prompts, columns = the window
-    every row's prompt lies in, masked per row). Positions are explicit (prompt length + offset).
-    """
-    from transformers.cache_utils import DynamicCache
-
-    n = len(prompt_ids)
-    out = np.zeros((len(models), n), dtype=np.float64)
-    device = next(models[0].parameters()).device
-    distinct: dict[tuple, int] = {}
-    prompts, owner = [], []
-    for p in prompt_ids:
-        k = distinct.setdefault(tuple(p), len(prompts))
-        if k == len(prompts):
-            prompts.append(p)
-        owner.append(k)
-    by_prompt: list[list[int]] = [[] for _ in prompts]
-    for i, k in enumerate(owner):
-        if response_ids[i]:  # an empty response has log-prob 0
-            by_prompt[k].append(i)
-    heads = [_output_head(model) for model in models]
-    decoders = [_decoder(model) for model in models]
-    dtypes = [next(model.parameters()).dtype for model in models]
-    cache_names = [cache_kwarg(decoder) for decoder in decoders]
-    # fixed cost of one forward in token-equivalents: a forward of few tokens runs its matmuls
-    # inefficiently on CPU and leaves an accelerator idle
-    overhead = SUBBATCH_OVERHEAD_CPU if device.type == "cpu" else max(SUBBATCH_OVERHEAD_CPU, batch_tokens // 4)
-    for group in make_batches([len(p) for p in prompts], batch_tokens):
-        group = [k for k in group if by_prompt[k]]
-        if not group:
-            continue
-        lens = torch.tensor([len(prompts[k]) for k in group])
-        width = int(lens.max())
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, k in enumerate(group):
-            off = width - len(prompts[k]) if padding_side == "left" else 0
-            ids[row, off:off + len(prompts[k])] = torch.tensor(prompts[k])
-            mask[row, off:off + len(prompts[k])] = 1
-        last = torch.full_like(lens, width - 1) if padding_side == "left" else lens - 1
-        items = [i for k in group for i in by_prompt[k]]
-        row_of = {k: row for row, k in enumerate(group)}
-        item_rows = torch.tensor([row_of[owner[i]] for i in items])
-        first = torch.tensor([response_ids[i][0] for i in items])
-        ids, mask, pos = ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        kvs = []
-        for m, model in enumerate(models):
-            res = decoders[m](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                              **{cache_names[m]: DynamicCache(config=model.config)})
-            kvs.append([(layer.keys, layer.values) for layer in output_cache(res).layers])
-            # the last prompt position predicts each response's first token
-            hid = res.last_hidden_state[torch.arange(len(group), device=device), last.to(device)]
-            lp = _token_logprobs(*heads[m], hid[item_rows.to(device)], first.to(device))
-            out[m, items] = lp.double().cpu().numpy()
-            del res, hid
-        valid = mask.bool()
-        # the rest of each response: feed tokens [0, len-1), predict tokens [1, len)
-        rest = [i for i in items if len(response_ids[i]) > 1]
-        rest_len = [len(response_ids[i]) - 1 for i in rest]
-        for batch in split_sorted(rest_len, batch_tokens, overhead):
-            sel = [rest[j] for j in batch]
-            rows = torch.tensor([row_of[owner[i]] for i in sel], device=device)
-            plen = lens[[row_of[owner[i]] for i in sel]]
-            win = int(plen.max())
-            c0, c1 = (width - win, width) if padding_side == "left" else (0, win)
-            r = max(len(response_ids[i]) - 1 for i in sel)
-            inp = torch.full((len(sel), r), pad_id, dtype=torch.long)
-            targets = torch.zeros_like(inp)
-            tmask = torch.zeros_like(inp, dtype=torch.bool)
-            for b, i in enumerate(sel):
-                resp = response_ids[i]
-                inp[b, :len(resp) - 1] = torch.tensor(resp[:-1])
-                targets[b, :len(resp) - 1] = torch.tensor(resp[1:])
-                tmask[b, :len(resp) - 1] = True
-            inp, targets, tmask = inp.to(device), targets.to(device), tmask.to(device)
-            positions = plen.to(device)[:, None] + torch.arange(r, device=device)[None, :]
-            causal = torch.ones((r, r), dtype=torch.bool, device=device).tril()
-            allowed = torch.cat([valid[rows, c0:c1][:, None, :].expand(-1, r, -1),
-                                 causal[None].expand(len(sel), -1, -1)], dim=-1)[:, None]
-            masks: dict = {}
-            for m, model in enumerate(models):
-                if dtypes[m] not in masks:
-                    masks[dtypes[m]] = torch.zeros(allowed.shape, dtype=dtypes[m], device=device).masked_fill(
-                        ~allowed, torch.finfo(dtypes[m]).min)
-                cache = DynamicCache([(k.index_select(0, rows)[:, :, c0:c1], v.index_select(0, rows)[:, :, c0:c1])
-                                      for k, v in kvs[m]])
-                hidden = decoders[m](input_ids=inp, attention_mask=masks[dtypes[m]], position_ids=positions,
-                                     use_cache=True, **{cache_names[m]: cache}).last_hidden_state
-                lp = _token_logprobs(*heads[m], hidden[tmask], targets[tmask])
-                sums = torch.zeros(len(sel), dtype=torch.float64, device=device)
-                sums.index_add_(0, torch.nonzero(tmask)[:, 0], lp.double())
-                out[m, sel] += sums.cpu().numpy()
-                del cache, hidden
-        bar.update(sum(len(by_prompt[k]) for k in group))
-        del kvs
-    return out
-
-
-def sequence_logprobs(models: list, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
-                      pad_id: int, batch_tokens: int = 8192, padding_side: str = "right",
-                      desc: str | None = None, shared_prompt: bool | None = None) -> np.ndarray:
-    """Summed log-probs of each response given its prompt, for each model: array (len(models), n).
-
-    `shared_prompt`: None (default) takes the shared-prompt path for every model that supports it
-    (`supports_shared_prompt`) and the plain path for the others; True insists on it (ValueError
-    where a model can't); False always takes the plain path. Both give the same sums (to float
-    rounding; tested within 1e-4 in fp32). Models on the same path see the same batches, in one
-    pass over the data. Every prompt must have at least one token.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token (its last one predicts the first response token)")
-    n = len(prompt_ids)
-    out = np.zeros((len(models), n), dtype=np.float64)
-    if n == 0 or not models:
-        return out
-    if shared_prompt is False:
-        fast = [False] * len(models)
-    else:
-        fast = [supports_shared_prompt(model) for model in models]
-        if shared_prompt and not all(fast):
-            raise ValueError("shared_prompt=True, but a model's keys/values can't be reused "
-                             "(see supports_shared_prompt)")
-    for use_fast in (True, False):
-        which = [m for m, f in enumerate(fast) if f == use_fast]
-        if not which:
-            continue
-        bar = tqdm(total=n, desc=desc or "score", unit="resp", disable=desc is None, leave=False)
-        fn = _shared_prompt_logprobs if use_fast else _plain_logprobs
-        out[which] = fn([models[m] for m in which], prompt_ids, response_ids, pad_id, batch_tokens,
-                        padding_side, bar)
-        bar.close()
-    return out
 
 
 AUTHORS_BATCH_SIZE = 3  # their scoring batch (scripts/compute_score.sh:125): decides which rows are padded
@@ -433,6 +134,14 @@ def reward_inputs(tokenizer, conversations: list[list[dict]], responses: list[st
     return prompt_ids, response_ids, n_tokens
 
 
+def implicit_reward(logp_policy: np.ndarray, logp_reference: np.ndarray) -> np.ndarray:
+    """r = log pi_dpo(y | G(x)) - log pi_ref(y | G(x)), per row; non-finite rewards come back as NaN,
+    for the caller to exclude and report."""
+    reward = np.asarray(logp_policy, dtype=np.float64) - np.asarray(logp_reference, dtype=np.float64)
+    reward[~np.isfinite(reward)] = math.nan
+    return reward
+
+
 @dataclass
 class RewardModels:
     """The two models whose log-ratio is the reward, sharing one tokenizer (checked by the loader)."""
@@ -446,20 +155,21 @@ def implicit_rewards(rm: RewardModels, conversations: list[list[dict]], response
                      batch_tokens: int = 8192, desc: str | None = None,
                      shared_prompt: bool | None = None, token_set: str = "paper",
                      padded: list[bool] | None = None) -> dict[str, np.ndarray]:
-    """Implicit rewards of `responses[i]` under `conversations[i]`.
+    """Implicit rewards of `responses[i]` under `conversations[i]`, on transformers models.
 
-    Returns arrays `reward` (= logp_policy - logp_reference), `logp_policy`, `logp_reference`,
-    `n_tokens` (response tokens incl. end-of-turn). Non-finite log-probs come back as NaN and are
-    for the caller to exclude and report. `shared_prompt`: see `sequence_logprobs` (default: the
-    fastest exact path each model allows). `token_set`: "paper" sums every response token;
-    "authors" reproduces the authors' sums (`authors_token_ids`), `padded[i]` saying whether row i
-    was padded in their batch (see `authors_padded_rows`; None: no row padded).
+    Returns arrays `reward` (= logp_policy - logp_reference, `implicit_reward`), `logp_policy`,
+    `logp_reference`, `n_tokens` (response tokens incl. end-of-turn). `shared_prompt`: see
+    `icr.logprobs.sequence_logprobs` (default: the fastest exact path each model allows).
+    `token_set`: "paper" sums every response token; "authors" reproduces the authors' sums
+    (`authors_token_ids`), `padded[i]` saying whether row i was padded in their batch (see
+    `authors_padded_rows`; None: no row padded).
     """
+    from .logprobs import sequence_logprobs
+
     prompt_ids, response_ids, n_tokens = reward_inputs(rm.tokenizer, conversations, responses,
                                                        token_set=token_set, padded=padded)
     lp = sequence_logprobs([rm.policy, rm.reference], prompt_ids, response_ids,
                            pad_id=rm.tokenizer.pad_token_id, batch_tokens=batch_tokens, desc=desc,
                            shared_prompt=shared_prompt)
-    reward = lp[0] - lp[1]
-    reward[~np.isfinite(reward)] = math.nan
-    return {"reward": reward, "logp_policy": lp[0], "logp_reference": lp[1], "n_tokens": n_tokens}
+    return {"reward": implicit_reward(lp[0], lp[1]), "logp_policy": lp[0], "logp_reference": lp[1],
+            "n_tokens": n_tokens}

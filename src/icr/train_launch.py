@@ -1,12 +1,12 @@
 """Training launched through `accelerate`: `train_dpo_launched` runs `icr.train.train_dpo` under
 `accelerate launch` with one of the shipped configs
 (`icr/accelerate_configs/{ddp,deepspeed_zero2,deepspeed_zero3,fsdp,cpu_2proc}.yaml`, package data):
-it writes a job file and starts
+it writes a job (icr.launch's format, kind `train_rank`) and starts
 
     python -m accelerate.commands.launch --config_file CFG [--num_processes N] --mixed_precision P
-        --main_process_port PORT [$ICR_ACCELERATE_ARGS] -m icr.train_worker JOB.json
+        --main_process_port PORT [$ICR_ACCELERATE_ARGS] -m icr.workers JOB.json
 
-and returns the main process's metrics. Several machines run the same command, each with its own
+and returns the main process's metrics (every rank runs `train_rank`). Several machines run the same command, each with its own
 `--machine_rank` (docs/distributed.md); `ICR_ACCELERATE_ARGS` carries such per-node arguments.
 Beside `train.py` (which it launches) and below `stages.py` (which calls it).
 """
@@ -16,18 +16,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from importlib.resources import as_file, files
 from pathlib import Path
 
 from .errors import IcrError
+from .launch import child_env, run_job_command
 
 log = logging.getLogger("icr")
 
@@ -97,13 +96,13 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
     """`train.train_dpo` with the same arguments, run by `accelerate launch` in `num_processes` processes.
 
     `cfg` is the `train` section (TrainConfig); `accelerate_config` defaults to
-    `cfg.accelerate_config`. Returns train_dpo's metrics from the main process (plus
-    `num_processes`, `distributed_type`, `backend`). Output goes to `log_file` (default
-    out_dir/launch.log) and is echoed to this process's stderr; a failure raises IcrError with
-    its tail.
+    `cfg.accelerate_config`. The launch is a job of `icr.launch` (kind `train_rank`: every rank runs
+    `train_rank`). Returns train_dpo's metrics from the main process (plus `num_processes`,
+    `distributed_type`, `backend`). Output goes to `log_file` (default out_dir/launch.log); a
+    failure raises IcrError with its tail.
     """
     from .models import resolve_device
-    from .runs import write_json, write_jsonl
+    from .runs import write_jsonl
 
     accelerate_config = accelerate_config or cfg.accelerate_config
     if not accelerate_config:
@@ -114,49 +113,47 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
     job_dir = out_dir / "launch"
     job_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(job_dir / "pairs.jsonl", pairs)
-    result = job_dir / "result.json"
-    result.unlink(missing_ok=True)
-    job = {"pairs": str(job_dir / "pairs.jsonl"), "policy_path": policy_path, "reference_path": reference_path,
-           "train": dataclasses.asdict(cfg), "out_dir": str(out_dir), "model_dir": str(model_dir), "seed": seed,
-           "device": device, "chat_template": chat_template, "result": str(result)}
-    write_json(job_dir / "job.json", job)
+    args = {"pairs": str(job_dir / "pairs.jsonl"), "policy_path": policy_path, "reference_path": reference_path,
+            "train": dataclasses.asdict(cfg), "out_dir": str(out_dir), "model_dir": str(model_dir), "seed": seed,
+            "device": device, "chat_template": chat_template}
     nproc = num_processes or _config_num_processes(config_file)
     threads = max(1, (os.cpu_count() or 1) // nproc) if device == "cpu" else None
-    cmd = accelerate_command(config_file, "icr.train_worker", [str(job_dir / "job.json")],
+    cmd = accelerate_command(config_file, "icr.workers", [str(job_dir / "job.json")],
                              num_processes=num_processes, precision=mixed_precision(cfg.precision, device),
                              extra_args=extra_launch_args, cpu_threads=threads)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = child_env({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None)
     log_file = Path(log_file or out_dir / "launch.log")
     log.info("train: launching %s", shlex.join(cmd))
     t0 = time.time()
-    code = _run_logged(cmd, env, log_file)
-    if code != 0 or not result.is_file():
-        raise IcrError(f"train: accelerate launch failed (exit {code}; log {log_file}):\n{log_tail(log_file)}")
-    metrics = json.loads(result.read_text(encoding="utf-8"))
+    metrics = run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file)
     metrics["launch_seconds"] = round(time.time() - t0, 2)
     return metrics
 
 
-def _run_logged(cmd: list[str], env: dict, log_file: Path) -> int:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            return proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
+def train_rank(cfg, args: dict) -> dict | None:
+    """One rank of launched training (job kind `train_rank`, run by `python -m icr.workers` under
+    `accelerate launch`): set up the distributed state first (so `cuda` means this rank's GPU),
+    then `icr.train.train_dpo`; TRL's `DPOTrainer` does the rest (DDP, DeepSpeed, FSDP from the
+    launch environment). The main process returns the metrics, the others None."""
+    from accelerate import PartialState
 
+    from .config import TrainConfig, section_from_dict
+    from .runs import read_jsonl
+    from .train import train_dpo
 
-def log_tail(path: Path, n: int = 25) -> str:
-    try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-n:])
+    # Before any model is loaded: binds this process to its GPU (LOCAL_RANK) and opens the process
+    # group (nccl on GPUs, gloo on CPU), so "cuda" below is this rank's device.
+    state = PartialState(cpu=args["device"] == "cpu")
+    # train_dpo saves through trainer.save_model on every rank (gathering sharded weights);
+    # only the main process writes model_dir.
+    metrics = train_dpo(read_jsonl(args["pairs"]), args["policy_path"], args["reference_path"],
+                        section_from_dict(TrainConfig, args["train"], "train", "job"), Path(args["out_dir"]),
+                        Path(args["model_dir"]), seed=args["seed"], device=args["device"],
+                        chat_template=args.get("chat_template"))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        metrics = {**metrics, "num_processes": state.num_processes,
+                   "distributed_type": str(state.distributed_type), "backend": state.backend}
+    state.wait_for_everyone()
+    state.destroy_process_group() if hasattr(state, "destroy_process_group") else None
+    return metrics if state.is_main_process else None

@@ -1,5 +1,13 @@
 """Evaluate a model X-AlpacaEval style: one answer per prompt per language, judged against references.
 
+The whole path lives here: `Evaluator` (what `icr run` calls after each model and `icr evaluate`
+calls once) reads the evaluation data once (`load_evaluation_data`), builds the judge
+(`make_judge`), samples the answers through the configured backend (`sample_outputs`, in a child
+process when stages are isolated: icr.launch), judges them and computes the metrics
+(`evaluate_model`), adds the alignment-tax benchmarks (`icr.evaluation.harness`) and appends the
+rows to results.json (`icr.evaluation.results`). What a judge can do it declares
+(`judges.can_score`).
+
 Layout under `out_dir` (the run's `eval/` folder):
 
     <label>/<lang>/model_outputs.json   alpaca_eval model-output format (feed it to alpaca_eval directly)
@@ -123,9 +131,10 @@ def generate_outputs(model_path: str, label: str, prompts: dict[str, list[dict]]
 
 def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[str, list[dict]],
                    references: dict[str, dict[str, str]], judge, cfg, out_dir: Path, *,
-                   seed: int = 42, chat_template: str | None = None, backend=None, load_backend=None,
+                   seed: int = 42, chat_template: str | None = None, backend=None,
                    identifier=None, generator: str | None = None) -> list[dict]:
-    """Generate (see `generate_outputs`), export, judge and score one model; one results row per language.
+    """Judge and score one model's answers (generated first with `backend` if not saved, see
+    `generate_outputs`); one results row per language.
 
     A language without references (absent or empty in `references`) is judged against an empty
     reference answer: meaningful for judges that grade answers on their own (the sandbox oracle:
@@ -140,7 +149,7 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
     if not isinstance(judge, CachedJudge):
         judge = CachedJudge(judge, out_dir / "judge_cache.jsonl")
     outputs = generate_outputs(model_path, label, prompts, cfg, out_dir, seed=seed, chat_template=chat_template,
-                               backend=backend, load_backend=load_backend, generator=generator)
+                               backend=backend, generator=generator)
 
     if identifier is None:
         from ..languages import language_identifier
@@ -179,3 +188,81 @@ def _length_controlled(cfg, prefs: list[float], items: list[JudgeItem]) -> tuple
     return (length_controlled_win_rate(prefs, [len(it.output) for it in items], [len(it.reference) for it in items]),
             "icr:minimal")
 
+
+# ---------------------------------------------------------------------------------------------
+# The run's evaluation: data, judge, sampling, judging, results
+# ---------------------------------------------------------------------------------------------
+
+def load_evaluation_data(cfg, judge):
+    """(evaluation prompt set, references matched to it) for every language; see `icr.data`.
+    `cfg` is the ExperimentConfig."""
+    from ..data import load_prompt_set, load_references
+    from .judges import can_score
+
+    ev = cfg.evaluation
+    prompts = load_prompt_set(ev.prompts, cfg.languages, field="evaluation.prompts")
+    references = load_references(ev.references, prompts, cfg.languages, judge_scores_alone=can_score(judge),
+                                 judge_name=ev.judge)
+    return prompts, references
+
+
+def make_judge(cfg):
+    """The configured evaluation judge, with its judgements cached in the run folder."""
+    from .judges import get_judge
+
+    judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
+    return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
+
+
+def sample_outputs(cfg, model_path: str, label: str, out_dir: Path, prompts: dict | None = None) -> None:
+    """Evaluation's sampling: one answer per evaluation prompt and language through the configured
+    backend, saved under `out_dir/<label>/` (job kind `eval_outputs` when stages are isolated).
+    `prompts`: the evaluation prompts' rows, if already loaded."""
+    from ..data import load_prompt_set
+    from ..generation import policy_backend
+
+    if prompts is None:
+        prompts = load_prompt_set(cfg.evaluation.prompts, cfg.languages, field="evaluation.prompts").as_rows()
+    generate_outputs(model_path, label, prompts, cfg.evaluation, out_dir, seed=cfg.seed,
+                     chat_template=cfg.models.chat_template,
+                     load_backend=lambda path: policy_backend(cfg, path, batch_size=cfg.evaluation.batch_size),
+                     generator=f"{cfg.name}/{label}")
+
+
+class Evaluator:
+    """The one evaluation path (`icr run` after each model, `icr evaluate` for one): sample one answer
+    per evaluation prompt and language (in its own process when stages are isolated), judge against
+    the references, add the rows to `results_path`.
+
+    Outputs go to `<run_dir>/eval/<label>/<lang>/`; prompts and references are read once."""
+
+    def __init__(self, cfg, run_dir: Path, judge, results_path: Path):
+        if not cfg.evaluation.prompts.path:
+            raise IcrError("evaluation.prompts.path: required to evaluate")
+        self.cfg, self.judge, self.results_path = cfg, judge, Path(results_path)
+        self.out_dir = Path(run_dir) / "eval"
+        prompt_set, self.references = load_evaluation_data(cfg, judge)
+        self.prompts = prompt_set.as_rows()
+
+    def __call__(self, model_path: str, label: str, t: int) -> list[dict]:
+        from ..launch import isolate_stages, run_in_child
+        from .harness import evaluate_harness
+        from .results import append_results
+
+        cfg = self.cfg
+        if missing_outputs(model_path, label, self.prompts, cfg.evaluation, self.out_dir, seed=cfg.seed,
+                           chat_template=cfg.models.chat_template):
+            if isolate_stages(cfg):
+                run_in_child("eval_outputs", cfg, {"model_path": model_path, "label": label,
+                                                   "out_dir": str(self.out_dir)}, self.out_dir / f"{label}.workers")
+            else:
+                sample_outputs(cfg, model_path, label, self.out_dir, self.prompts)
+        # The answers are on disk now: evaluate_model only judges and scores them.
+        rows = evaluate_model(model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation,
+                              self.out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
+                              generator=f"{cfg.name}/{label}")
+        # The alignment-tax benchmarks (lm-evaluation-harness), when configured.
+        rows += evaluate_harness(model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device,
+                                 dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
+        append_results(self.results_path, rows)
+        return rows

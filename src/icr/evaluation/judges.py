@@ -42,9 +42,23 @@ class JudgeItem:
 
 
 class Judge(Protocol):
+    """A judge compares an answer with the reference (`compare`: P(output preferred), NaN if it
+    failed). One that also grades single answers (`score`: higher is better) says so with
+    `scores_single_answers = True`; reward agreement, `pairs.selection: judge` and references
+    without answers need that (`can_score`)."""
+
     name: str
 
     def compare(self, items: list[JudgeItem]) -> list[float]: ...
+
+
+def can_score(judge) -> bool:
+    """Whether `judge` grades single answers: its `scores_single_answers` declaration, or, for a
+    judge of your own that declares nothing, whether it has a `score` method."""
+    if judge is None:
+        return False
+    declared = getattr(judge, "scores_single_answers", None)
+    return callable(getattr(judge, "score", None)) if declared is None else bool(declared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +69,8 @@ class FakeJudge:
     """Deterministic judge without a model. `mode="longer"`: the longer answer wins (a judge with
     pure length bias, handy for testing length control); `mode="hash"`: a fixed pseudo-random
     preference per (output, reference). `calls` counts judged items (to test caching)."""
+
+    scores_single_answers = True
 
     def __init__(self, mode: str = "longer"):
         if mode not in ("longer", "hash"):
@@ -88,6 +104,8 @@ class RewardModelJudge:
     chat template (plain "instruction\\n\\noutput" if it has none). `compare` = sigmoid(score(output)
     - score(reference)): the Bradley-Terry probability that the output is preferred.
     """
+
+    scores_single_answers = True
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  max_length: int = 4096):
@@ -175,6 +193,8 @@ class AlpacaEvalJudge:
     so alpaca_eval's preference (1 = baseline wins, 2 = model wins, fractions for weighted judges)
     minus one is ours. Failed annotations come back as NaN.
     """
+
+    scores_single_answers = False  # pairwise only
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo_multilingual",
                  caching_path: str | None = None, seed: int = 0, **annotator_kwargs):
@@ -272,12 +292,13 @@ class CachedJudge:
         return self._run("compare", self.judge.compare, items)
 
     @property
-    def score(self) -> Callable[[list[JudgeItem]], list[float]]:
-        """Present only when the wrapped judge can score (so `hasattr(judge, "score")` works)."""
-        inner = getattr(self.judge, "score", None)
-        if inner is None:
-            raise AttributeError(f"judge {self.name!r} cannot score single answers")
-        return lambda items: self._run("score", inner, items)
+    def scores_single_answers(self) -> bool:
+        return can_score(self.judge)
+
+    def score(self, items: list[JudgeItem]) -> list[float]:
+        if not can_score(self.judge):
+            raise IcrError(f"judge {self.name!r} cannot score single answers")
+        return self._run("score", self.judge.score, items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,4 +345,6 @@ def get_judge(name: str, **kwargs) -> Judge:
     if not callable(getattr(judge, "compare", None)) or not isinstance(getattr(judge, "name", None), str):
         raise IcrError(f"judge {name!r}: the factory returned {type(judge).__name__}, "
                        "which lacks a `name` string or a `compare` method")
+    if getattr(judge, "scores_single_answers", False) and not callable(getattr(judge, "score", None)):
+        raise IcrError(f"judge {name!r}: declares scores_single_answers but has no `score` method")
     return judge

@@ -19,8 +19,8 @@ Imported only when chosen. Behaves like the `hf` backend so that the two are int
 `icr.workers` give each worker that many GPUs).
 
 `VLLMScorer` computes summed response log-probs with `prompt_logprobs` (one prefill per sequence,
-no sampling), on the same token ids as `icr.reward` (TRL's tokenisation): `vllm_implicit_rewards`
-is the score stage's `reward.backend: vllm`. One model is loaded at a time (policy, then
+no sampling), on the same token ids as `icr.reward` (TRL's tokenisation): `vllm_logprobs` is the
+log-prob engine of `reward.backend: vllm` (icr.scoring). One model is loaded at a time (policy, then
 reference); a sequence longer than the engine's context is skipped and reported, not truncated.
 """
 
@@ -198,7 +198,7 @@ class VLLMScorer:
 
     A sequence (prompt + response) longer than the engine's context cannot be scored by vLLM (it
     refuses the whole request batch): such rows are skipped and come back as NaN, for the caller to
-    exclude and report (`reward.backend: vllm`, icr.stages.run_score)."""
+    exclude and report (`reward.backend: vllm`, icr.scoring)."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
@@ -239,24 +239,18 @@ class VLLMScorer:
         free_llm(llm)
 
 
-def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conversations: list[list[dict]],
-                          responses: list[str], *, device: str = "auto", dtype: str = "auto",
-                          tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                          max_model_len: int | None = None, engine_args: dict | None = None,
-                          token_set: str = "paper", padded: list[bool] | None = None,
-                          desc: str | None = None) -> dict[str, np.ndarray]:
-    """`icr.reward.implicit_rewards` on vLLM (`reward.backend: vllm`): the same token ids
-    (`icr.reward.reward_inputs`), one model loaded at a time. Adds `too_long`: rows longer than the
-    engine's context, skipped (NaN reward) rather than truncated."""
-    from ..reward import reward_inputs
-
-    prompt_ids, response_ids, n_tokens = reward_inputs(tokenizer, conversations, responses,
-                                                       token_set=token_set, padded=padded)
+def vllm_logprobs(policy_path: str, reference_path: str, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                  *, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
+                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                  engine_args: dict | None = None, desc: str | None = None) -> dict[str, np.ndarray]:
+    """Summed response log-probs under both models of the reward pair, one engine loaded at a time
+    (`reward.backend: vllm`, icr.scoring). `too_long`: rows longer than either engine's context,
+    skipped (NaN) rather than truncated."""
     lps, limit = [], None
     for path in (policy_path, reference_path):
-        scorer = VLLMScorer(_engine_model_path(path, dtype, "reward model"), device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            engine_args=engine_args)
+        scorer = VLLMScorer(_engine_model_path(path, dtype, "reward model"), device=device, dtype=dtype,
+                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=max_model_len, engine_args=engine_args)
         try:
             limit = scorer.max_model_len if limit is None else min(limit, scorer.max_model_len)
             lps.append(scorer.logprobs(prompt_ids, response_ids, desc=desc))
@@ -265,7 +259,17 @@ def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conv
     too_long = np.array([len(p) + len(r) >= limit for p, r in zip(prompt_ids, response_ids)], dtype=bool)
     lps[0][too_long] = math.nan
     lps[1][too_long] = math.nan
-    reward = lps[0] - lps[1]
-    reward[~np.isfinite(reward)] = math.nan
-    return {"reward": reward, "logp_policy": lps[0], "logp_reference": lps[1], "n_tokens": n_tokens,
-            "too_long": too_long}
+    return {"logp_policy": lps[0], "logp_reference": lps[1], "too_long": too_long}
+
+
+def vllm_implicit_rewards(policy_path: str, reference_path: str, tokenizer, conversations: list[list[dict]],
+                          responses: list[str], *, token_set: str = "paper", padded: list[bool] | None = None,
+                          **engine_options) -> dict[str, np.ndarray]:
+    """`icr.reward.implicit_rewards` on vLLM: the same token ids (`icr.reward.reward_inputs`) and
+    reward definition, the sums from `vllm_logprobs` (whose options pass through); adds `too_long`."""
+    from ..reward import implicit_reward, reward_inputs
+
+    prompt_ids, response_ids, n_tokens = reward_inputs(tokenizer, conversations, responses,
+                                                       token_set=token_set, padded=padded)
+    lp = vllm_logprobs(policy_path, reference_path, prompt_ids, response_ids, **engine_options)
+    return {"reward": implicit_reward(lp["logp_policy"], lp["logp_reference"]), **lp, "n_tokens": n_tokens}

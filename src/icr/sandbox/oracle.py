@@ -82,6 +82,7 @@ class OracleJudge:
     """
 
     name = "oracle"
+    scores_single_answers = True
 
     def __init__(self, world_dir: str | Path):
         path = Path(world_dir)
