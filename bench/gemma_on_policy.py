@@ -1,6 +1,6 @@
 """Re-measure the Gemma sandbox's on-policy premise with more samples per prompt (issue 11, item 3).
 
-    python bench/gemma_on_policy.py .cache/icr/prepared/bench/sandbox_gemma.py.prepare_gemma-<key> --samples 8 \
+    python bench/gemma_on_policy.py .cache/icr/prepared/bench_sandbox_gemma.py.prepare_gemma-<key> --samples 8 \
         --out docs/results/sandbox-gemma-recipe2/premise-on-policy-8.json
 
 `premise.json`'s on-policy part draws 4 samples of pi0 per dev prompt (40 per language), which leaves

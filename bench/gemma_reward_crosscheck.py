@@ -2,7 +2,7 @@
 prompts and answers (the loop's `icr.reward` path vs `icr.sandbox.build.implicit_rewards`).
 
     python bench/gemma_reward_crosscheck.py runs/sandbox-gemma \
-        .cache/icr/prepared/bench/sandbox_gemma.py.prepare_gemma-<key> --langs en,es,sw --rows 45
+        .cache/icr/prepared/bench_sandbox_gemma.py.prepare_gemma-<key> --langs en,es,sw --rows 45
 
 Written when the Gemma run's premise (0.64 correctness agreement on dev prompts) and its loop's
 iteration-1 diagnostics (0.51 on train prompts) disagreed: it rules the scoring in or out. Loads

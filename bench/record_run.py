@@ -1,7 +1,7 @@
 """Record a finished run under docs/results/<name>/: its numbers, its premise, and what it cost.
 
     python bench/record_run.py runs/sandbox-gemma docs/results/sandbox-gemma \
-        --prepared .cache/icr/prepared/icr.sandbox.prepare_gemma-74ef4cd69bac5f24 \
+        --prepared .cache/icr/prepared/bench_sandbox_gemma.py.prepare_gemma-<key> \
         --time time-1.txt --time time-2.txt --command "make demo-gemma"
 
 Copies results.json, report.md, its plots, config.yaml, timings.json and diagnostics/*.json from

@@ -251,7 +251,7 @@ STEPS_FOLDER = "prepare_gemma-steps"
 def steps_root(out: Path) -> Path:
     """The step store: `<ICR_CACHE>/prepared/prepare_gemma-steps/` for a build folder anywhere under
     `<ICR_CACHE>/prepared/` (the pipeline names the folder after the call, `icr.sandbox.prepare_gemma-<key>`
-    when the recipe was in the package, `bench/sandbox_gemma.py.prepare_gemma-<key>` now: one store
+    when the recipe was in the package, `bench_sandbox_gemma.py.prepare_gemma-<key>` now: one store
     for both), else `<out's parent>/prepare_gemma-steps/` (a folder given directly)."""
     prepared = cache_root() / "prepared"
     if prepared.resolve() in Path(out).resolve().parents:

@@ -235,3 +235,22 @@ def test_alpaca_eval_judge_end_to_end_offline(tmp_path):
     assert judge.name == "alpaca_eval:offline"
     # output_2 (the model) always wins, except item 2 whose output equals its reference: alpaca_eval's tie
     assert judge.compare(items(4)) == [1.0, 1.0, 0.5, 1.0]
+
+
+def test_a_cached_judge_passes_on_what_its_judge_declares(tmp_path):
+    """Capabilities are declared, and the cache in front of a judge keeps them (diagnostics split the
+    reward's agreement by `pair_kind`; reward agreement needs `scores_single_answers`)."""
+    from icr.diagnostics import reward_agreement
+
+    class Kinds(FakeJudge):
+        def pair_kind(self, a, b, pid, lang):
+            return "length" if len(a) != len(b) else "other"
+
+    cached = CachedJudge(Kinds(), tmp_path / "k.jsonl")
+    assert can_score(cached) and cached.pair_kind is not None
+    assert CachedJudge(FakeJudge(), tmp_path / "f.jsonl").pair_kind is None
+    assert AlpacaEvalJudge.scores_single_answers is False  # pairwise only, declared on the class
+    scored = [{"id": "p", "lang": "en", "prompt": "q", "response": r, "reward": w}
+              for r, w in (("a", 0.0), ("abc", 1.0), ("ab", 2.0))]
+    got = reward_agreement(scored, cached)
+    assert set(got["en"]) == {"all", "length"} and got["en"]["length"]["n"] == 3

@@ -213,13 +213,13 @@ def test_a_step_resumed_from_a_checkpoint_says_its_time_is_partial(tmp_path):
 
 def test_builds_named_before_and_after_the_move_share_one_step_store(tmp_path):
     """The build folder's name follows prepare.call (`icr.sandbox.prepare_gemma-<key>` while the recipe
-    was in the package, `bench/sandbox_gemma.py.prepare_gemma-<key>` now, one folder deeper); both find
+    was in the package, `bench_sandbox_gemma.py.prepare_gemma-<key>` now); both find
     pi_SFT, the pairs and pi0 in the same store. A folder given directly keeps its store beside it."""
     from bench import sandbox_gemma as gemma
     from icr.runs import cache_root
 
     prepared = cache_root() / "prepared"
-    old, new = prepared / "icr.sandbox.prepare_gemma-9b59b8ac18656c51", prepared / "bench" / "sandbox_gemma.py.prepare_gemma-0"
+    old, new = prepared / "icr.sandbox.prepare_gemma-9b59b8ac18656c51", prepared / "bench_sandbox_gemma.py.prepare_gemma-0"
     assert gemma.steps_root(old) == gemma.steps_root(new) == prepared / gemma.STEPS_FOLDER
     cfg = {**gemma.DEFAULTS, "dpo_nll_weight": 1.0}
     assert gemma._step_dir(old, cfg, "dpo") == gemma._step_dir(new, cfg, "dpo")

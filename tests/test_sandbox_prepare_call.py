@@ -47,6 +47,7 @@ def test_a_file_call_runs_once_from_the_working_directory(tmp_path, monkeypatch)
     cfg = _cfg("research/builder.py:build", {"size": 3})
     out = run_prepare(cfg)
     assert out == prepared_dir(cfg)
+    assert out.parent.name == "prepared" and out.name.startswith("research_builder.py.build-")  # one flat folder
     assert json.loads((out / "calls.json").read_text()) == [{"args": {"size": 3}, "recipe": 3}]
     assert run_prepare(cfg) == out  # built: not called again
     assert len(json.loads((out / "calls.json").read_text())) == 1

@@ -58,9 +58,7 @@ def reward_agreement(scored: list[dict], judge, max_pairs_per_prompt: int = 45) 
     """
     items = [JudgeItem(id=r["id"], lang=r["lang"], instruction=r["prompt"], output=r["response"]) for r in scored]
     judge_scores = judge.score(items)
-    kind_of = getattr(judge, "pair_kind", None)
-    if kind_of is None and hasattr(judge, "judge"):  # a CachedJudge wraps the real one
-        kind_of = getattr(judge.judge, "pair_kind", None)
+    kind_of = getattr(judge, "pair_kind", None)  # declared by the judge (a CachedJudge passes it on)
     by_lang = defaultdict(list)
     for rec, s in zip(scored, judge_scores):
         if rec.get("reward") is not None and not math.isnan(rec["reward"]):

@@ -87,7 +87,8 @@ def prepared_dir(cfg: ExperimentConfig) -> Path | None:
     if cfg.prepare is None:
         return None
     call, args = cfg.prepare.call, cfg.prepare.args
-    return cache_root() / "prepared" / f"{call.replace(':', '.')}-{text_hash(call, json.dumps(args, sort_keys=True))}"
+    name = call.replace(":", ".").replace("/", "_").replace("\\", "_")  # a file call (dir/x.py:f): one flat folder
+    return cache_root() / "prepared" / f"{name}-{text_hash(call, json.dumps(args, sort_keys=True))}"
 
 
 def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> ExperimentConfig:

@@ -45,7 +45,8 @@ class Judge(Protocol):
     """A judge compares an answer with the reference (`compare`: P(output preferred), NaN if it
     failed). One that also grades single answers (`score`: higher is better) says so with
     `scores_single_answers = True`; reward agreement, `pairs.selection: judge` and references
-    without answers need that (`can_score`)."""
+    without answers need that (`can_score`). A judge that can name the quality two answers differ
+    in has `pair_kind(a, b, id)` (diagnostics split the reward's agreement by it)."""
 
     name: str
 
@@ -294,6 +295,12 @@ class CachedJudge:
     @property
     def scores_single_answers(self) -> bool:
         return can_score(self.judge)
+
+    @property
+    def pair_kind(self):
+        """The wrapped judge's `pair_kind(a, b, id)` (which quality two answers differ in: the
+        sandbox oracle has one), or None."""
+        return getattr(self.judge, "pair_kind", None)
 
     def score(self, items: list[JudgeItem]) -> list[float]:
         if not can_score(self.judge):
