@@ -177,7 +177,7 @@ def _stage(args) -> None:
     """One stage of one iteration, with the iteration's folders, seed and models from `icr.plan`
     (the same plan `icr run` follows), in this process: the command is the process."""
     from .config import load_config
-    from .loop import resolve_placeholders, run_prepare
+    from .loop import check_run_folder, config_digest, resolve_placeholders, run_prepare
     from .plan import iteration_plan
     from .runs import run_lock
     from .stages import SHARDED, run_pairs, run_train
@@ -189,16 +189,18 @@ def _stage(args) -> None:
         raise IcrError(f"--iteration: must be within 1..{cfg.iterations}, got {t}")
     it = iteration_plan(cfg, cfg.run_dir, t)
     shard = _parse_shard(getattr(args, "shard", None))
-    if args.command in SHARDED:
-        result = SHARDED[args.command](cfg, it, shard=shard)
-    else:
-        with run_lock(cfg.run_dir):
-            if args.command == "pairs":
-                from .evaluation.evaluate import make_judge
+    # Generate and score run beside other commands of the same config (each on its shards); pairs
+    # and train hold the folder alone. Either way the run folder's config must be this one.
+    with run_lock(cfg.run_dir, config_digest(cfg), shared=args.command in SHARDED):
+        check_run_folder(cfg, cfg.run_dir, force=False)
+        if args.command in SHARDED:
+            result = SHARDED[args.command](cfg, it, shard=shard)
+        elif args.command == "pairs":
+            from .evaluation.evaluate import make_judge
 
-                result = run_pairs(cfg, it, judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
-            else:
-                result = run_train(cfg, it)
+            result = run_pairs(cfg, it, judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
+        else:
+            result = run_train(cfg, it)
     print(result)
 
 
@@ -329,7 +331,8 @@ def _sandbox(args) -> None:
 def _evaluate(args) -> None:
     from .config import load_config
     from .evaluation.evaluate import Evaluator, make_judge
-    from .loop import resolve_placeholders, run_prepare
+    from .loop import check_run_folder, config_digest, resolve_placeholders, run_prepare
+    from .runs import run_lock
 
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
@@ -337,9 +340,11 @@ def _evaluate(args) -> None:
         raise IcrError("evaluation.prompts.path: required for icr evaluate")
     if not cfg.evaluation.judge:
         raise IcrError("evaluation.judge: required for icr evaluate (alpaca_eval, reward_model, or module:factory)")
-    evaluate = Evaluator(cfg, cfg.run_dir, make_judge(cfg), cfg.run_dir / "results.json")
-    for row in evaluate(args.model, args.label, args.iteration):
-        print(row)
+    with run_lock(cfg.run_dir, config_digest(cfg)):  # results.json and eval/ are the run's: its config only
+        check_run_folder(cfg, cfg.run_dir, force=False)
+        evaluate = Evaluator(cfg, cfg.run_dir, make_judge(cfg), cfg.run_dir / "results.json")
+        for row in evaluate(args.model, args.label, args.iteration):
+            print(row)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from .config import ExperimentConfig, config_from_dict, dump_config, judge_identity, uses_judge, with_overrides
 from .data import load_prompt_set
@@ -109,21 +112,66 @@ def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> Experi
     return config_from_dict(walk(data), "config")
 
 
-def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
-    """A run folder belongs to one config: refuse to mix, unless --force starts over."""
-    import shutil
+# What icr writes at the top of a run folder: all that `--force` may delete (anything else there
+# is the user's and stays).
+RUN_FOLDER_ENTRIES = re.compile(r"config\.yaml|results\.json|report\.(md|html)|timings\.json|"
+                                r"iter\d+|controls|eval|diagnostics|\.shared-locks|"
+                                r"wr_by_iteration\..+\.png|alpha_curve_iter\d+\.png")
 
+
+def config_digest(cfg: ExperimentConfig) -> str:
+    """Identity of a resolved config (the run lock's: commands with equal digests may share a folder)."""
+    return text_hash(dump_config(cfg))
+
+
+def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
+    """A run folder belongs to one config: refuse to mix, unless --force starts over.
+
+    Not a mix, so no --force needed: a folder in which nothing was computed yet (a failed start:
+    no stage manifest, no shard, no results) takes the new config; a finished run extended to more
+    iterations (the same config but `iterations`) keeps everything. `--force` deletes only what icr
+    writes in a run folder (RUN_FOLDER_ENTRIES), never other files, and never a folder without
+    icr's config.yaml."""
     saved = run_dir / "config.yaml"
     resolved = dump_config(cfg)
     if saved.is_file() and saved.read_text(encoding="utf-8") != resolved:
-        if not force:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        new = cfg.to_dict()
+        if not _computed_anything(run_dir):
+            log.info("%s: nothing was computed with its old config; taking the new one", run_dir)
+        elif ({**old, "iterations": None} == {**new, "iterations": None}
+              and isinstance(old.get("iterations"), int) and new["iterations"] > old["iterations"]):
+            log.info("%s: extending the run from %d to %d iterations", run_dir, old["iterations"], new["iterations"])
+        elif not force:
             raise IcrError(f"{run_dir}: made with a different config (see {saved}); use a new name, "
-                           "or --force to delete it and start over")
-        for child in run_dir.iterdir():
-            if child.name != ".lock":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                           "or --force to delete icr's files in it and start over")
+        else:
+            _delete_run_files(run_dir)
+        atomic_write_text(saved, resolved)
     if not saved.is_file():
         atomic_write_text(saved, resolved)
+
+
+def _computed_anything(run_dir: Path) -> bool:
+    return any(True for pattern in ("results.json", "**/manifest.json", "**/shard-*.jsonl")
+               for _ in run_dir.glob(pattern))
+
+
+def _delete_run_files(run_dir: Path) -> None:
+    import shutil
+
+    kept = []
+    for child in sorted(run_dir.iterdir()):
+        if child.name == ".lock":
+            continue
+        if not RUN_FOLDER_ENTRIES.fullmatch(child.name) or child.is_symlink():
+            kept.append(child.name)
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    if kept:
+        log.warning("%s: --force kept what icr did not write: %s", run_dir, ", ".join(kept))
 
 
 def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, judge=None,
@@ -214,7 +262,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     cfg = resolve_placeholders(cfg, prepared)
     judge = preflight(cfg)
     run_dir = cfg.run_dir
-    with run_lock(run_dir):
+    with run_lock(run_dir, config_digest(cfg)):
         check_run_folder(cfg, run_dir, force)
         timings: dict = {}
         rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage)

@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import tempfile
+import uuid
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -183,20 +184,76 @@ def write_manifest(stage_dir: Path, key: dict, counts: dict, seconds: float, ext
 # One writer per run folder
 # ---------------------------------------------------------------------------------------------
 
+SHARED_LOCKS = ".shared-locks"  # one file per live shared holder (generate/score on their shards)
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Hold `run_dir/.lock` for the duration; refuse if a live process holds it."""
+def run_lock(run_dir: Path, config: str | None = None, *, shared: bool = False):
+    """Hold the run folder for the duration, compatibly with the other commands working in it.
+
+    `config` identifies the config the command runs (`text_hash(dump_config(cfg))`). Exclusive
+    holders (`icr run`, `pairs`, `train`, `evaluate`: `run_dir/.lock`) exclude each other; shared
+    holders (`icr generate/score`, each on its shards: one file each under `.shared-locks/`) run
+    beside each other and beside an exclusive holder, as long as all of them run the same config.
+    A different config is refused whichever came first, so no folder ever mixes two configs'
+    outputs. Holders whose process is gone (same host) are ignored and their files removed.
+    """
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise IcrError(f"{run_dir}: cannot create the run folder ({e.strerror or type(e).__name__})") from None
-    with hold_lock(run_dir / ".lock", f"{run_dir}: in use"):
+    if not shared:
+        with hold_lock(run_dir / ".lock", f"{run_dir}: in use", extra={"config": config}):
+            _refuse_other_configs(run_dir, config, _live_shared(run_dir))
+            yield
+        return
+    me = run_dir / SHARED_LOCKS / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    me.parent.mkdir(exist_ok=True)
+    atomic_write_text(me, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "config": config}))
+    try:
+        # Registered first, checked second: of two commands starting together at least one sees
+        # the other, so two configs never both go ahead.
+        others = [h for h in _live_shared(run_dir) if h["file"] != me]
+        exclusive = _live_holder(run_dir / ".lock")
+        _refuse_other_configs(run_dir, config, others + ([exclusive] if exclusive else []))
         yield
+    finally:
+        me.unlink(missing_ok=True)
+
+
+def _live_holder(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    if holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"]):
+        return None
+    return {**holder, "file": lock}
+
+
+def _live_shared(run_dir: Path) -> list[dict]:
+    holders = []
+    for path in sorted((run_dir / SHARED_LOCKS).glob("*.json")):
+        holder = _live_holder(path)
+        if holder is None:
+            path.unlink(missing_ok=True)  # its process is gone (or not icr's): a killed shard worker
+        else:
+            holders.append(holder)
+    return holders
+
+
+def _refuse_other_configs(run_dir: Path, config: str | None, holders: list[dict]) -> None:
+    for h in holders:
+        if h.get("config") != config:
+            raise IcrError(f"{run_dir}: in use with a different config by process {h.get('pid')} on {h.get('host')} "
+                           "(same config: allowed beside it; a different one: use another name, or wait)")
 
 
 @contextlib.contextmanager
-def hold_lock(lock: Path, busy: str):
+def hold_lock(lock: Path, busy: str, extra: dict | None = None):
     """Hold the lock file `lock` for the duration; refuse (IcrError starting with `busy`) if a live
     process holds it.
 
@@ -207,7 +264,7 @@ def hold_lock(lock: Path, busy: str):
     """
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), **(extra or {})}
     fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", dir=lock.parent)
     with os.fdopen(fd, "w") as fh:
         json.dump(me, fh)

@@ -1,0 +1,153 @@
+"""A run folder holds one config's work: commands that share it are checked against its config and
+its lock; --force deletes only what icr wrote; a failed start or a longer run needs no --force."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from icr.errors import IcrError
+from icr.runs import SHARED_LOCKS, run_lock
+
+from .conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def _one_line_error(code, err):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("icr: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- the lock -----------------------------------------------------------------------------------
+
+def test_shared_holders_of_one_config_run_together_and_another_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run, "A", shared=True):
+        with run_lock(run, "A", shared=True):  # another shard of the same config
+            with run_lock(run, "A"):  # icr run / train of the same config beside them
+                pass
+        with pytest.raises(IcrError, match="in use with a different config"):
+            with run_lock(run, "B", shared=True):
+                pass
+        with pytest.raises(IcrError, match="in use with a different config"):
+            with run_lock(run, "B"):
+                pass
+        assert not (run / ".lock").exists()  # the refused exclusive holder let go
+    assert list((run / SHARED_LOCKS).iterdir()) == []
+
+
+def test_an_exclusive_holder_refuses_another_config_and_another_exclusive_holder(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run, "A"):
+        with pytest.raises(IcrError, match="in use with a different config"):
+            with run_lock(run, "B", shared=True):
+                pass
+        with pytest.raises(IcrError, match="in use by process"):
+            with run_lock(run, "A"):  # two icr train of one config would train into one folder
+                pass
+        with run_lock(run, "A", shared=True):
+            pass
+
+
+def test_a_dead_shared_holder_does_not_block(tmp_path):
+    run = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / SHARED_LOCKS).mkdir(parents=True)
+    stale = run / SHARED_LOCKS / "x.json"
+    stale.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "config": "B"}))
+    with run_lock(run, "A"):
+        pass
+    assert not stale.exists()
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+@pytest.fixture()
+def built(tiny_pair, monkeypatch):
+    """The tiny config's prepare step already built (so each command here does only its own work)."""
+    from icr.config import load_config
+    from icr.loop import run_prepare
+
+    run_prepare(load_config(TINY))
+
+
+def test_a_stage_command_with_another_config_is_refused_and_writes_nothing(tmp_path, cli, built):
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=race"]
+    code, _, err = cli("generate", TINY, *sets, "--iteration", "1")
+    assert code == 0, err
+    shards = sorted(p.name for p in (tmp_path / "race" / "iter1" / "generate").glob("shard-*"))
+    code, _, err = cli("score", TINY, *sets, "--set", "generation.temperature=0.5", "--iteration", "1")
+    assert "made with a different config" in _one_line_error(code, err)
+    code, _, err = cli("generate", TINY, *sets, "--set", "generation.temperature=0.5", "--iteration", "1",
+                       "--shard", "0/2")
+    assert "made with a different config" in _one_line_error(code, err)
+    assert not (tmp_path / "race" / "iter1" / "score").exists()
+    assert sorted(p.name for p in (tmp_path / "race" / "iter1" / "generate").glob("shard-*")) == shards
+    assert "temperature: 0.9" in (tmp_path / "race" / "config.yaml").read_text()
+
+
+def test_a_stage_command_beside_a_run_of_another_config_is_refused(tmp_path, cli, built):
+    from icr.config import load_config
+    from icr.loop import config_digest, resolve_placeholders, run_prepare
+
+    other = load_config(TINY, [f"run_root={tmp_path}", "name=race", "generation.temperature=0.5"])
+    with run_lock(tmp_path / "race", config_digest(resolve_placeholders(other, run_prepare(other)))):
+        code, _, err = cli("generate", TINY, "--set", f"run_root={tmp_path}", "--set", "name=race",
+                           "--iteration", "1", "--shard", "0/2")
+    assert "in use with a different config" in _one_line_error(code, err)
+    assert not (tmp_path / "race" / "iter1").exists()
+
+
+def test_force_deletes_only_what_icr_wrote(tmp_path, cli, built):
+    run = tmp_path / "runs" / "mine"
+    sets = ["--set", f"run_root={tmp_path / 'runs'}", "--set", "name=mine", "--set", "iterations=1",
+            "--set", "evaluation.enabled=false"]
+    assert cli("generate", TINY, *sets, "--iteration", "1")[0] == 0
+    (run / "precious.txt").write_text("mine")
+    (run / "data").mkdir()
+    (run / "data" / "thesis.tex").write_text("\\begin{document}")
+    (run / "iter1" / "notes.md").write_text("inside a folder icr wrote: goes with it")
+    code, _, err = cli("run", TINY, *sets, "--set", "generation.n=2")
+    assert "--force" in _one_line_error(code, err)
+    code, _, err = cli("run", TINY, *sets, "--set", "generation.n=2", "--force")
+    assert code == 0, err
+    assert (run / "precious.txt").read_text() == "mine"
+    assert (run / "data" / "thesis.tex").read_text() == "\\begin{document}"
+    assert not (run / "iter1" / "notes.md").exists()
+    assert "kept what icr did not write: data, precious.txt" in err
+    assert "n: 2" in (run / "config.yaml").read_text()
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, cli, built):
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=first", "--set", "iterations=1",
+            "--set", "evaluation.enabled=false"]
+    (tmp_path / "first").mkdir()
+    # what a start that failed in its first stage leaves: the run's config and an unfinished stage folder
+    (tmp_path / "first" / "config.yaml").write_text("name: first\ngeneration: {temperature: 0.1}\n")
+    (tmp_path / "first" / "iter1" / "generate").mkdir(parents=True)
+    code, _, err = cli("run", TINY, *sets)
+    assert code == 0, err
+    assert "nothing was computed with its old config" in err
+
+
+def test_a_finished_run_extends_to_more_iterations_without_force(tmp_path, cli, built):
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=grow", "--set", "evaluation.enabled=false"]
+    assert cli("run", TINY, *sets, "--set", "iterations=1")[0] == 0
+    first = (tmp_path / "grow" / "iter1" / "train" / "manifest.json").read_text()
+    code, _, err = cli("run", TINY, *sets, "--set", "iterations=2")
+    assert code == 0, err
+    assert "extending the run from 1 to 2 iterations" in err
+    assert (tmp_path / "grow" / "iter1" / "train" / "manifest.json").read_text() == first  # kept, not redone
+    assert (tmp_path / "grow" / "iter2" / "model").is_dir()
+    code, _, err = cli("run", TINY, *sets, "--set", "iterations=1")  # fewer: iter2 would not belong to it
+    assert "made with a different config" in _one_line_error(code, err)
+    assert os.path.isdir(tmp_path / "grow" / "iter2" / "model")
