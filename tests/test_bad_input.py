@@ -53,6 +53,15 @@ CASES = {
     "top-p-out-of-range": ({"generation__top_p": 1.5}, None, "generation.top_p: must be <= 1.0"),
     "wrong-type": ({"train__epochs": "two"}, None, "train.epochs: expected float"),
     "missing-model": ({"models__dpo": "/nonexistent/model"}, None, "models.dpo: model path '/nonexistent/model' does not exist"),
+    # numbers: finite, and within each field's range (before minutes of work, not after)
+    "beta-infinite": ({"train__beta": float("inf")}, None, "train.beta: must be a finite number, got inf"),
+    "temperature-nan": ({"generation__temperature": float("nan")}, None,
+                        "generation.temperature: must be a finite number, got nan"),
+    "learning-rate-nan-string": ({"train__learning_rate": "nan"}, None, "train.learning_rate: must be a finite number"),
+    "seed-too-large": ({"seed": 2**70}, None, "seed: must be <= 9999999"),
+    "seed-negative": ({"seed": -5}, None, "seed: must be >= 0, got -5"),
+    "max-length-tiny": ({"train__max_length": 4}, None, "train.max_length: must be >= 32, got 4"),
+    "warmup-ratio-one": ({"train__warmup_ratio": 1.0}, None, "train.warmup_ratio: must be < 1.0"),
 }
 
 

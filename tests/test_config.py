@@ -123,3 +123,94 @@ def test_judge_required_when_the_run_uses_one():
 def test_references_string_is_the_path():
     cfg = config_from_dict({**MINIMAL, "evaluation": {"references": "r/{lang}.json"}})
     assert cfg.evaluation.references.path == "r/{lang}.json" and cfg.evaluation.references.output_field == "output"
+
+
+def _float_fields(cls=ExperimentConfig, prefix=""):
+    """Every float field of every config section, dotted (train.lora.dropout), walked from the
+    dataclasses: a new float field is covered without touching the test."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if dataclasses.is_dataclass(args[0]):
+            yield from _float_fields(args[0], prefix + f.name + ".")
+        elif float in args:
+            yield prefix + f.name
+
+
+def _nested(dotted, value):
+    *parents, last = dotted.split(".")
+    data = {last: value}
+    for p in reversed(parents):
+        data = {p: data}
+    return data
+
+
+FLOAT_FIELDS = list(_float_fields())
+
+
+def test_the_float_walk_finds_the_sections_fields():
+    assert {"train.beta", "generation.temperature", "train.lora.dropout", "evaluation.harness.limit",
+            "pairs.min_margin"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("dotted", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "-Infinity"])
+def test_every_float_field_refuses_nan_and_infinity(dotted, value):
+    import copy
+
+    data = copy.deepcopy(MINIMAL)
+    top, _, rest = dotted.partition(".")
+    data.update(_nested(dotted, value) if not rest else {top: _nested(rest, value)})
+    assert f"{dotted}: must be a finite number" in _error(data)
+
+
+def test_yaml_infinity_and_nan_are_refused_at_load(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "train: {beta: .inf}\n")
+    with pytest.raises(ConfigError, match=r"train\.beta: must be a finite number, got inf"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"generation\.temperature: must be a finite number, got nan"):
+        load_config(path, ["train.beta=0.1", "generation.temperature=.nan"])
+
+
+@pytest.mark.parametrize("data,expect", [
+    ({"seed": 2**70}, "seed: must be <= 9999999"),
+    ({"seed": -5}, "seed: must be >= 0, got -5"),
+    ({"train": {"max_length": 4}}, "train.max_length: must be >= 32, got 4"),
+    ({"train": {"learning_rate": 0}}, "train.learning_rate: must be > 0.0"),
+    ({"train": {"learning_rate": 3.0}}, "train.learning_rate: must be <= 1.0"),
+    ({"train": {"beta": 0}}, "train.beta: must be > 0.0"),
+    ({"train": {"warmup_ratio": 1.0}}, "train.warmup_ratio: must be < 1.0"),
+    ({"train": {"lora": {"dropout": 1.0}}}, "train.lora.dropout: must be < 1.0"),
+    ({"evaluation": {"temperature": 50.0}}, "evaluation.temperature: must be <= 5.0"),
+    ({"evaluation": {"top_p": 0}}, "evaluation.top_p: must be > 0.0"),
+    ({"generation": {"max_prompt_tokens": 0}}, "generation.max_prompt_tokens: must be >= 1"),
+    ({"generation": {"batch_size": 2**70}}, "generation.batch_size: must fit in 64 bits"),
+    ({"pairs": {"alpha_max": 100.0, "alpha_step": 1e-6}}, "pairs.alpha_max: the alpha grid"),
+])
+def test_numbers_out_of_their_range_are_refused(data, expect):
+    assert expect in _error({**MINIMAL, **data})
+
+
+def test_seed_range_keeps_every_derived_seed_valid():
+    """The largest seed still gives valid seeds everywhere the code derives one: numpy (training,
+    < 2**32) and torch's per-batch generate seed (< 2**63, vLLM's int64) for any shard and batch."""
+    from icr.config import SEED_MAX
+
+    cfg = config_from_dict({**MINIMAL, "seed": SEED_MAX, "iterations": 1000})
+    last = cfg.seed + cfg.iterations - 1
+    assert last < 2**32
+    assert (last * 100_003 + 10**6) * 1_000_003 + 10**6 < 2**63
+    assert "seed: must be <= " in _error({**MINIMAL, "seed": SEED_MAX + 1})
+
+
+def test_describe_shows_declared_ranges():
+    lines = describe_fields()
+    assert any(line.startswith("train.warmup_ratio (default 0.1):") and line.endswith("[0.0 <= x < 1.0]")
+               for line in lines)
+    assert any(line.startswith("train.beta (default 0.1):") and line.endswith("[x > 0.0]") for line in lines)

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,8 +28,18 @@ import yaml
 from .errors import ConfigError
 
 
+# The largest seed: generate seeds torch with (seed x 100_003 + shard) x 1_000_003 + batch (see
+# icr.stages / icr.generation.hf), which must stay below 2**63 (torch takes < 2**64, vLLM's int64).
+SEED_MAX = 9_999_999
+# The most points on the length-control alpha grid (alpha_max / alpha_step + 1); the paper's has 1,000.
+ALPHA_GRID_MAX = 100_000
+
+
 def _f(default, help: str, **kw):
-    """A dataclass field with a help text (the single source of the config's documentation)."""
+    """A dataclass field with a help text (the single source of the config's documentation).
+
+    `min`/`max` bound a number (`exclusive_min`/`exclusive_max` make the bound strict); every float
+    field must be finite whatever its bounds (`_check_number`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -99,7 +110,8 @@ class GenerationConfig:
     batch_size: int = _f(8, "Prompts per generate call (hf); each yields n samples.", min=1)
     shard_size: int = _f(64, "Prompts per output shard; an interrupted stage resumes at shard granularity.", min=1)
     max_prompt_tokens: int | None = _f(
-        None, "Prompts longer than this (tokens) are skipped and reported; default: the model's context minus max_new_tokens.")
+        None, "Prompts longer than this (tokens) are skipped and reported; default: the model's context minus max_new_tokens.",
+        min=1)
     tensor_parallel_size: int = _f(1, "vllm: GPUs per model.", min=1)
     gpu_memory_utilization: float = _f(0.85, "vllm: fraction of GPU memory to use.", min=0.05, max=1.0)
 
@@ -161,7 +173,8 @@ class LoraConfig:
     enabled: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged into the saved model.")
     r: int = _f(16, "LoRA rank.", min=1)
     alpha: int = _f(32, "LoRA scaling alpha.", min=1)
-    dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=1.0)
+    dropout: float = _f(0.05, "LoRA dropout (below 1: at 1 every adapter input is zeroed).", min=0.0, max=1.0,
+                        exclusive_max=True)
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                               "Module names to adapt.")
 
@@ -170,13 +183,16 @@ class LoraConfig:
 class TrainConfig:
     beta: float = _f(0.1, "DPO beta (paper: 0.1).", min=0.0, exclusive_min=True)
     nll_weight: float = _f(1.0, "Weight of the NLL term on chosen responses (paper: 1.0); 0 = plain DPO.", min=0.0)
-    learning_rate: float = _f(5e-7, "Peak learning rate.", min=0.0, exclusive_min=True)
+    learning_rate: float = _f(5e-7, "Peak learning rate (at most 1: AdamW moves every weight by about the learning "
+                              "rate per step).", min=0.0, max=1.0, exclusive_min=True)
     epochs: float = _f(1.0, "Epochs over the pairs.", min=0.0, exclusive_min=True)
     per_device_batch_size: int = _f(4, "Pairs per device per step.", min=1)
     gradient_accumulation_steps: int = _f(1, "Steps accumulated per optimizer update.", min=1)
-    warmup_ratio: float = _f(0.1, "Linear warm-up share of steps.", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.1, "Linear warm-up share of steps (below 1: transformers reads a value >= 1 as a "
+                             "number of steps).", min=0.0, max=1.0, exclusive_max=True)
     lr_scheduler: str = _f("cosine", "Transformers scheduler name.")
-    max_length: int | None = _f(2048, "Truncate prompt+response to this many tokens (keep_start).")
+    max_length: int | None = _f(2048, "Truncate prompt+response to this many tokens (keep_start); at least 32 (TRL "
+                                "drops a pair whose chat-formatted prompt alone fills it).", min=32)
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (saves memory).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory on large models).")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
@@ -214,7 +230,7 @@ class EvaluationConfig:
                     "icr.sandbox:OracleJudge). Required when evaluation, judge-chosen pairs or reward agreement "
                     "are on.")
     judge_args: dict = _f({}, "Keyword arguments for the judge factory.")
-    temperature: float = _f(0.6, "Decoding temperature (paper: 0.6).", min=0.0)
+    temperature: float = _f(0.6, "Decoding temperature (paper: 0.6).", min=0.0, max=5.0)
     top_p: float = _f(0.9, "Decoding top_p (paper: 0.9).", min=0.0, max=1.0, exclusive_min=True)
     max_new_tokens: int = _f(2048, "Token limit per answer (paper: 2048).", min=1)
     batch_size: int = _f(16, "Prompts per generate call.", min=1)
@@ -236,7 +252,9 @@ class EvaluationConfig:
 class ExperimentConfig:
     name: str = _f("", "Run name; outputs go to {run_root}/{name}.")
     run_root: str = _f("runs", "Folder holding run folders.")
-    seed: int = _f(42, "Seed for sampling, pair selection and training (paper: 42).")
+    seed: int = _f(42, "Seed for sampling, pair selection and training (paper: 42); below 10**7: iteration t uses "
+                   "seed + t - 1, a generate shard's torch seed is (seed x 100003 + shard) x 1000003 + batch, which "
+                   "must stay below 2**63, and training seeds numpy (below 2**32).", min=0, max=SEED_MAX)
     languages: list = _f(["en", "es", "ru", "de", "fr"], "Target languages (ISO 639-1); English instructions are always loaded.")
     iterations: int = _f(2, "ICR iterations (paper: 2).", min=1)
     device: str = _f("auto", "auto | cpu | cuda.", choices=("auto", "cpu", "cuda"))
@@ -368,17 +386,40 @@ def _build(cls, data, prefix: str, errors: list[str]):
         if "choices" in meta and conv not in meta["choices"]:
             errors.append(f"{where}: {conv!r} is not one of {', '.join(map(str, meta['choices']))}")
             continue
-        if isinstance(conv, (int, float)) and not isinstance(conv, bool):
-            lo, hi = meta.get("min"), meta.get("max")
-            if lo is not None and (conv < lo or (meta.get("exclusive_min") and conv == lo)):
-                rel = ">" if meta.get("exclusive_min") else ">="
-                errors.append(f"{where}: must be {rel} {lo}, got {conv}")
-                continue
-            if hi is not None and conv > hi:
-                errors.append(f"{where}: must be <= {hi}, got {conv}")
-                continue
+        problem = _check_number(conv, meta)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
         kwargs[key] = conv
     return cls(**kwargs)
+
+
+def _check_number(value, meta) -> str | None:
+    """Why a number breaks its field's rules, or None: every float finite (NaN passes every
+    comparison and inf every lower bound), every int within int64, and the field's declared range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("exclusive_min") and value == lo)):
+        return f"must be {'>' if meta.get('exclusive_min') else '>='} {lo}, got {value}"
+    if hi is not None and (value > hi or (meta.get("exclusive_max") and value == hi)):
+        return f"must be {'<' if meta.get('exclusive_max') else '<='} {hi}, got {value}"
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        return f"must fit in 64 bits, got {value}"
+    return None
+
+
+def _range_text(meta) -> str:
+    """A field's declared range, e.g. `0 <= x < 1`, or '' when it has none."""
+    lo, hi = meta.get("min"), meta.get("max")
+    lt_lo, lt_hi = ("<" if meta.get("exclusive_min") else "<="), ("<" if meta.get("exclusive_max") else "<=")
+    if lo is not None and hi is not None:
+        return f"{lo} {lt_lo} x {lt_hi} {hi}"
+    if lo is not None:
+        return f"x {lt_lo.replace('<', '>')} {lo}"
+    return f"x {lt_hi} {hi}" if hi is not None else ""
 
 
 def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
@@ -447,6 +488,10 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append("controls: labels must be unique")
     if cfg.pairs.alpha_step > cfg.pairs.alpha_max and cfg.pairs.alpha_max > 0:
         errors.append("pairs.alpha_step: larger than pairs.alpha_max")
+    grid = round(cfg.pairs.alpha_max / cfg.pairs.alpha_step) + 1
+    if cfg.pairs.length_control and grid > ALPHA_GRID_MAX:
+        errors.append(f"pairs.alpha_max: the alpha grid 0, {cfg.pairs.alpha_step}, ..., {cfg.pairs.alpha_max} has "
+                      f"{grid} points (at most {ALPHA_GRID_MAX}); raise pairs.alpha_step or lower pairs.alpha_max")
     return errors
 
 
@@ -554,5 +599,7 @@ def describe_fields(cls=ExperimentConfig, prefix: str = "") -> list[str]:
             lines.extend(describe_fields(inner[0], prefix + f.name + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+            bounds = _range_text(f.metadata)
+            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}"
+                         + (f" [{bounds}]" if bounds else ""))
     return lines
