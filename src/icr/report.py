@@ -5,6 +5,8 @@ Reads (each optional; a missing or unreadable part drops its section, never the 
     iter<t>/pairs/stats.json              pair statistics per language (alpha, counts, lengths, alpha curve)
     iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
                                           and controls/<label>/iter<t>/<stage>/manifest.json
+    iter<t>/train/manifest.json           "counts": pairs given, trained, dropped/truncated for max_length,
+                                          steps, loss (also under controls/<label>/)
     diagnostics/reward_agreement.json     {lang: {pair_kind: {"agree": fraction, "n": count}}}
 Writes report.md and PNGs beside it.
 """
@@ -205,6 +207,29 @@ def _pairs_section(run_dir: Path, plt) -> list[str]:
         [line for c in curves for line in (c, "")]
 
 
+def _training_section(run_dir: Path) -> list[str]:
+    """Per trained iteration (and control): the pairs given, what TRL trained on after train.max_length
+    (pairs dropped for a prompt that fills it, pairs whose answers it cut), optimizer steps and loss."""
+    rows = []
+    runs = [("", run_dir)] + [(f"{c.name}/", c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
+    for prefix, base in runs:
+        for t, d in _iterations(base):
+            manifest = _read(d / "train" / "manifest.json")
+            counts = manifest.get("counts") if isinstance(manifest, dict) else None
+            if not isinstance(counts, dict):
+                continue
+            loss = counts.get("train_loss")
+            rows.append([f"{prefix}{t}", counts.get("pairs"), counts.get("pairs_trained"),
+                         counts.get("pairs_dropped_too_long"), counts.get("pairs_truncated"), counts.get("steps"),
+                         f"{loss:.4g}" if isinstance(loss, (int, float)) else "–"])
+    if not rows:
+        return []
+    return ["## Training", "",
+            "Pairs TRL dropped (prompt as long as train.max_length) or truncated (answers cut at it); "
+            "– where the run predates these counts.", "",
+            _table(["Iter", "Pairs", "Trained", "Dropped (too long)", "Truncated", "Steps", "Loss"], rows), ""]
+
+
 def _plot_alpha(t: int, per_language: dict, run_dir: Path, plt) -> str | None:
     curves = {lang: s["alpha_curve"] for lang, s in per_language.items()
               if isinstance(s, dict) and isinstance(s.get("alpha_curve"), list) and s["alpha_curve"]}
@@ -286,7 +311,7 @@ def write_report(run_dir: Path) -> Path:
     judged = [r for r in rows if row_kind(r) == "judge"]
     harness = [r for r in rows if row_kind(r) == "harness"]
     body = _results_section(judged, run_dir, plt) + _harness_section(harness) + _agreement_section(run_dir) \
-        + _pairs_section(run_dir, plt) + _timing_section(run_dir)
+        + _pairs_section(run_dir, plt) + _training_section(run_dir) + _timing_section(run_dir)
     head = [f"# ICR run report: {run_dir.name}", ""]
     if not body:
         head += ["Nothing to report yet: no results, pair statistics or stage manifests in this run.", ""]

@@ -326,7 +326,7 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     """pi_t = DPO + NLL from pi_{t-1} on the iteration's pairs, reference pi_{t-1} (icr.train); through
     `accelerate launch` (icr.train_launch) when `train.accelerate_config` is set."""
     from .models import release_memory
-    from .train import train_dpo
+    from .train import too_long_warning, train_dpo
 
     stage_dir = plan.train_dir
     key = train_key(cfg, plan)
@@ -345,7 +345,12 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     metrics = train_fn(pairs, plan.policy, plan.policy, cfg.train, stage_dir, plan.model_dir, seed=plan.seed,
                        device=cfg.device, chat_template=cfg.models.chat_template)
     release_memory()
-    counts = {"pairs": len(pairs), "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
+    # What TRL did with pairs too long for train.max_length (icr.train.length_counts); the launched
+    # run's own warning went to its log file, so it is repeated here.
+    lengths = {k: metrics.get(k) for k in ("pairs_trained", "pairs_dropped_too_long", "pairs_truncated")}
+    counts = {"pairs": len(pairs), **lengths, "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
+    if cfg.train.accelerate_config and (warning := too_long_warning(counts, cfg.train.max_length)):
+        log.warning(warning)
     write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
     # several times the model's size) are no longer needed.

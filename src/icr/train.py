@@ -13,6 +13,8 @@ latest one. The final model (merged, if LoRA) and tokenizer go to `model_dir`.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +23,11 @@ from .compat import checkpointing_kwargs
 from .config import TrainConfig
 from .errors import IcrError
 from .models import load_causal_lm, load_tokenizer, resolve_device
+
+log = logging.getLogger("icr")
+
+# A warning is logged when more than this share of the pairs is dropped or truncated for train.max_length.
+TOO_LONG_WARN_SHARE = 0.10
 
 
 def pairs_to_dataset(pairs: list[dict]):
@@ -33,6 +40,43 @@ def pairs_to_dataset(pairs: list[dict]):
          "chosen": [{"role": "assistant", "content": p["chosen"]}],
          "rejected": [{"role": "assistant", "content": p["rejected"]}]}
         for p in pairs])
+
+
+def length_counts(processed, n_pairs: int, max_length: int | None) -> dict:
+    """What TRL's DPOTrainer does with `n_pairs` pairs under `max_length`, read from its processed
+    training dataset (`trainer.train_dataset`: columns prompt_ids, chosen_ids, rejected_ids).
+
+    TRL 1.16 with `truncation_mode="keep_start"` (icr's) drops every pair whose prompt alone has
+    `max_length` tokens or more (`DPOTrainer._prepare_dataset`: "Dropping fully truncated
+    examples"), silently; the collator (`DataCollatorForPreference`) then cuts each remaining
+    prompt + answer sequence to its first `max_length` tokens, so a pair whose longer answer does
+    not fit is trained on the start of its answers only. Returns `pairs`, `pairs_trained` (rows TRL
+    kept), `pairs_dropped_too_long` and `pairs_truncated` (kept pairs with a chosen or rejected
+    sequence cut).
+    """
+    import pyarrow.compute as pc
+
+    kept, truncated = len(processed), 0
+    if max_length is not None and kept:
+        columns = processed.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("arrow")
+        for batch in columns.iter(batch_size=4096):
+            prompt = pc.list_value_length(batch["prompt_ids"])
+            longest = pc.max_element_wise(pc.list_value_length(batch["chosen_ids"]),
+                                          pc.list_value_length(batch["rejected_ids"]))
+            truncated += pc.sum(pc.greater(pc.add(prompt, longest), max_length)).as_py() or 0
+    return {"pairs": n_pairs, "pairs_trained": kept, "pairs_dropped_too_long": n_pairs - kept,
+            "pairs_truncated": truncated}
+
+
+def too_long_warning(counts: dict, max_length: int | None) -> str | None:
+    """The warning for more than TOO_LONG_WARN_SHARE of the pairs dropped or truncated, else None."""
+    n = counts.get("pairs") or 0
+    dropped, cut = counts.get("pairs_dropped_too_long") or 0, counts.get("pairs_truncated") or 0
+    if not n or (dropped + cut) / n <= TOO_LONG_WARN_SHARE:
+        return None
+    return (f"train: of {n} pairs, {dropped} were dropped (prompt of {max_length} tokens or more) and {cut} "
+            f"truncated (answers cut at {max_length} tokens) by train.max_length = {max_length}: "
+            f"{100 * (dropped + cut) / n:.0f}% of the pairs; raise train.max_length to train on them whole")
 
 
 def freeze_parameters(model, names: list[str]) -> int:
@@ -191,7 +235,9 @@ def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
 
 def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
               model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None) -> dict:
-    """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics."""
+    """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics
+    (loss, optimizer steps, the last log entry, and `length_counts`: pairs dropped or truncated by
+    train.max_length, with a warning past TOO_LONG_WARN_SHARE)."""
     from trl import DPOTrainer
 
     import torch
@@ -222,6 +268,13 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
         dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
+    lengths = length_counts(trainer.train_dataset, len(pairs), cfg.max_length)
+    if not lengths["pairs_trained"]:
+        raise IcrError(f"train: every one of the {len(pairs)} pairs has a prompt of train.max_length = "
+                       f"{cfg.max_length} tokens or more, so TRL drops them all; raise train.max_length")
+    warning = too_long_warning(lengths, cfg.max_length)
+    if warning and trainer.is_world_process_zero():
+        log.warning(warning)
     resume = _latest_checkpoint(out_dir)
     if resume is not None:
         # Recorded so the kill-and-resume harness can show training resumed mid-epoch.
@@ -231,4 +284,4 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     _save_final(trainer, tokenizer, cfg, model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-            "last_log": history[-1] if history else {}}
+            "last_log": history[-1] if history else {}, **lengths}
