@@ -20,9 +20,10 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 
 def _one_line_error(code, err):
+    """The one error line (a command that loaded a model first also printed its progress bars)."""
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("icr: error: ") and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "icr: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
@@ -151,3 +152,34 @@ def test_a_finished_run_extends_to_more_iterations_without_force(tmp_path, cli, 
     code, _, err = cli("run", TINY, *sets, "--set", "iterations=1")  # fewer: iter2 would not belong to it
     assert "made with a different config" in _one_line_error(code, err)
     assert os.path.isdir(tmp_path / "grow" / "iter2" / "model")
+
+
+def _cut_last_line(path):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+
+
+def test_a_shard_cut_at_a_line_boundary_is_found_not_used(tmp_path, cli, built):
+    """A shard's completeness comes from what the stage knows it must hold (n samples of each
+    prompt it kept; a score for every sample), not from the file parsing."""
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=cut", "--set", "generation.shard_size=2"]
+    gen = tmp_path / "cut" / "iter1" / "generate"
+    assert cli("generate", TINY, *sets, "--iteration", "1", "--shard", "0/2")[0] == 0
+    _cut_last_line(gen / "shard-00000.jsonl")
+    code, _, err = cli("generate", TINY, *sets, "--iteration", "1", "--shard", "1/2")  # the last worker joins
+    assert "shard-00000.jsonl: damaged shard" in _one_line_error(code, err)
+    assert not (gen / "manifest.json").exists()
+    (gen / "shard-00000.jsonl").unlink()  # as the message says: delete it and rerun
+    assert cli("generate", TINY, *sets, "--iteration", "1")[0] == 0
+
+    score = tmp_path / "cut" / "iter1" / "score"
+    assert cli("score", TINY, *sets, "--iteration", "1", "--shard", "0/2")[0] == 0
+    _cut_last_line(score / "shard-00000.jsonl")
+    code, _, err = cli("score", TINY, *sets, "--iteration", "1", "--shard", "1/2")
+    assert "shard-00000.jsonl: damaged shard" in _one_line_error(code, err)
+    (score / "shard-00000.jsonl").unlink()
+    assert cli("score", TINY, *sets, "--iteration", "1")[0] == 0
+    _cut_last_line(score / "shard-00001.jsonl")  # damaged after the stage finished
+    code, _, err = cli("pairs", TINY, *sets, "--iteration", "1")
+    assert "its manifest says" in _one_line_error(code, err)
+    assert not (tmp_path / "cut" / "iter1" / "pairs").exists()

@@ -180,10 +180,21 @@ def generate_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptS
     return len(todo)
 
 
+def _damaged(path: Path, got: int, expected: int, what: str) -> IcrError:
+    return IcrError(f"{path}: damaged shard ({got} of {expected} {what}); delete it and rerun to compute it again")
+
+
 def _generate_summary(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet, computed: int) -> dict:
     stage_dir = plan.generate_dir
     shards = _generate_shards(cfg, plan, prompts)
-    records = read_shards(stage_dir)
+    records = []
+    for i, items in shards:  # every shard complete: n samples of every prompt it did not skip
+        path, skipped_file = shard_path(stage_dir, i), stage_dir / f"skipped-{i:05d}.jsonl"
+        shard = read_jsonl(path)
+        expected = (len(items) - (len(read_jsonl(skipped_file)) if skipped_file.is_file() else 0)) * cfg.generation.n
+        if len(shard) != expected:
+            raise _damaged(path, len(shard), expected, "samples")
+        records += shard
     skipped = sum(len(read_jsonl(p)) for p in stage_dir.glob("skipped-*.jsonl"))
     if skipped:
         log.warning("generate: %d prompts longer than the prompt limit were skipped (see %s/skipped-*.jsonl)",
@@ -246,7 +257,13 @@ def score_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet,
 
 
 def _score_summary(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet, computed: int) -> dict:
-    records = read_shards(plan.score_dir)
+    records = []
+    for samples in sorted(plan.generate_dir.glob("shard-*.jsonl")):  # every sample of its shard scored
+        path = plan.score_dir / samples.name
+        shard, want = read_jsonl(path), [(r["lang"], r["id"], r["sample"]) for r in read_jsonl(samples)]
+        if [(r["lang"], r["id"], r["sample"]) for r in shard] != want:
+            raise _damaged(path, len(shard), len(want), "scored samples")
+        records += shard
     counts = {"scored": len(records), "nonfinite": sum(rec["reward"] is None for rec in records),
               "too_long": sum(bool(rec.get("too_long")) for rec in records)}
     if counts["too_long"]:
@@ -286,6 +303,10 @@ def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict
         return {"skipped": True}
     t0 = time.time()
     scored = read_shards(plan.score_dir)
+    expected = read_json(plan.score_dir / "manifest.json")["counts"].get("scored")
+    if expected is not None and len(scored) != expected:  # a shard damaged after the stage finished
+        raise IcrError(f"{plan.score_dir}: {len(scored)} scored samples, its manifest says {expected}; delete the "
+                       "folder and rerun to score again")
     for rec in scored:
         if rec["reward"] is None:
             rec["reward"] = float("nan")
