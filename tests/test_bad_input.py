@@ -62,6 +62,11 @@ CASES = {
     "seed-negative": ({"seed": -5}, None, "seed: must be >= 0, got -5"),
     "max-length-tiny": ({"train__max_length": 4}, None, "train.max_length: must be >= 32, got 4"),
     "warmup-ratio-one": ({"train__warmup_ratio": 1.0}, None, "train.warmup_ratio: must be < 1.0"),
+    # names become folders: one path component
+    "name-dotdot": ({"name": ".."}, None, "name: must be one folder name (letters, digits, . _ -"),
+    "name-with-slash": ({"name": "a/b"}, None, "name: must be one folder name"),
+    "control-label-escapes": ({"controls": [{"label": "../../x", "overrides": {}}]}, None,
+                              "controls[0].label: must be one folder name"),
 }
 
 
@@ -299,3 +304,21 @@ def test_vllm_backend_without_vllm_is_refused_before_anything_runs(field, tmp_pa
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"icr: error: {field}: vllm is not installed"), lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_name_dotdot_with_force_deletes_nothing_outside_run_root(tmp_path, tiny_pair, cli):
+    """`name: ..` made run_root/.. the run folder, and --force emptied it: the user's files beside
+    run_root were deleted. Refused at config load now, before any folder is touched."""
+    _good_prompts(tmp_path / "prompts")
+    outside = tmp_path / "work"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("name: something else\n")
+    (outside / "thesis.tex").write_text("years of work")
+    (outside / "results.json").write_text("[]")  # as if a run had computed something there
+    config = _config(tmp_path, tiny_pair, name="..", run_root=str(outside / "runs"), iterations=1)
+    code, _, err = cli("run", config, "--force")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "name: must be one folder name" in lines[0], err
+    assert (outside / "thesis.tex").read_text() == "years of work"
+    assert (outside / "config.yaml").read_text() == "name: something else\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["config.yaml", "results.json", "thesis.tex"]

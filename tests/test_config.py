@@ -214,3 +214,30 @@ def test_describe_shows_declared_ranges():
     assert any(line.startswith("train.warmup_ratio (default 0.1):") and line.endswith("[0.0 <= x < 1.0]")
                for line in lines)
     assert any(line.startswith("train.beta (default 0.1):") and line.endswith("[x > 0.0]") for line in lines)
+
+
+BAD_NAMES = ["..", ".", "a/b", "a\\b", "/abs", "../up", "x/..", "a\x00b", "a\nb", "tab\there", " lead", ".hidden",
+             "-option", "x" * 101, "naïve", "a b"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES, ids=repr)
+def test_run_name_must_be_one_folder_name(bad):
+    msg = _error({**MINIMAL, "name": bad})
+    assert f"name: must be one folder name (letters, digits, . _ -" in msg and repr(bad) in msg
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES, ids=repr)
+def test_control_label_must_be_one_folder_name(bad):
+    msg = _error({**MINIMAL, "controls": [{"label": "ok", "overrides": {}}, {"label": bad, "overrides": {}}]})
+    assert "controls[1].label: must be one folder name" in msg and repr(bad) in msg
+
+
+def test_empty_name_and_label_are_refused():
+    assert "name: required" in _error({**MINIMAL, "name": ""})
+    assert "controls[0]: expected {label: name" in _error({**MINIMAL, "controls": [{"label": "", "overrides": {}}]})
+
+
+@pytest.mark.parametrize("good", ["tiny", "paper-llama3-8b-lowres", "run_1.v2", "A", "x" * 100, "a..b"])
+def test_folder_names_that_are_fine(good):
+    cfg = config_from_dict({**MINIMAL, "name": good, "controls": [{"label": good, "overrides": {}}]})
+    assert cfg.name == good and cfg.controls[0]["label"] == good

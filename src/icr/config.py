@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -250,7 +251,8 @@ class EvaluationConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = _f("", "Run name; outputs go to {run_root}/{name}.")
+    name: str = _f("", "Run name; outputs go to {run_root}/{name}. One folder name: letters, digits, . _ - "
+                   "(starting with a letter or digit, at most 100 characters).")
     run_root: str = _f("runs", "Folder holding run folders.")
     seed: int = _f(42, "Seed for sampling, pair selection and training (paper: 42); below 10**7: iteration t uses "
                    "seed + t - 1, a generate shard's torch seed is (seed x 100003 + shard) x 1000003 + batch, which "
@@ -274,7 +276,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation."})
     controls: list = _f([], "Extra runs beside the main one, each {label, overrides}: the same loop with config "
                         "overrides (e.g. pairs.selection: judge for oracle-chosen pairs), under controls/<label>/; "
-                        "their models are reported as M<t>-<label>.")
+                        "their models are reported as M<t>-<label>. A label is one folder name, as `name`.")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -447,6 +449,8 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     errors = []
     if not cfg.name:
         errors.append("name: required")
+    elif not is_folder_name(cfg.name):
+        errors.append(f"name: {FOLDER_NAME_RULE}, got {cfg.name!r}")
     if not cfg.languages:
         errors.append("languages: at least one language is required")
     for code in cfg.languages:
@@ -480,6 +484,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         if set(control) - {"label", "overrides"}:
             errors.append(f"controls[{i}]: unknown keys {sorted(set(control) - {'label', 'overrides'})}")
             continue
+        if not is_folder_name(control["label"]):
+            errors.append(f"controls[{i}].label: {FOLDER_NAME_RULE}, got {control['label']!r}")
+            continue
         try:
             with_overrides(cfg, control.get("overrides") or {}, f"controls[{i}].overrides")
         except ConfigError as e:
@@ -493,6 +500,16 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"pairs.alpha_max: the alpha grid 0, {cfg.pairs.alpha_step}, ..., {cfg.pairs.alpha_max} has "
                       f"{grid} points (at most {ALPHA_GRID_MAX}); raise pairs.alpha_step or lower pairs.alpha_max")
     return errors
+
+
+# `name` and each control's `label` become one folder (run_root/<name>, controls/<label>) that
+# --force empties: one path component, no separators, no `.`/`..`, no hidden or option-like names.
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+FOLDER_NAME_RULE = "must be one folder name (letters, digits, . _ -, starting with a letter or digit, at most 100)"
+
+
+def is_folder_name(value) -> bool:
+    return isinstance(value, str) and _FOLDER_NAME.fullmatch(value) is not None
 
 
 def uses_judge(cfg: ExperimentConfig) -> bool:
