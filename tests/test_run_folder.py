@@ -183,3 +183,35 @@ def test_a_shard_cut_at_a_line_boundary_is_found_not_used(tmp_path, cli, built):
     code, _, err = cli("pairs", TINY, *sets, "--iteration", "1")
     assert "its manifest says" in _one_line_error(code, err)
     assert not (tmp_path / "cut" / "iter1" / "pairs").exists()
+
+
+def test_a_language_without_pairs_is_a_warning_with_its_reason(tmp_path, caplog):
+    """Every German answer is English: the language filter leaves no pair, and the log says so
+    (before: only `pairs_de: 0` in the manifest)."""
+    import logging
+
+    from icr.config import load_config
+    from icr.plan import iteration_plan
+    from icr.runs import write_json, write_jsonl
+    from icr.stages import run_pairs
+
+    cfg = load_config(TINY, [f"run_root={tmp_path}", "pairs.language_filter=true"])
+    plan = iteration_plan(cfg, tmp_path / "run", 1)
+    answers = {"en": ["The capital of France is Paris.", "Paris is the capital city of France, of course."],
+               "de": ["The capital of France is Paris.", "Paris is the capital city of France, of course."]}
+    records = [{"id": f"p{k}", "lang": lang, "prompt": "q", "sample": j, "response": text, "finished": True,
+                "n_tokens": 9, "reward": float(j + k)} for lang in answers for k in range(3)
+               for j, text in enumerate(answers[lang])]
+    write_jsonl(plan.score_dir / "shard-00000.jsonl", records)
+    write_json(plan.score_dir / "manifest.json", {"key": {"x": 1}, "counts": {"scored": len(records)}})
+    icr_log = logging.getLogger("icr")  # the CLI's handler may have stopped it propagating to caplog's
+    icr_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="icr"):
+            counts = run_pairs(cfg, plan)
+    finally:
+        icr_log.removeHandler(caplog.handler)
+    assert counts["pairs_de"] == 0 and counts["pairs_en"] == 3
+    warned = [r.getMessage() for r in caplog.records if "no pair for" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("pairs: no pair for de, so it is not trained")
+    assert "3 with fewer than two answers left after the filters [language on" in warned[0]

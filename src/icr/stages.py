@@ -321,6 +321,14 @@ def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict
     pairs, stats = select_pairs(scored, cfg.pairs, seed=plan.seed,
                                 in_language=language_identifier(tuple(cfg.languages)).is_in,
                                 judge_scores=judge_scores)
+    for lang, st in stats["per_language"].items():
+        if st["n_pairs"] == 0:  # that language gets no training this iteration: say why
+            log.warning("pairs: no pair for %s, so it is not trained this iteration (%d prompts: %d with fewer than "
+                        "two answers left after the filters [language %s, truncated %s; %d answers non-finite], %d "
+                        "without two distinct answers, %d under the margin)", lang, st["n_prompts"],
+                        st["dropped_filters"], "on" if cfg.pairs.language_filter else "off",
+                        "dropped" if cfg.pairs.drop_truncated else "kept", st["dropped_nonfinite"],
+                        st["dropped_no_pair"], st["dropped_margin"])
     write_jsonl(stage_dir / "pairs.jsonl", pairs)
     write_json(stage_dir / "stats.json", stats)
     write_json(stage_dir / "dataset_info.json", llamafactory_dataset_info(f"icr_{cfg.name}_iter{plan.t}"))
@@ -372,7 +380,8 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     counts = {"pairs": len(pairs), **lengths, "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
     if cfg.train.accelerate_config and (warning := too_long_warning(counts, cfg.train.max_length)):
         log.warning(warning)
-    write_manifest(stage_dir, key, counts, time.time() - t0, extra={"last_log": metrics["last_log"]})
+    write_manifest(stage_dir, key, counts, time.time() - t0,
+                   extra={"last_log": metrics["last_log"], "weight_change": metrics.get("weight_change")})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
     # several times the model's size) are no longer needed.
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
