@@ -110,6 +110,7 @@ def test_fidelity_and_mean_length():
     assert fidelity(outs, "es", ident) == pytest.approx(4 / 5)
     assert ident.seen == ["hola amigo", "hello friend", "hola"]
     assert math.isnan(fidelity([], "es", ident))
+    assert fidelity(["", "  \n", "hola"], "es", ident) == pytest.approx(1 / 3)  # an empty answer is in no language
     assert mean_length(["ab", "abcd"]) == 3.0
 
 

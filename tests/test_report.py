@@ -270,3 +270,17 @@ def test_plot_of_a_run_without_lc_has_its_legend_and_no_warning(tmp_path):
         text = write_report(run).read_text()
     assert "![WR across iterations](wr_by_iteration.fake.png)" in text
     assert (run / "wr_by_iteration.fake.png").is_file()
+
+
+def test_languages_judged_without_references_stay_out_of_the_average(tmp_path):
+    """A language without references is judged against an empty answer (no LC): its WR is not
+    comparable, so it is marked and not averaged with the languages that have references."""
+    run = tmp_path / "run"
+    run.mkdir()
+    append_results(run / "results.json", [row(lang="es", wr=40.0, lc=40.0), row(lang="de", wr=60.0, lc=60.0),
+                                          row(lang="sw", wr=100.0, lc=None)])
+    text = write_report(run).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| M1 "))
+    assert line.rstrip(" |").endswith("50.0 ‡") and "66.7" not in line
+    assert "‡ sw judged without references" in text
+

@@ -127,7 +127,8 @@ def fidelity(outputs: Sequence[str], lang: str, identifier) -> float:
 
     `identifier` is an `icr.languages.LanguageIdentifier` (or anything with `identify_many`).
     As in `LanguageIdentifier.is_in`, a text without any letter (a number, code punctuation)
-    counts as in-language: there is nothing to identify. NaN for no outputs.
+    counts as in-language: there is nothing to identify; an empty (or blank) answer does not: it is
+    in no language. NaN for no outputs.
     """
     outputs = list(outputs)
     if not outputs:
@@ -135,7 +136,8 @@ def fidelity(outputs: Sequence[str], lang: str, identifier) -> float:
     has_letters = [any(ch.isalpha() for ch in text) for text in outputs]
     to_identify = [text for text, letters in zip(outputs, has_letters) if letters]
     identified = iter(identifier.identify_many(to_identify) if to_identify else [])
-    hits = sum(1 if not letters else int(next(identified) == lang) for letters in has_letters)
+    hits = sum(int(next(identified) == lang) if letters else int(bool(text.strip()))
+               for text, letters in zip(outputs, has_letters))
     return hits / len(outputs)
 
 
