@@ -81,3 +81,21 @@ def test_shared_x_alpacaeval_json_arrays_load():
     folder = shared_data("x-alpacaeval-sample")
     ps = load_prompt_set(PromptSource(path=str(folder / "{lang}.json")), ["en", "de", "sw"])
     assert len(ps.by_lang["sw"]) == 60 and ps.english(ps.by_lang["sw"][5].id)
+
+
+def test_a_language_missing_prompts_is_a_warning(tmp_path, caplog):
+    import logging
+
+    _write(tmp_path, "en", [{"instruction_id": i, "instruction": f"Q{i}"} for i in "abc"])
+    _write(tmp_path, "es", [{"instruction_id": "a", "instruction": "Pa"}])
+    log = logging.getLogger("icr")  # the CLI's handler may have stopped it propagating to caplog's
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="icr"):
+            load_prompt_set(_src(tmp_path), ["en", "es"])
+            _ok(tmp_path)
+            load_prompt_set(_src(tmp_path), ["en", "es"])  # parallel: nothing said
+    finally:
+        log.removeHandler(caplog.handler)
+    assert {r.getMessage() for r in caplog.records} == {  # a set: propagated and direct, one message
+        "prompts: es has 1 of the 3 English prompts (missing ids b, c); the languages are not parallel"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,15 @@ def load_prompt_set(source: PromptSource, languages: list[str], field: str = "pr
             if p.id not in english:
                 raise DataError(f"{source.path.replace('{lang}', lang)}: prompt {pos} (id {p.id}) has no English "
                                 f"counterpart in {source.path.replace('{lang}', 'en')}")
+    en_ids = [p.id for p in by_lang["en"]]
+    for lang in languages:  # parallel sets are the method's premise: say where they are not
+        ids = {p.id for p in by_lang[lang]}
+        missing = [i for i in en_ids if i not in ids]
+        if lang != "en" and missing:
+            logging.getLogger("icr").warning(
+                "%s: %s has %d of the %d English prompts (missing ids %s%s); the languages are not parallel",
+                field, lang, len(en_ids) - len(missing), len(en_ids), ", ".join(missing[:5]),
+                ", ..." if len(missing) > 5 else "")
     order = ["en"] + [lang for lang in languages if lang != "en"]
     return PromptSet({lang: by_lang[lang] for lang in order if lang in languages}, english=english)
 
