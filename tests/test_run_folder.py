@@ -215,3 +215,10 @@ def test_a_language_without_pairs_is_a_warning_with_its_reason(tmp_path, caplog)
     warned = [r.getMessage() for r in caplog.records if "no pair for" in r.getMessage()]
     assert len(set(warned)) == 1 and warned[0].startswith("pairs: no pair for de, so it is not trained")
     assert "3 with fewer than two answers left after the filters [language on" in warned[0]
+
+
+@pytest.mark.parametrize("label", ["../../x", "/abs", "a/b", "..", ".hidden", ""])
+def test_an_evaluate_label_is_a_folder_name(tmp_path, cli, label):
+    code, _, err = cli("evaluate", TINY, "--set", f"run_root={tmp_path}", "--model", "m", "--label", label)
+    assert "--label: must be one folder name" in _one_line_error(code, err)
+    assert list(tmp_path.iterdir()) == []

@@ -329,11 +329,13 @@ def _sandbox(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .config import load_config
+    from .config import FOLDER_NAME_RULE, is_folder_name, load_config
     from .evaluation.evaluate import Evaluator, make_judge
     from .loop import check_run_folder, config_digest, resolve_placeholders, run_prepare
     from .runs import run_lock
 
+    if not is_folder_name(args.label):  # it names the folder eval/<label>/ (and results rows)
+        raise IcrError(f"--label: {FOLDER_NAME_RULE}, got {args.label!r}")
     cfg = load_config(args.config, args.set)
     cfg = resolve_placeholders(cfg, run_prepare(cfg))
     if not cfg.evaluation.prompts.path:
