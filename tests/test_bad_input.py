@@ -200,6 +200,24 @@ WIDER = {
     "model-weights-truncated": ({"models__sft": _bad_model("truncated-weights")}, {},
                                 "model.safetensors: not a valid safetensors file (tensors end at byte"),
     "run-root-is-a-file": ({}, {"runs": "not a folder"}, "run_root: "),
+    # chat templates: a named file must exist, text must render a user message into the prompt
+    "chat-template-file-missing": ({"models__chat_template": "templates/missing.jinja"}, {},
+                                   "models.chat_template: 'templates/missing.jinja' is not a file"),
+    "chat-template-other-suffix": ({"models__chat_template": "templates/chat.j2"}, {"templates/chat.j2": "{{ x }}"},
+                                   "models.chat_template: 'templates/chat.j2' is neither template text"),
+    "chat-template-syntax-error": ({"models__chat_template": "{% for m in messages %}{{ m.content }"}, {},
+                                   "models.chat_template: does not render a user message"),
+    "chat-template-file-syntax-error": ({"models__chat_template": "CHATFILE"},
+                                        {"chat.jinja": "{% for m in messages %}{{ m.content }}{% endif %}"},
+                                        "models.chat_template: does not render a user message"),
+    "chat-template-without-the-message": ({"models__chat_template": "{{ bos_token }}Answer: "}, {},
+                                          "models.chat_template: the rendered prompt does not contain the user's"),
+    # training setup: the accelerate config and the trackers are there
+    "accelerate-config-unknown": ({"train__accelerate_config": "deepspeed_zero9"}, {},
+                                  "train.accelerate_config: 'deepspeed_zero9' is neither a file nor a shipped config"),
+    "accelerate-config-not-a-mapping": ({"train__accelerate_config": "ACCEL"}, {"accel.yaml": "- just a list\n"},
+                                        "accel.yaml is not an accelerate config (expected a YAML mapping)"),
+    "report-to-unknown": ({"train__report_to": ["wandbb"]}, {}, "train.report_to: unknown tracker 'wandbb'"),
 }
 
 
@@ -210,7 +228,8 @@ def test_wider_catalogue_exits_2_with_one_line_and_writes_nothing(name, tmp_path
     _eval_files(tmp_path)
     placeholders = {"PROMPTS": str(tmp_path / "prompts" / "{lang}.jsonl"),
                     "EVALPROMPTS": str(tmp_path / "evalprompts" / "{lang}.jsonl"),
-                    "REFS": str(tmp_path / "refs" / "{lang}.json"), "REFS_EN": str(tmp_path / "refs" / "en.json")}
+                    "REFS": str(tmp_path / "refs" / "{lang}.json"), "REFS_EN": str(tmp_path / "refs" / "en.json"),
+                    "CHATFILE": str(tmp_path / "chat.jinja"), "ACCEL": str(tmp_path / "accel.yaml")}
 
     def resolve(value):
         if callable(value):
@@ -322,3 +341,28 @@ def test_name_dotdot_with_force_deletes_nothing_outside_run_root(tmp_path, tiny_
     assert (outside / "thesis.tex").read_text() == "years of work"
     assert (outside / "config.yaml").read_text() == "name: something else\n"
     assert sorted(p.name for p in outside.iterdir()) == ["config.yaml", "results.json", "thesis.tex"]
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard", "mlflow"])
+def test_report_to_a_tracker_that_is_not_installed(tracker, tmp_path, tiny_pair, cli):
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is not None for m in (tracker, tracker + "X")):
+        pytest.skip(f"{tracker} is installed here")
+    _good_prompts(tmp_path / "prompts")
+    code, _, err = cli("validate", _config(tmp_path, tiny_pair, train__report_to=[tracker]))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == f"icr: error: train.report_to: {tracker} is not installed (pip install {tracker}), " \
+                       "or remove it from train.report_to"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_chat_template_file_and_text_that_work_validate(tmp_path, tiny_pair, cli):
+    _good_prompts(tmp_path / "prompts")
+    text = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    (tmp_path / "chat.jinja").write_text(text)
+    for value in (str(tmp_path / "chat.jinja"), text):
+        code, out, err = cli("validate", _config(tmp_path, tiny_pair, models__chat_template=value,
+                                                 train__accelerate_config="ddp", train__report_to=["none"]))
+        assert code == 0 and out.strip().endswith(": ok"), err

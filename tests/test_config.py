@@ -241,3 +241,19 @@ def test_empty_name_and_label_are_refused():
 def test_folder_names_that_are_fine(good):
     cfg = config_from_dict({**MINIMAL, "name": good, "controls": [{"label": good, "overrides": {}}]})
     assert cfg.name == good and cfg.controls[0]["label"] == good
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", True), ("templates/chat.jinja", True),
+    ("{prepared}/chat.jinja", True), ("templates/chat.j2", False), ("chat.txt", False), ("chatml", False),
+    ("", False), ("  ", False)])
+def test_chat_template_is_text_or_a_jinja_file(value, ok):
+    data = {**MINIMAL, "models": {**MINIMAL["models"], "chat_template": value}}
+    if ok:
+        assert config_from_dict(data).models.chat_template == value
+    else:
+        assert "models.chat_template: " in _error(data)
+
+
+def test_report_to_holds_names():
+    assert "train.report_to: expected tracker names" in _error({**MINIMAL, "train": {"report_to": [1]}})

@@ -64,7 +64,8 @@ class ModelsConfig:
     sft: str = _f("", "pi_SFT: the reference model pi0 was trained from; must share pi0's tokenizer "
                   "(same spellings as dpo, GGUF included).")
     chat_template: str | None = _f(
-        None, "Jinja chat template (text or path to a .jinja file) for tokenizers that lack one.")
+        None, "Jinja chat template for tokenizers that lack one: the template text (it contains {{ or {%), or the "
+        "path of a .jinja file (checked: the file exists and its template renders a user message).")
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
 
 
@@ -467,6 +468,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append("models.sft: required (pi_SFT, pi0's reference)")
     if not cfg.prompts.path:
         errors.append("prompts.path: required")
+    errors.extend(_chat_template_problems(cfg.models.chat_template))
+    if any(not isinstance(name, str) or not name for name in cfg.train.report_to):
+        errors.append(f"train.report_to: expected tracker names (e.g. [tensorboard]), got {cfg.train.report_to!r}")
     if cfg.evaluation.enabled and not cfg.evaluation.prompts.path:
         errors.append("evaluation.prompts.path: required when evaluation.enabled")
     for name in cfg.evaluation.models:
@@ -500,6 +504,24 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"pairs.alpha_max: the alpha grid 0, {cfg.pairs.alpha_step}, ..., {cfg.pairs.alpha_max} has "
                       f"{grid} points (at most {ALPHA_GRID_MAX}); raise pairs.alpha_step or lower pairs.alpha_max")
     return errors
+
+
+def is_template_text(chat_template: str) -> bool:
+    """models.chat_template is template text when it has a Jinja tag; otherwise it names a .jinja
+    file (icr.models.load_tokenizer reads only those; anything else would be used as the text)."""
+    return "{{" in chat_template or "{%" in chat_template
+
+
+def _chat_template_problems(chat_template: str | None) -> list[str]:
+    if chat_template is None:
+        return []
+    if not chat_template.strip():
+        return ["models.chat_template: empty (leave it out to use the tokenizer's own template)"]
+    if not is_template_text(chat_template) and not chat_template.endswith(".jinja"):
+        shown = chat_template if len(chat_template) <= 80 else chat_template[:77] + "..."
+        return [f"models.chat_template: {shown!r} is neither template text (it has no {{{{ or {{%) nor the path "
+                "of a .jinja file (the only files read as templates)"]
+    return []
 
 
 # `name` and each control's `label` become one folder (run_root/<name>, controls/<label>) that

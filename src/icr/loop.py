@@ -284,20 +284,38 @@ def preflight(cfg: ExperimentConfig):
     """Check every input before anything is written; return the judge (None when the run uses none).
 
     Checked: prompts and evaluation prompts for every language, references matched to them,
-    models (config, tokenizer, weight headers, shared tokenizer), the judge (built), and that the
-    run folder can be created. `icr validate` runs the same checks.
+    models (config, tokenizer, weight headers, shared tokenizer), the chat template (a named .jinja
+    file exists; the template renders a user message and puts the message in the prompt), what
+    check_backends checks, the judge (built), and that the run folder can be created. `icr
+    validate` runs the same checks.
     """
+    from .config import is_template_text
     from .evaluation.evaluate import make_judge
-    from .models import check_model, check_same_tokenizer, load_tokenizer
+    from .models import chat_messages, check_model, check_same_tokenizer, load_tokenizer
 
     check_run_root(cfg)
     check_backends(cfg)
     load_prompt_set(cfg.prompts, cfg.languages)
     check_model(cfg.models.dpo, "models.dpo")
     check_model(cfg.models.sft, "models.sft")
-    tok_dpo = load_tokenizer(cfg.models.dpo, cfg.models.chat_template, what="models.dpo")
-    tok_sft = load_tokenizer(cfg.models.sft, cfg.models.chat_template, what="models.sft")
+    template = cfg.models.chat_template
+    if template and not is_template_text(template) and not Path(template).is_file():
+        raise IcrError(f"models.chat_template: {template!r} is not a file (a value without {{{{ or {{% names a "
+                       f".jinja file; a relative path is from {Path.cwd()})")
+    tok_dpo = load_tokenizer(cfg.models.dpo, template, what="models.dpo")
+    tok_sft = load_tokenizer(cfg.models.sft, template, what="models.sft")
     check_same_tokenizer(tok_dpo, tok_sft, cfg.models.dpo, cfg.models.sft)
+    where = "models.chat_template" if template else f"models.dpo: the chat template of {cfg.models.dpo!r}"
+    marker = "icr-preflight-instruction"
+    try:
+        rendered = tok_dpo.apply_chat_template(chat_messages(marker), add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - jinja2's syntax/undefined/raised errors and transformers' own
+        line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise IcrError(f"{where}: does not render a user message{line} ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]})") from None
+    if marker not in str(rendered):
+        raise IcrError(f"{where}: the rendered prompt does not contain the user's message (the template never "
+                       "writes message['content'])")
     judge = make_judge(cfg) if uses_judge(cfg) else None
     if cfg.evaluation.enabled:
         from .evaluation.evaluate import load_evaluation_data
@@ -309,7 +327,9 @@ def preflight(cfg: ExperimentConfig):
 
 
 def check_backends(cfg: ExperimentConfig) -> None:
-    """A vllm backend is installed where the config asks for one (else it would fail mid-run)."""
+    """What the config asks for is installed or found (else it would fail mid-run): vllm for a vllm
+    backend, the package of each train.report_to tracker, and train.accelerate_config (a file or a
+    shipped name, readable as a YAML mapping)."""
     import importlib.util
 
     from .generation.vllm import vllm_missing
@@ -317,6 +337,33 @@ def check_backends(cfg: ExperimentConfig) -> None:
     for field, backend in (("generation.backend", cfg.generation.backend), ("reward.backend", cfg.reward.backend)):
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise vllm_missing(field)
+    trackers = [name for name in cfg.train.report_to if name not in ("all", "none")]
+    if trackers:
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+        # tracker -> the modules its transformers callback imports (any one of them will do)
+        modules = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"], "comet_ml": ["comet_ml"],
+                   "mlflow": ["mlflow"], "neptune": ["neptune"], "clearml": ["clearml"], "dagshub": ["dagshub"],
+                   "codecarbon": ["codecarbon"], "dvclive": ["dvclive"], "flyte": ["flytekit"],
+                   "azure_ml": ["azureml"], "swanlab": ["swanlab"], "trackio": ["trackio"]}
+        for name in trackers:
+            if name not in INTEGRATION_TO_CALLBACK:
+                known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+                raise IcrError(f"train.report_to: unknown tracker {name!r} (transformers knows: {known})")
+            needed = modules.get(name, [])
+            if needed and all(importlib.util.find_spec(m) is None for m in needed):
+                raise IcrError(f"train.report_to: {name} is not installed (pip install {needed[0]}), "
+                               "or remove it from train.report_to")
+    if cfg.train.accelerate_config:
+        from .train_launch import resolve_accelerate_config
+
+        path = resolve_accelerate_config(cfg.train.accelerate_config)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise IcrError(f"train.accelerate_config: cannot read {path} ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise IcrError(f"train.accelerate_config: {path} is not an accelerate config (expected a YAML mapping)")
 
 
 def check_run_root(cfg: ExperimentConfig) -> None:
