@@ -6,7 +6,7 @@ Reads (each optional; a missing or unreadable part drops its section, never the 
     iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
                                           and controls/<label>/iter<t>/<stage>/manifest.json
     iter<t>/train/manifest.json           "counts": pairs given, trained, dropped/truncated for max_length,
-                                          steps, loss (also under controls/<label>/)
+                                          steps, loss; "weight_change" (also under controls/<label>/)
     diagnostics/reward_agreement.json     {lang: {pair_kind: {"agree": fraction, "n": count}}}
 Writes report.md and PNGs beside it.
 """
@@ -209,7 +209,8 @@ def _pairs_section(run_dir: Path, plt) -> list[str]:
 
 def _training_section(run_dir: Path) -> list[str]:
     """Per trained iteration (and control): the pairs given, what TRL trained on after train.max_length
-    (pairs dropped for a prompt that fills it, pairs whose answers it cut), optimizer steps and loss."""
+    (pairs dropped for a prompt that fills it, pairs whose answers it cut), optimizer steps, loss, and
+    how far the trained weights moved (the manifest's weight_change, icr.train.weight_change)."""
     rows = []
     runs = [("", run_dir)] + [(f"{c.name}/", c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
     for prefix, base in runs:
@@ -218,16 +219,22 @@ def _training_section(run_dir: Path) -> list[str]:
             counts = manifest.get("counts") if isinstance(manifest, dict) else None
             if not isinstance(counts, dict):
                 continue
-            loss = counts.get("train_loss")
+            loss, change = counts.get("train_loss"), manifest.get("weight_change")
+            change = change if isinstance(change, dict) else {}
+            rel, share = change.get("relative_l2"), change.get("changed_share")
             rows.append([f"{prefix}{t}", counts.get("pairs"), counts.get("pairs_trained"),
                          counts.get("pairs_dropped_too_long"), counts.get("pairs_truncated"), counts.get("steps"),
-                         f"{loss:.4g}" if isinstance(loss, (int, float)) else "–"])
+                         f"{loss:.4g}" if isinstance(loss, (int, float)) else "–",
+                         f"{rel:.3g}" if isinstance(rel, (int, float)) else "–",
+                         f"{100 * share:.1f}" if isinstance(share, (int, float)) else "–"])
     if not rows:
         return []
     return ["## Training", "",
-            "Pairs TRL dropped (prompt as long as train.max_length) or truncated (answers cut at it); "
-            "– where the run predates these counts.", "",
-            _table(["Iter", "Pairs", "Trained", "Dropped (too long)", "Truncated", "Steps", "Loss"], rows), ""]
+            "Pairs TRL dropped (prompt as long as train.max_length) or truncated (answers cut at it); the trained "
+            "weights' change: relative L2 norm of (trained − start) and % of weights changed (large tensors on "
+            "a strided sample); – where the run predates these or could not measure them (ZeRO-3/FSDP).", "",
+            _table(["Iter", "Pairs", "Trained", "Dropped (too long)", "Truncated", "Steps", "Loss",
+                    "Weight change (rel. L2)", "Weights changed %"], rows), ""]
 
 
 def _plot_alpha(t: int, per_language: dict, run_dir: Path, plt) -> str | None:

@@ -79,6 +79,91 @@ def too_long_warning(counts: dict, max_length: int | None) -> str | None:
             f"{100 * (dropped + cut) / n:.0f}% of the pairs; raise train.max_length to train on them whole")
 
 
+def optimizer_steps(n_pairs: int, args) -> int:
+    """The optimizer steps the Trainer takes for `n_pairs` training rows under `args` (DPOConfig): the
+    batches per process per epoch, ceil(n / (per-device batch x processes)), grouped by gradient
+    accumulation (a last partial group is a step), times the epochs, rounded up
+    (transformers' `Trainer.set_initial_training_values`)."""
+    batches = math.ceil(n_pairs / (args.per_device_train_batch_size * max(1, args.world_size)))
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def check_learning_rate(n_pairs: int, args) -> int:
+    """The number of optimizer steps for `n_pairs` rows; IcrError if the scheduler holds the learning
+    rate at 0 at every one of them (one step with any warm-up, for instance: the warm-up starts at 0),
+    since such a run cannot move the weights. Evaluated with the Trainer's own scheduler on a
+    one-element stand-in optimizer."""
+    import torch
+    from transformers import get_scheduler
+
+    steps = optimizer_steps(n_pairs, args)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    warmup = args.get_warmup_steps(steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
+                              num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    for _ in range(steps):  # the learning rate of step k is the scheduler's value after k steps
+        if optimizer.param_groups[0]["lr"] > 0:
+            return steps
+        optimizer.step()  # no gradients: changes nothing
+        scheduler.step()
+    raise IcrError(
+        f"train: all {steps} optimizer step(s) would run at learning rate 0 ({n_pairs} pairs, "
+        f"{args.per_device_train_batch_size} per device x {max(1, args.world_size)} process(es) x "
+        f"{args.gradient_accumulation_steps} accumulation, {args.num_train_epochs:g} epoch(s); warm-up {warmup} "
+        f"step(s), scheduler {args.lr_scheduler_type}), so the policy would come out unchanged. Set "
+        "train.warmup_ratio to 0 (or lower), or take more steps: a smaller train.per_device_batch_size or "
+        "train.gradient_accumulation_steps, more train.epochs, or more pairs")
+
+
+# Weights compared per trained tensor before and after training: all of a tensor up to this many
+# elements, an evenly strided sample of this many beyond (a few MB in all for an 8B model).
+WEIGHT_SAMPLE = 1 << 16
+
+
+def _sample(p):
+    import torch
+
+    flat = p.detach().reshape(-1)
+    stride = max(1, -(-flat.numel() // WEIGHT_SAMPLE))
+    return flat[::stride].to("cpu", torch.float32, copy=True)
+
+
+def weight_snapshot(model) -> dict:
+    """{name: (numel, sample)} of every trained parameter of `model` that this process holds whole
+    (not the empty placeholders of DeepSpeed ZeRO-3's partitioned parameters)."""
+    return {name: (p.numel(), _sample(p)) for name, p in model.named_parameters()
+            if p.requires_grad and p.numel() > 0 and not hasattr(p, "ds_id")}
+
+
+def weight_change(model, before: dict) -> dict | None:
+    """How far the trained parameters of `model` moved from `before` (weight_snapshot at the start):
+    relative L2 norm of the change, largest absolute change, share of compared weights that changed;
+    `sampled` when large tensors were compared on a strided sample. None where no parameter could be
+    compared (sharded by ZeRO-3/FSDP during training)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    sq_change = sq_start = max_abs = 0.0
+    changed = compared = total = tensors = 0
+    for name, (numel, start) in before.items():
+        p = params.get(name)
+        if p is None or p.numel() != numel or type(p.data).__name__ == "DTensor":
+            continue
+        delta = _sample(p).double() - start.double()
+        sq_change += float(delta.square().sum())
+        sq_start += float(start.double().square().sum())
+        max_abs = max(max_abs, float(delta.abs().max()) if delta.numel() else 0.0)
+        changed += int(torch.count_nonzero(delta))
+        compared, total, tensors = compared + delta.numel(), total + numel, tensors + 1
+    if not tensors:
+        return None
+    return {"relative_l2": math.sqrt(sq_change / sq_start) if sq_start else None, "max_abs": max_abs,
+            "changed_share": changed / compared if compared else 0.0, "tensors": tensors,
+            "compared": compared, "sampled": compared < total}
+
+
 def freeze_parameters(model, names: list[str]) -> int:
     """Stop gradients for every parameter whose name contains one of `names` (a tied output head
     shares its embedding's parameter, so freezing `embed_tokens` freezes both); returns the count
@@ -236,8 +321,12 @@ def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
 def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
               model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None) -> dict:
     """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics
-    (loss, optimizer steps, the last log entry, and `length_counts`: pairs dropped or truncated by
-    train.max_length, with a warning past TOO_LONG_WARN_SHARE)."""
+    (loss, optimizer steps, the last log entry, `length_counts`: pairs dropped or truncated by
+    train.max_length, with a warning past TOO_LONG_WARN_SHARE, and `weight_change`: how far the
+    trained parameters moved).
+
+    Refused with IcrError before training when the learning rate would be 0 at every optimizer step
+    (`check_learning_rate`), and after it when no trained weight changed."""
     from trl import DPOTrainer
 
     import torch
@@ -249,6 +338,7 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     # The training arguments come first: under DeepSpeed ZeRO-3 they switch on sharded loading and
     # bind each rank to its device before any model is built.
     args = dpo_config(cfg, out_dir, seed, device, len(pairs))
+    check_learning_rate(len(pairs), args)  # early: TRL keeping fewer pairs only means fewer steps
     tokenizer = load_tokenizer(policy_path, chat_template, what="policy")
     tokenizer.padding_side = "right"
     policy_dtype, reference_dtype = training_dtypes(device, deepspeed=_deepspeed_active(args), lora=cfg.lora.enabled)
@@ -275,13 +365,24 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     warning = too_long_warning(lengths, cfg.max_length)
     if warning and trainer.is_world_process_zero():
         log.warning(warning)
+    check_learning_rate(lengths["pairs_trained"], args)  # the steps TRL will take: exact
+    start = weight_snapshot(trainer.model)
     resume = _latest_checkpoint(out_dir)
     if resume is not None:
         # Recorded so the kill-and-resume harness can show training resumed mid-epoch.
         with open(out_dir / "resumed.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"checkpoint": Path(resume).name}) + "\n")
     result = trainer.train(resume_from_checkpoint=resume)
+    change = weight_change(trainer.accelerator.unwrap_model(trainer.model), start)
+    if change is not None and change["changed_share"] == 0:
+        # An error, not a warning: the "trained" model would be the starting policy under a new name,
+        # and the iteration would report training that did not happen.
+        raise IcrError(
+            f"train: {trainer.state.global_step} optimizer step(s) left every trained weight exactly as it "
+            f"started ({change['compared']} weights of {change['tensors']} tensors compared), so nothing was "
+            "trained; check train.learning_rate, train.warmup_ratio and train.lr_scheduler, train.freeze, and "
+            "under DeepSpeed the bf16 weights (updates below half a bf16 step round away)")
     _save_final(trainer, tokenizer, cfg, model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-            "last_log": history[-1] if history else {}, **lengths}
+            "last_log": history[-1] if history else {}, **lengths, "weight_change": change}
