@@ -174,10 +174,14 @@ def test_run_folder_with_other_config_refuses(tmp_path, cli, tiny_pair):
 
     cfg = load_config(TINY, [f"run_root={tmp_path}"])
     check_run_folder(cfg, tmp_path / "tiny", force=False)
+    (tmp_path / "tiny" / "iter1" / "generate").mkdir(parents=True)
+    (tmp_path / "tiny" / "iter1" / "generate" / "manifest.json").write_text("{}")  # work done with cfg
     other = load_config(TINY, [f"run_root={tmp_path}", "generation.n=3"])
     with pytest.raises(IcrError, match="made with a different config"):
         check_run_folder(other, tmp_path / "tiny", force=False)
     check_run_folder(other, tmp_path / "tiny", force=True)
+    assert not (tmp_path / "tiny" / "iter1").exists()
+    check_run_folder(cfg, tmp_path / "tiny", force=False)  # nothing computed with `other`: no --force needed
 
 
 def test_help_has_examples(cli):

@@ -222,3 +222,21 @@ def test_an_evaluate_label_is_a_folder_name(tmp_path, cli, label):
     code, _, err = cli("evaluate", TINY, "--set", f"run_root={tmp_path}", "--model", "m", "--label", label)
     assert "--label: must be one folder name" in _one_line_error(code, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_iteration_model_changed_in_place_is_not_built_on(tmp_path, cli, built):
+    """iter1/model zeroed in place (same size, same modification time): iteration 2 refuses it
+    (the train manifest records its weights' digests) instead of sampling from it."""
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=z", "--set", "evaluation.enabled=false"]
+    assert cli("run", TINY, *sets, "--set", "iterations=1")[0] == 0
+    weights = tmp_path / "z" / "iter1" / "model" / "model.safetensors"
+    st = weights.stat()
+    with open(weights, "r+b") as fh:  # the header stays, the tensors become zeros
+        header = 8 + int.from_bytes(fh.read(8), "little")
+        fh.seek(header)
+        fh.write(bytes(st.st_size - header))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code, _, err = cli("run", TINY, *sets, "--set", "iterations=2")
+    line = _one_line_error(code, err)
+    assert "iter1/model: its weights are not the ones iter1's training saved (model.safetensors changed)" in line
+    assert not (tmp_path / "z" / "iter2").exists()

@@ -93,12 +93,16 @@ def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
         langs = _languages(jrows)
         cell = {(r["model"], r["lang"]): r for r in jrows}
         models = list(dict.fromkeys(r["model"] for r in sorted(jrows, key=_model_order)))
-        table, details, incomplete = [], [], False
+        table, details, incomplete, unreferenced = [], [], False, set()
         for m in models:
             have = [cell[(m, lang)] for lang in langs if (m, lang) in cell]
             incomplete |= len(have) < len(langs)
-            avg = lambda k: sum(r[k] for r in have) / len(have) if all(r[k] is not None for r in have) else None  # noqa: E731
-            mark = "" if len(have) == len(langs) else " †"
+            # A language judged without references (against an empty answer: its row has no LC) is
+            # not comparable with the others: left out of the average while some language has them.
+            averaged = [r for r in have if r["lc"] is not None] or have
+            unreferenced |= {r["lang"] for r in have if r["lc"] is None}
+            avg = lambda k: sum(r[k] for r in averaged) / len(averaged) if all(r[k] is not None for r in averaged) else None  # noqa: E731
+            mark = ("" if len(have) == len(langs) else " †") + ("" if len(averaged) == len(have) else " ‡")
             table.append([m] + [v for lang in langs for v in (
                 (cell[(m, lang)]["lc"], cell[(m, lang)]["wr"]) if (m, lang) in cell else ("–", "–"))]
                 + [_fmt(avg("lc")) + mark, _fmt(avg("wr")) + mark])
@@ -109,6 +113,10 @@ def _results_section(rows: list[dict], run_dir: Path, plt) -> list[str]:
                 ""]
         if incomplete:
             out += ["† averaged over the languages evaluated for that model only.", ""]
+        if unreferenced:
+            out += [f"‡ {', '.join(sorted(unreferenced))} judged without references (against an empty answer: "
+                    "WR = share of answers the judge rates above nothing, no LC); not in the averages of the "
+                    "models that also have languages with references.", ""]
         out += ["Per language: WR standard error / language fidelity (%) / mean length (chars) / n.", "",
                 _table(["Model"] + langs, details), ""]
         plot = _plot_wr(jrows, langs, run_dir, judge, plt)

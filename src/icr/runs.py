@@ -328,3 +328,58 @@ def model_key(name_or_path: str | None) -> str | None:
         return name_or_path
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
     return text_hash(str(path.resolve()), *[f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models icr wrote: verified before use
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_verified: dict[tuple, bool] = {}  # (folder, (name, size, mtime_ns)...) -> checked in this process
+
+
+def weight_digests(model_dir: Path) -> dict[str, str]:
+    """sha256 of every weight file of a model folder (what `run_train` records when it saves one).
+
+    Full hashes, not a sample: a model zeroed or cut in place keeps its size, and a partial read
+    would miss damage elsewhere. Cost ~1-2 GB/s on one core (an 8B model in fp32: ~20 s), paid once
+    per model and process (`verify_weights` remembers what it checked)."""
+    out = {}
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+            out[path.name] = h.hexdigest()
+    return out
+
+
+def verify_weights(model_dir: Path, recorded: dict[str, str], what: str) -> None:
+    """Refuse a model whose weight files are not the ones recorded when icr saved it."""
+    model_dir = Path(model_dir)
+    stamp = (str(model_dir.resolve()), *[(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                         for p in sorted(model_dir.iterdir()) if p.suffix in WEIGHT_SUFFIXES])
+    if _verified.get(stamp):
+        return
+    now = weight_digests(model_dir)
+    if now != recorded:
+        changed = sorted(set(now) ^ set(recorded) | {k for k in now if k in recorded and now[k] != recorded[k]})
+        raise IcrError(f"{model_dir}: its weights are not the ones {what} saved ({', '.join(changed)} changed); "
+                       "delete the iteration's train/ and model/ folders and rerun to train it again")
+    _verified[stamp] = True
+
+
+def check_trained_model(path: str | Path | None) -> None:
+    """If `path` is an iteration model a run trained (`<run>/iter<t>/model`, its train manifest beside
+    it records the weights' digests), refuse it unless its weights are still those. Other models
+    (pi0, pi_SFT, hub ids) are the user's and pass as they are."""
+    if path is None:
+        return
+    model_dir = Path(str(path))
+    manifest = model_dir.parent / "train" / "manifest.json"
+    if model_dir.name != "model" or not model_dir.is_dir() or not manifest.is_file():
+        return
+    recorded = read_json(manifest).get("weights")
+    if recorded:
+        verify_weights(model_dir, recorded, f"{model_dir.parent.name}'s training")

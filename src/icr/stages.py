@@ -33,8 +33,9 @@ from .config import ExperimentConfig, judge_identity
 from .data import PromptSet, load_prompt_set
 from .errors import IcrError
 from .plan import IterationPlan
-from .runs import (append_journal, check_free_disk, chunk, manifest_matches, model_key, read_json, read_jsonl,
-                   read_shards, shard_path, text_hash, write_json, write_jsonl, write_manifest)
+from .runs import (append_journal, check_free_disk, check_trained_model, chunk, manifest_matches, model_key,
+                   read_json, read_jsonl, read_shards, shard_path, text_hash, weight_digests, write_json, write_jsonl,
+                   write_manifest)
 from .scoring import TRANSLATE_INSTRUCTION  # noqa: F401 - the translation prompt, for the sandbox's pi_SFT
 
 log = logging.getLogger("icr")
@@ -98,6 +99,8 @@ class ShardedStage:
         stage_dir, key = self.folder(plan), self.key(cfg, plan, prompts)
         if manifest_matches(stage_dir, key):
             return {"skipped": True}
+        for model in dict.fromkeys((plan.policy, plan.reward_policy, plan.reward_reference)):
+            check_trained_model(model)  # an iteration model changed since training saved it is not used
         if reuse is not None and _reuse(stage_dir, key, self.folder(reuse)):
             return {"reused": str(self.folder(reuse))}
         _prepare_stage_dir(stage_dir, key)
@@ -361,6 +364,7 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     key = train_key(cfg, plan)
     if train_done(cfg, plan):
         return {"skipped": True}
+    check_trained_model(plan.policy)
     t0 = time.time()
     key_file = stage_dir / "key.json"
     if key_file.is_file() and read_json(key_file) != key:
@@ -380,8 +384,10 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     counts = {"pairs": len(pairs), **lengths, "steps": metrics["steps"], "train_loss": metrics["train_loss"]}
     if cfg.train.accelerate_config and (warning := too_long_warning(counts, cfg.train.max_length)):
         log.warning(warning)
+    # The saved weights' digests: a later stage refuses this model if they change (runs.check_trained_model).
     write_manifest(stage_dir, key, counts, time.time() - t0,
-                   extra={"last_log": metrics["last_log"], "weight_change": metrics.get("weight_change")})
+                   extra={"last_log": metrics["last_log"], "weight_change": metrics.get("weight_change"),
+                          "weights": weight_digests(plan.model_dir)})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
     # several times the model's size) are no longer needed.
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)

@@ -249,7 +249,10 @@ class Evaluator:
         from .harness import evaluate_harness
         from .results import append_results
 
+        from ..runs import check_trained_model
+
         cfg = self.cfg
+        check_trained_model(model_path)
         if missing_outputs(model_path, label, self.prompts, cfg.evaluation, self.out_dir, seed=cfg.seed,
                            chat_template=cfg.models.chat_template):
             if isolate_stages(cfg):
