@@ -158,8 +158,38 @@ def _bad_model(kind):
         elif kind == "truncated-weights":
             data = (folder / "model.safetensors").read_bytes()
             (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        elif kind == "no-weights":
+            (folder / "model.safetensors").unlink()
+            (folder / "notes.pt").write_bytes(b"not what transformers loads")
+        elif kind == "more-layers-declared":  # config of a 3-layer model, weights of the 2-layer one
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg["num_hidden_layers"] += 1
+            cfg.pop("layer_types", None)
+            (folder / "config.json").write_text(json.dumps(cfg))
+        elif kind.startswith("sharded"):
+            _shard(folder)
+            if kind == "sharded-missing-shard":
+                next(folder.glob("model-00002-of-*.safetensors")).unlink()
+            elif kind == "sharded-missing-layer":
+                index = json.loads((folder / "model.safetensors.index.json").read_text())
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".layers.1." not in k}
+                (folder / "model.safetensors.index.json").write_text(json.dumps(index))
         return str(folder)
     return setup
+
+
+def _shard(folder):
+    """Re-save a model folder as sharded safetensors (several files and model.safetensors.index.json)."""
+    import contextlib
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.redirect_stderr(io.StringIO()):  # progress bars: the CLI's stderr must hold one line
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        model.save_pretrained(folder, max_shard_size="40KB")
+    assert len(list(folder.glob("model-*.safetensors"))) > 2
 
 
 WIDER = {
@@ -200,6 +230,15 @@ WIDER = {
     "model-weights-truncated": ({"models__sft": _bad_model("truncated-weights")}, {},
                                 "model.safetensors: not a valid safetensors file (tensors end at byte"),
     "run-root-is-a-file": ({}, {"runs": "not a folder"}, "run_root: "),
+    "model-without-weights": ({"models__dpo": _bad_model("no-weights")}, {},
+                              "model has no weight files (model.safetensors or model.safetensors.index.json or"),
+    "model-config-declares-more-layers": ({"models__sft": _bad_model("more-layers-declared")}, {},
+                                          "the config declares 3 layers (num_hidden_layers) but the weights hold 2 "
+                                          "(model.layers.N; missing 2)"),
+    "model-shard-missing": ({"models__dpo": _bad_model("sharded-missing-shard")}, {},
+                            "model.safetensors.index.json lists shard(s) that are not there: model-00002-of-"),
+    "model-index-without-a-layer": ({"models__dpo": _bad_model("sharded-missing-layer")}, {},
+                                    "the config declares 2 layers (num_hidden_layers) but the weights hold 1"),
     # chat templates: a named file must exist, text must render a user message into the prompt
     "chat-template-file-missing": ({"models__chat_template": "templates/missing.jinja"}, {},
                                    "models.chat_template: 'templates/missing.jinja' is not a file"),
@@ -366,3 +405,40 @@ def test_chat_template_file_and_text_that_work_validate(tmp_path, tiny_pair, cli
         code, out, err = cli("validate", _config(tmp_path, tiny_pair, models__chat_template=value,
                                                  train__accelerate_config="ddp", train__report_to=["none"]))
         assert code == 0 and out.strip().endswith(": ok"), err
+
+
+@pytest.mark.parametrize("kind", ["sharded", "bin"])
+def test_sharded_and_bin_model_folders_pass_the_model_check(kind, tmp_path, tiny_pair):
+    import shutil
+
+    from icr.models import check_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pair["dpo"], folder)
+    if kind == "sharded":
+        _shard(folder)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        import torch
+
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    check_model(str(folder), "models.dpo")
+
+
+def test_layer_check_takes_the_text_model_among_several_towers():
+    """A multimodal checkpoint has a vision tower's layers too: one prefix holding every declared
+    layer is enough; architectures without `layers.N.` names are not checked."""
+    import types
+
+    from icr.errors import IcrError
+    from icr.models import _check_layer_count
+
+    vision = [f"model.vision_tower.encoder.layers.{i}.mlp.weight" for i in range(4)]
+    text = [f"model.language_model.layers.{i}.mlp.weight" for i in range(2)]
+    _check_layer_count(types.SimpleNamespace(num_hidden_layers=2), vision + text, REPO, "m")
+    _check_layer_count(types.SimpleNamespace(num_hidden_layers=2), ["transformer.h.0.attn.weight"], REPO, "m")
+    with pytest.raises(IcrError, match=r"declares 3 layers .* hold 2 \(model.language_model.layers.N; missing 2\)"):
+        _check_layer_count(types.SimpleNamespace(num_hidden_layers=3), text + vision[:2], REPO, "m")

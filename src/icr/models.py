@@ -238,11 +238,16 @@ def chat_messages(instruction: str) -> list[dict]:
 
 
 def check_model(name_or_path: str, what: str = "model") -> None:
-    """Check a model without loading its weights: its config loads, and (local folders) every
-    safetensors weight file has a readable header whose tensors fit the file.
+    """Check a model without loading its weights: its config loads, and (local folders) the weight
+    files transformers would load are there (model.safetensors, its sharded index, or
+    pytorch_model.bin and its index, in transformers' order), every safetensors file has a readable
+    header whose tensors fit the file, and the weights hold every layer the config declares (read
+    from the tensor names of the headers or index: a missing layer would be initialised at random
+    with only a warning).
 
-    Run by preflight, so that a broken model folder (empty, a config.json with wrong types, a
-    truncated or garbage `model.safetensors`) is reported before any run folder is written.
+    Run by preflight, so that a broken model folder (empty, a config.json with wrong types, no or
+    truncated or garbage weights, weights of a smaller model) is reported before any run folder is
+    written.
     """
     from transformers import AutoConfig
 
@@ -251,28 +256,82 @@ def check_model(name_or_path: str, what: str = "model") -> None:
         return
     _check_exists(name_or_path, what)
     try:
-        AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError, ... for a bad config
         detail = " ".join(str(e).split())[:300]  # one line: strict-dataclass errors span several
         raise IcrError(f"{what}: cannot load the model config of {name_or_path!r} ({type(e).__name__}: {detail})") from None
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         return  # a hub id: its files are checked when downloaded
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    names = None  # tensor names, where known without reading tensor data
+    files = []
+    explicit = getattr(config, "transformers_weights", None)  # config.json may name its weights file
+    candidates = [explicit] if isinstance(explicit, str) and explicit else \
+        ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    found = next((folder / c for c in candidates if (folder / c).is_file()), None)
+    if found is None:
+        raise IcrError(f"{what}: {folder} has no weight files ({' or '.join(candidates)})")
+    if found.name.endswith(".index.json"):
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            weight_map = json.loads(found.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            names = list(weight_map)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise IcrError(f"{what}: {index}: not a valid safetensors index ({type(e).__name__})") from None
+            raise IcrError(f"{what}: {found}: not a valid weights index ({type(e).__name__})") from None
         files = [folder / name for name in shards]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise IcrError(f"{what}: {found} lists shard(s) that are not there: {', '.join(missing[:3])}")
     else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files and not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.gguf", "*.pth")):
-        raise IcrError(f"{what}: {folder} has no weight files (*.safetensors, *.bin, *.gguf)")
+        files = [found]
     for path in files:
+        if path.suffix != ".safetensors":
+            continue
         problem = safetensors_header_problem(path)
         if problem:
             raise IcrError(f"{what}: {path}: not a valid safetensors file ({problem})")
+        if found.suffix == ".safetensors":
+            names = list(_safetensors_header(path))
+    if names is not None:
+        _check_layer_count(config, names, folder, what)
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The tensors of a safetensors file (name -> dtype/shape/offsets), from its header alone."""
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n).decode("utf-8"))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _check_layer_count(config, names: list[str], folder: Path, what: str) -> None:
+    """The weights hold layers 0 .. num_hidden_layers-1 of the (text) model.
+
+    Layer tensors are named `<prefix>layers.<i>.`; a multimodal model has several prefixes (the
+    vision tower's layers too), so the check passes when one prefix holds every declared layer.
+    Architectures without `layers.<i>.` names, or configs without num_hidden_layers, are not checked.
+    """
+    import re
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    declared = getattr(text, "num_hidden_layers", None)
+    if not isinstance(declared, int) or declared <= 0:
+        return
+    by_prefix: dict[str, set[int]] = {}
+    for name in names:
+        m = re.search(r"(^|.*\.)layers\.(\d+)\.", name)
+        if m:
+            by_prefix.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not by_prefix or any(set(range(declared)) <= held for held in by_prefix.values()):
+        return
+    prefix, held = max(by_prefix.items(), key=lambda kv: len(kv[1] & set(range(declared))))
+    missing = sorted(set(range(declared)) - held)
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    raise IcrError(f"{what}: {folder}: the config declares {declared} layers (num_hidden_layers) but the weights "
+                   f"hold {len(held)} ({prefix}layers.N; missing {shown}): the weights do not fit the config")
 
 
 def safetensors_header_problem(path: Path) -> str | None:
