@@ -220,7 +220,8 @@ WIDER = {
         "es.json row 1: reference id p0 is for the instruction 'Name a colour.'"),
     "language-without-references": ({**EVAL, "languages": ["en", "es", "de"],
                                      "evaluation__judge": "tests.test_bad_input:compare_only_judge"},
-                                    {"prompts/de.jsonl": '{"instruction_id": "p0", "instruction": "Nenne eine Farbe."}\n'},
+                                    {"prompts/de.jsonl": '{"instruction_id": "p0", "instruction": "Nenne eine Farbe."}\n'
+                                                         '{"instruction_id": "p1", "instruction": "Nenne eine Frucht."}\n'},
                                     "evaluation.references: no reference file for de"),
     "model-config-wrong-types": ({"models__dpo": _bad_model("config-types")}, {},
                                  "models.dpo: cannot load the model config"),
