@@ -18,7 +18,7 @@ from .errors import IcrError
 
 EPILOG = textwrap.dedent("""\
     examples:
-      icr run configs/tiny.yaml                 # the whole loop: 2 iterations on CPU in about a minute
+      icr run configs/tiny.yaml                 # the whole loop: 2 iterations on CPU in ~15 s
       icr run configs/sandbox.yaml              # the sandbox demo (same as `make demo`)
       icr validate configs/paper-llama3-8b.yaml # check a config, listing every problem at once
       icr generate configs/tiny.yaml --iteration 1 --shard 0/2   # one stage, one shard of it
