@@ -67,6 +67,14 @@ CASES = {
     "name-with-slash": ({"name": "a/b"}, None, "name: must be one folder name"),
     "control-label-escapes": ({"controls": [{"label": "../../x", "overrides": {}}]}, None,
                               "controls[0].label: must be one folder name"),
+    # what failed with a traceback after work was done
+    "prefix-with-another-placeholder": ({"reward__prefix": "Answer in {lang}: "}, None,
+                                        "reward.prefix: only {language} may be a placeholder"),
+    "freeze-empty-name": ({"train__freeze": [""]}, None, "train.freeze: names must be non-empty strings"),
+    "unknown-lr-scheduler": ({"train__lr_scheduler": "cosinus"}, None,
+                             "train.lr_scheduler: 'cosinus' is not a transformers scheduler"),
+    "lone-surrogate-in-a-prompt": ({}, ("es", b'{"instruction_id": "p0", "instruction": "Hola \\ud800"}\n'),
+                                   "es.jsonl:1: instruction field 'instruction' holds a lone surrogate"),
 }
 
 

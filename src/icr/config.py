@@ -454,6 +454,14 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"name: {FOLDER_NAME_RULE}, got {cfg.name!r}")
     if not cfg.languages:
         errors.append("languages: at least one language is required")
+    try:
+        cfg.reward.prefix.format(language="English")
+    except (KeyError, IndexError, ValueError) as e:
+        errors.append(f"reward.prefix: only {{language}} may be a placeholder (write {{{{ and }}}} for braces), "
+                      f"got {type(e).__name__} {e}")
+    if any(not isinstance(name, str) or not name.strip() for name in cfg.train.freeze):
+        errors.append(f"train.freeze: names must be non-empty strings (an empty one matches every parameter, so "
+                      f"nothing would train), got {cfg.train.freeze!r}")
     for code in cfg.languages:
         if code not in LANGUAGE_NAMES:
             lower = str(code).lower()

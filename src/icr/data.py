@@ -189,6 +189,11 @@ def _text_value(loc: str, row: dict, field: str, what: str) -> str:
     value = row[field]
     if not isinstance(value, str):
         raise DataError(f"{loc}: {what} field {field!r} must be a string, got {type(value).__name__} {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): no tokenizer or file can take it
+        raise DataError(f"{loc}: {what} field {field!r} holds a lone surrogate {value[e.start]!r} at character "
+                        f"{e.start}, which is not text") from None
     return value
 
 

@@ -354,6 +354,12 @@ def check_backends(cfg: ExperimentConfig) -> None:
             if needed and all(importlib.util.find_spec(m) is None for m in needed):
                 raise IcrError(f"train.report_to: {name} is not installed (pip install {needed[0]}), "
                                "or remove it from train.report_to")
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.train.lr_scheduler not in schedulers:
+        raise IcrError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not a transformers scheduler "
+                       f"({', '.join(schedulers)})")
     if cfg.train.accelerate_config:
         from .train_launch import resolve_accelerate_config
 
