@@ -254,3 +254,11 @@ def test_a_cached_judge_passes_on_what_its_judge_declares(tmp_path):
               for r, w in (("a", 0.0), ("abc", 1.0), ("ab", 2.0))]
     got = reward_agreement(scored, cached)
     assert set(got["en"]) == {"all", "length"} and got["en"]["length"]["n"] == 3
+
+
+def test_icr_config_names_every_registered_judge(cli):
+    from icr.evaluation.judges import JUDGES
+
+    code, out, _ = cli("config")
+    line = next(x for x in out.splitlines() if x.startswith("evaluation.judge "))
+    assert code == 0 and all(name in line for name in JUDGES), line

@@ -228,9 +228,10 @@ class EvaluationConfig:
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Evaluation prompts."})
     references: ReferenceSource = field(default_factory=ReferenceSource, metadata={
         "help": "Reference answers per language (a path with {lang}, or a mapping like prompts)."})
-    judge: str = _f("", "Judge: alpaca_eval | reward_model | a dotted path `module:factory` (e.g. the sandbox's "
-                    "icr.sandbox:OracleJudge). Required when evaluation, judge-chosen pairs or reward agreement "
-                    "are on.")
+    judge: str = _f("", "Judge: alpaca_eval | reward_model | fake (offline, no model: the longer answer wins, or "
+                    "judge_args {mode: hash} a fixed pseudo-random preference; for smoke runs and tests) | a dotted "
+                    "path `module:factory` (e.g. the sandbox's icr.sandbox:OracleJudge). Required when evaluation, "
+                    "judge-chosen pairs or reward agreement are on.")
     judge_args: dict = _f({}, "Keyword arguments for the judge factory.")
     temperature: float = _f(0.6, "Decoding temperature (paper: 0.6).", min=0.0, max=5.0)
     top_p: float = _f(0.9, "Decoding top_p (paper: 0.9).", min=0.0, max=1.0, exclusive_min=True)
