@@ -262,3 +262,10 @@ def test_icr_config_names_every_registered_judge(cli):
     code, out, _ = cli("config")
     line = next(x for x in out.splitlines() if x.startswith("evaluation.judge "))
     assert code == 0 and all(name in line for name in JUDGES), line
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/rm", "./models/rm", "runs/x/rm-model"])
+def test_a_missing_reward_model_folder_is_named(path):
+    """Before: transformers' "Repo id must use alphanumeric chars" for a mistyped local path."""
+    with pytest.raises(IcrError, match=f"evaluation.judge_args.model: no reward model at {path}"):
+        get_judge("reward_model", model=path)

@@ -113,6 +113,10 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1  # a hub id is name or org/name
+        if looks_local and not Path(model).expanduser().exists():  # else transformers says "Repo id must use ..."
+            raise IcrError(f"evaluation.judge_args.model: no reward model at {model} (a local folder, or a hub id "
+                           "such as org/name)")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
