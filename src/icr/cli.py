@@ -177,9 +177,8 @@ def _stage(args) -> None:
     """One stage of one iteration, with the iteration's folders, seed and models from `icr.plan`
     (the same plan `icr run` follows), in this process: the command is the process."""
     from .config import load_config
-    from .loop import check_run_folder, config_digest, resolve_placeholders, run_prepare
+    from .loop import resolve_placeholders, run_folder, run_prepare
     from .plan import iteration_plan
-    from .runs import run_lock
     from .stages import SHARDED, run_pairs, run_train
 
     cfg = load_config(args.config, args.set)
@@ -191,8 +190,7 @@ def _stage(args) -> None:
     shard = _parse_shard(getattr(args, "shard", None))
     # Generate and score run beside other commands of the same config (each on its shards); pairs
     # and train hold the folder alone. Either way the run folder's config must be this one.
-    with run_lock(cfg.run_dir, config_digest(cfg), shared=args.command in SHARDED):
-        check_run_folder(cfg, cfg.run_dir, force=False)
+    with run_folder(cfg, cfg.run_dir, shared=args.command in SHARDED):
         if args.command in SHARDED:
             result = SHARDED[args.command](cfg, it, shard=shard)
         elif args.command == "pairs":
@@ -331,8 +329,7 @@ def _sandbox(args) -> None:
 def _evaluate(args) -> None:
     from .config import FOLDER_NAME_RULE, is_folder_name, load_config
     from .evaluation.evaluate import Evaluator, make_judge
-    from .loop import check_run_folder, config_digest, resolve_placeholders, run_prepare
-    from .runs import run_lock
+    from .loop import resolve_placeholders, run_folder, run_prepare
 
     if not is_folder_name(args.label):  # it names the folder eval/<label>/ (and results rows)
         raise IcrError(f"--label: {FOLDER_NAME_RULE}, got {args.label!r}")
@@ -342,8 +339,7 @@ def _evaluate(args) -> None:
         raise IcrError("evaluation.prompts.path: required for icr evaluate")
     if not cfg.evaluation.judge:
         raise IcrError("evaluation.judge: required for icr evaluate (alpaca_eval, reward_model, or module:factory)")
-    with run_lock(cfg.run_dir, config_digest(cfg)):  # results.json and eval/ are the run's: its config only
-        check_run_folder(cfg, cfg.run_dir, force=False)
+    with run_folder(cfg, cfg.run_dir):  # results.json and eval/ are the run's: its config only
         evaluate = Evaluator(cfg, cfg.run_dir, make_judge(cfg), cfg.run_dir / "results.json")
         for row in evaluate(args.model, args.label, args.iteration):
             print(row)

@@ -17,6 +17,7 @@ manifest matches; an interrupted stage resumes from its last shard or checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -152,6 +153,16 @@ def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
         atomic_write_text(saved, resolved)
 
 
+@contextlib.contextmanager
+def run_folder(cfg: ExperimentConfig, run_dir: Path, *, force: bool = False, shared: bool = False):
+    """Work in `run_dir` as `cfg`'s: its lock taken for this config (`shared`: beside other commands
+    of the same config, see runs.run_lock), its config.yaml checked (`check_run_folder`). What every
+    command that writes into a run folder holds (icr run, the stage commands, icr evaluate)."""
+    with run_lock(run_dir, config_digest(cfg), shared=shared):
+        check_run_folder(cfg, run_dir, force)
+        yield
+
+
 def _computed_anything(run_dir: Path) -> bool:
     return any(True for pattern in ("results.json", "**/manifest.json", "**/shard-*.jsonl")
                for _ in run_dir.glob(pattern))
@@ -262,8 +273,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
     cfg = resolve_placeholders(cfg, prepared)
     judge = preflight(cfg)
     run_dir = cfg.run_dir
-    with run_lock(run_dir, config_digest(cfg)):
-        check_run_folder(cfg, run_dir, force)
+    with run_folder(cfg, run_dir, force=force):
         timings: dict = {}
         rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage)
         for i, control in enumerate(cfg.controls):

@@ -83,16 +83,6 @@ def gguf_file(spec: str, what: str = "model") -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model") -> Path:
     """A normal checkpoint folder converted from a GGUF spec, built once per (file content, dtype)
     and reused: weights in `dtype` + tokenizer, or the tokenizer alone for dtype None (the loaders
@@ -100,10 +90,10 @@ def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model
     a private temporary folder and the first rename wins, so no reader sees a half-written copy."""
     import shutil
 
-    from .runs import cache_root, write_json
+    from .runs import cache_root, file_sha256, write_json
 
     path = gguf_file(spec, what)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     out = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}" / (dtype or "tokenizer")
     if (out / "icr_gguf_source.json").is_file():
         return out
@@ -287,24 +277,13 @@ def check_model(name_or_path: str, what: str = "model") -> None:
     for path in files:
         if path.suffix != ".safetensors":
             continue
-        problem = safetensors_header_problem(path)
+        tensors, problem = safetensors_header(path)
         if problem:
             raise IcrError(f"{what}: {path}: not a valid safetensors file ({problem})")
         if found.suffix == ".safetensors":
-            names = list(_safetensors_header(path))
+            names = list(tensors)
     if names is not None:
         _check_layer_count(config, names, folder, what)
-
-
-def _safetensors_header(path: Path) -> dict:
-    """The tensors of a safetensors file (name -> dtype/shape/offsets), from its header alone."""
-    import struct
-
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n).decode("utf-8"))
-    header.pop("__metadata__", None)
-    return header
 
 
 def _check_layer_count(config, names: list[str], folder: Path, what: str) -> None:
@@ -334,8 +313,9 @@ def _check_layer_count(config, names: list[str], folder: Path, what: str) -> Non
                    f"hold {len(held)} ({prefix}layers.N; missing {shown}): the weights do not fit the config")
 
 
-def safetensors_header_problem(path: Path) -> str | None:
-    """Why `path` is not a well-formed safetensors file (header and tensor extents), or None.
+def safetensors_header(path: Path) -> tuple[dict, str | None]:
+    """(its tensors: name -> dtype/shape/data_offsets, None) from a safetensors file's header alone,
+    or ({}, why it is not a well-formed safetensors file: header and tensor extents).
 
     The format: 8 bytes little-endian header length N, N bytes of JSON
     `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data;
@@ -348,19 +328,19 @@ def safetensors_header_problem(path: Path) -> str | None:
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                return f"{size} bytes, too short for a header"
+                return {}, f"{size} bytes, too short for a header"
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100_000_000:
-                return f"header length {n} does not fit the file's {size} bytes"
+                return {}, f"header length {n} does not fit the file's {size} bytes"
             header = json.loads(fh.read(n).decode("utf-8"))
     except FileNotFoundError:
-        return "file missing"
+        return {}, "file missing"
     except (UnicodeDecodeError, ValueError):
-        return "header is not JSON"
+        return {}, "header is not JSON"
     except OSError as e:
-        return f"cannot read ({e.strerror})"
+        return {}, f"cannot read ({e.strerror})"
     if not isinstance(header, dict):
-        return "header is not a JSON object"
+        return {}, "header is not a JSON object"
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -371,11 +351,12 @@ def safetensors_header_problem(path: Path) -> str | None:
                     and 0 <= begin <= stop):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            return f"tensor {name!r} has no valid dtype/shape/data_offsets"
+            return {}, f"tensor {name!r} has no valid dtype/shape/data_offsets"
         end = max(end, stop)
     if 8 + n + end != size:
-        return f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated or padded)"
-    return None
+        return {}, f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated or padded)"
+    header.pop("__metadata__", None)
+    return header, None
 
 
 def release_memory() -> None:

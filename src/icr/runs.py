@@ -223,6 +223,7 @@ def run_lock(run_dir: Path, config: str | None = None, *, shared: bool = False):
 
 
 def _live_holder(lock: Path) -> dict | None:
+    """What a lock file says of its holder, or None: unreadable, not icr's, or its process gone (same host)."""
     try:
         holder = json.loads(lock.read_text())
     except (OSError, ValueError):
@@ -274,14 +275,8 @@ def hold_lock(lock: Path, busy: str, extra: dict | None = None):
                 os.link(tmp, lock)
                 break
             except FileExistsError:
-                try:
-                    holder = json.loads(lock.read_text())
-                except (OSError, ValueError):
-                    holder = None
-                if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
-                    lock.unlink(missing_ok=True)  # empty or garbage: no live icr process wrote it
-                    continue
-                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                holder = _live_holder(lock)
+                if holder is None:  # empty or garbage (no live icr process wrote it), or its process is gone
                     lock.unlink(missing_ok=True)
                     continue
                 raise IcrError(
@@ -338,21 +333,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _verified: dict[tuple, bool] = {}  # (folder, (name, size, mtime_ns)...) -> checked in this process
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weight_digests(model_dir: Path) -> dict[str, str]:
     """sha256 of every weight file of a model folder (what `run_train` records when it saves one).
 
     Full hashes, not a sample: a model zeroed or cut in place keeps its size, and a partial read
     would miss damage elsewhere. Cost ~1-2 GB/s on one core (an 8B model in fp32: ~20 s), paid once
     per model and process (`verify_weights` remembers what it checked)."""
-    out = {}
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.suffix in WEIGHT_SUFFIXES and path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            out[path.name] = h.hexdigest()
-    return out
+    return {path.name: file_sha256(path) for path in sorted(Path(model_dir).iterdir())
+            if path.suffix in WEIGHT_SUFFIXES and path.is_file()}
 
 
 def verify_weights(model_dir: Path, recorded: dict[str, str], what: str) -> None:

@@ -85,8 +85,8 @@ def _mine(index: int, shard: Shard | None) -> bool:
 class ShardedStage:
     """A stage computed shard by shard (generate, score): see the module docstring."""
 
-    name: str
     folder: Callable[[IterationPlan], Path]
+    models: Callable[[ExperimentConfig, IterationPlan], tuple]  # the models `compute` loads
     key: Callable[[ExperimentConfig, IterationPlan, PromptSet], dict]
     shards: Callable[[ExperimentConfig, IterationPlan, PromptSet], list[Path]]  # every output shard
     compute: Callable[[ExperimentConfig, IterationPlan, PromptSet, Shard | None], int]  # -> shards computed
@@ -99,7 +99,7 @@ class ShardedStage:
         stage_dir, key = self.folder(plan), self.key(cfg, plan, prompts)
         if manifest_matches(stage_dir, key):
             return {"skipped": True}
-        for model in dict.fromkeys((plan.policy, plan.reward_policy, plan.reward_reference)):
+        for model in self.models(cfg, plan):
             check_trained_model(model)  # an iteration model changed since training saved it is not used
         if reuse is not None and _reuse(stage_dir, key, self.folder(reuse)):
             return {"reused": str(self.folder(reuse))}
@@ -110,19 +110,20 @@ class ShardedStage:
                seconds: float = 0.0) -> dict:
         """Join the shards and write the manifest, or {"partial": True} while shards are missing
         (another worker of `icr generate --shard` has them; the last one to finish writes it)."""
-        stage_dir = self.folder(plan)
-        if manifest_matches(stage_dir, self.key(cfg, plan, prompts)):  # a worker already joined it
+        stage_dir, key = self.folder(plan), self.key(cfg, plan, prompts)
+        if manifest_matches(stage_dir, key):  # a worker already joined it
             return dict(read_json(stage_dir / "manifest.json")["counts"])
         if any(not p.is_file() for p in self.shards(cfg, plan, prompts)):
             return {"partial": True}
         counts = self.summary(cfg, plan, prompts, computed)
-        write_manifest(stage_dir, self.key(cfg, plan, prompts), counts, seconds)
+        write_manifest(stage_dir, key, counts, seconds)
         return counts
 
     def __call__(self, cfg: ExperimentConfig, plan: IterationPlan, *, prompts: PromptSet | None = None,
                  shard: Shard | None = None, reuse: IterationPlan | None = None) -> dict:
         """The whole stage in this process (or this worker's shards of it, with `shard`)."""
-        prompts = prompts or load_prompt_set(cfg.prompts, cfg.languages)
+        if prompts is None:
+            prompts = load_prompt_set(cfg.prompts, cfg.languages)
         done = self.begin(cfg, plan, prompts, reuse)
         if done:
             return done
@@ -190,15 +191,16 @@ def _damaged(path: Path, got: int, expected: int, what: str) -> IcrError:
 def _generate_summary(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet, computed: int) -> dict:
     stage_dir = plan.generate_dir
     shards = _generate_shards(cfg, plan, prompts)
-    records = []
+    records, skipped = [], 0
     for i, items in shards:  # every shard complete: n samples of every prompt it did not skip
         path, skipped_file = shard_path(stage_dir, i), stage_dir / f"skipped-{i:05d}.jsonl"
         shard = read_jsonl(path)
-        expected = (len(items) - (len(read_jsonl(skipped_file)) if skipped_file.is_file() else 0)) * cfg.generation.n
+        shard_skipped = len(read_jsonl(skipped_file)) if skipped_file.is_file() else 0
+        expected = (len(items) - shard_skipped) * cfg.generation.n
         if len(shard) != expected:
             raise _damaged(path, len(shard), expected, "samples")
         records += shard
-    skipped = sum(len(read_jsonl(p)) for p in stage_dir.glob("skipped-*.jsonl"))
+        skipped += shard_skipped
     if skipped:
         log.warning("generate: %d prompts longer than the prompt limit were skipped (see %s/skipped-*.jsonl)",
                     skipped, stage_dir)
@@ -223,7 +225,8 @@ def _prompt_token_limit(backend, g) -> int | None:
     return None if ctx is None else max(1, ctx - g.max_new_tokens)
 
 
-GENERATE = ShardedStage("generate", folder=lambda plan: plan.generate_dir, key=generate_key,
+GENERATE = ShardedStage(folder=lambda plan: plan.generate_dir, models=lambda cfg, plan: (plan.policy,),
+                        key=generate_key,
                         shards=lambda cfg, plan, prompts: [shard_path(plan.generate_dir, i) for i, _ in
                                                            _generate_shards(cfg, plan, prompts)],
                         compute=generate_shards, summary=_generate_summary)
@@ -278,7 +281,9 @@ def _score_summary(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSe
     return counts
 
 
-SCORE = ShardedStage("score", folder=lambda plan: plan.score_dir, key=score_key,
+SCORE = ShardedStage(folder=lambda plan: plan.score_dir, key=score_key,
+                     models=lambda cfg, plan: (plan.reward_policy, plan.reward_reference)
+                     + ((plan.policy,) if cfg.reward.variant == "translate_to_english" else ()),
                      shards=lambda cfg, plan, prompts: [plan.score_dir / p.name for p in
                                                         sorted(plan.generate_dir.glob("shard-*.jsonl"))],
                      compute=score_shards, summary=_score_summary)
