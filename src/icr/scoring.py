@@ -1,6 +1,6 @@
 """How the score stage turns samples into rewards: one scorer interface, engines by name.
 
-    score_shards(cfg, plan, prompts, shards, all_samples) -> per shard, its records with rewards
+    scored_shards(cfg, plan, prompts, shards, all_samples) -> per shard, its records with rewards
 
 The parts, each in its own place:
 
@@ -108,7 +108,7 @@ def reward_tokenizer(policy_path: str, reference_path: str, cfg: ExperimentConfi
     return tok_policy
 
 
-def score_shards(cfg: ExperimentConfig, plan, prompts, shards: list[list[dict]],
+def scored_shards(cfg: ExperimentConfig, plan, prompts, shards: list[list[dict]],
                  all_samples: list[dict]) -> Iterator[list[dict]]:
     """The records of each shard in `shards` (sample records of the generate stage) with their
     reward fields, shard by shard. `all_samples`: every sample of the stage (the authors' token set

@@ -248,7 +248,7 @@ def score_key(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet) ->
 def score_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet, shard: Shard | None) -> int:
     """The implicit reward (icr.scoring) of every sample in this worker's missing shards."""
     from .models import release_memory
-    from .scoring import score_shards as scored_shards
+    from .scoring import scored_shards
 
     inputs = sorted(plan.generate_dir.glob("shard-*.jsonl"))
     todo = [p for j, p in enumerate(inputs) if not (plan.score_dir / p.name).is_file() and _mine(j, shard)]
