@@ -252,6 +252,21 @@ class EvaluationConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where worker processes run (docs/distributed.md). Outputs do not depend on it."""
+
+    backend: str = _f("local", "local (child processes on this machine) | ray (tasks on a Ray cluster: one task per "
+                      "shard worker, GPUs requested from Ray, training launched on every node; pip install "
+                      "'icr[ray]').", choices=("local", "ray"))
+    address: str = _f("auto", "ray: the cluster to join (ray.init's address): auto (the one `ray start` runs on this "
+                      "node), host:port or ray://host:port, or local (a one-node cluster started and stopped by icr).")
+    task_retries: int = _f(2, "ray: times a shard task is started again after its worker process or node died (the "
+                           "shards it finished are kept; the retry resumes at the first missing one).", min=0)
+    nodes: int = _f(1, "ray: nodes that training runs on (one accelerate process group per node, "
+                    "train.accelerate_config's num_processes / nodes processes each).", min=1)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = _f("", "Run name; outputs go to {run_root}/{name}. One folder name: letters, digits, . _ - "
                    "(starting with a letter or digit, at most 100 characters).")
@@ -268,6 +283,11 @@ class ExperimentConfig:
         "auto", "Run generate, score, train and evaluation's sampling each in its own child process, so that every "
         "model and cache is gone from the GPU before the next stage: auto (when the device is cuda; a process start "
         "costs ~5 s) | true | false. Outputs do not depend on it.", choices=("auto", True, False))
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={
+        "help": "Where worker processes run: this machine, or a Ray cluster."})
+    report_to: list = _f([], "Run-level trackers that receive every stage's counts and times, pair statistics, reward "
+                         "agreement, evaluation win rates and the training losses: tensorboard (files under "
+                         "runs/<name>/tracking/) | wandb | trackio; none by default.")
     prepare: PrepareConfig | None = _f(None, "Optional builder of local models/data, run first.")
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "pi0 and pi_SFT."})
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Training prompts (parallel by id)."})

@@ -64,6 +64,11 @@ def worker_command(job_file: Path, shard: tuple[int, int] | None = None) -> list
     return cmd + (["--shard", f"{shard[0]}/{shard[1]}"] if shard else [])
 
 
+def worker_log(job_dir: Path, index: int) -> Path:
+    """Where process `index` of a job writes its output (whatever backend runs it)."""
+    return Path(job_dir) / f"worker-{index}.log"
+
+
 def child_env(extra: dict | None = None) -> dict:
     return dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(extra or {}))
 
@@ -75,7 +80,7 @@ def run_job(job_dir: Path, kind: str, config: dict, args: dict, envs: list[dict]
     n = len(envs)
     commands = [worker_command(job_file, (i, n)) for i in range(n)]
     codes = run_processes(commands, [child_env(e) for e in envs],
-                          [Path(job_dir) / f"worker-{i}.log" for i in range(n)])
+                          [worker_log(job_dir, i) for i in range(n)])
     return collect(job_dir, kind, codes)
 
 
@@ -125,7 +130,7 @@ def collect(job_dir: Path, kind: str, codes: list[int], log_of=None) -> list[dic
     IcrError is raised here with its one line (any rank's, e.g. under accelerate), any other
     failure with the tail of its log. The job folder goes on success."""
     job_dir = Path(job_dir)
-    log_of = log_of or (lambda i: job_dir / f"worker-{i}.log")
+    log_of = log_of or (lambda i: worker_log(job_dir, i))
     n = len(codes)
     for error in sorted(job_dir.glob("error-*.json")):  # bad input found in a child: the same line as in-process
         raise IcrError(read_json(error)["error"])
