@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 import os
 import subprocess
 import sys
@@ -72,7 +73,11 @@ def test_an_empty_or_garbage_lock_does_not_block(tmp_path):
 
 
 def test_prepare_runs_under_a_lock(tmp_path, monkeypatch):
-    """Two runs sharing a prepare step never build into the same folder at once."""
+    """Two commands sharing a prepare step never build into the same folder at once: the second
+    waits for the first (shard workers of one run start together on several nodes) and then uses
+    what it built; if the builder dies, the waiter builds."""
+    import threading
+
     import socket
     import types
 
@@ -92,14 +97,47 @@ def test_prepare_runs_under_a_lock(tmp_path, monkeypatch):
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
-        with pytest.raises(IcrError, match=r"prepare: .* is being built by process"):
-            run_prepare(cfg)
-        assert calls == []
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(run_prepare(cfg)))
+        waiter.start()
+        waiter.join(timeout=2.5)
+        assert waiter.is_alive() and calls == []  # waiting, not building, not refused
+        out.mkdir(parents=True)
+        (out / "done.json").write_text("{}")  # the holder finished building
+        holder.kill()
+        holder.wait()
+        waiter.join(timeout=30)
+        assert got == [out] and calls == []  # used what the other built
     finally:
         holder.kill()
         holder.wait()
+    (out / "done.json").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))  # a builder that died
     assert run_prepare(cfg) == out and calls == [out] and not lock.exists()
     assert run_prepare(cfg) == out and calls == [out]  # built once
+
+
+def test_a_lock_of_another_host_is_taken_over_only_when_its_lease_ran_out(tmp_path, monkeypatch):
+    """Across hosts a pid means nothing: a holder elsewhere is alive while it renews its lease
+    (the lock file's modification time, touched by a heartbeat); a silent one is taken over."""
+    from icr.runs import hold_lock
+
+    monkeypatch.setenv("ICR_LOCK_LEASE", "5")
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "node-that-is-not-this-one"}))
+    with pytest.raises(IcrError, match="in use by process 1 on node-that-is-not-this-one"):
+        with hold_lock(lock, "in use"):
+            pass
+    old = time.time() - 6
+    os.utime(lock, (old, old))  # no heartbeat for longer than the lease: that node is gone
+    with hold_lock(lock, "in use"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        os.utime(lock, (old, old))
+        time.sleep(1.5)  # our own heartbeat (every lease/10 s) renews it
+        assert time.time() - lock.stat().st_mtime < 2
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

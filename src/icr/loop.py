@@ -72,8 +72,9 @@ def run_prepare(cfg: ExperimentConfig) -> Path | None:
             func = getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
             raise IcrError(f"prepare.call: cannot import {call!r} ({e})") from None
-    # Two runs sharing a prepare step must not build into the same folder at once.
-    with hold_lock(out.with_name(out.name + ".lock"), f"prepare: {out} is being built"):
+    # Two commands sharing a prepare step (two runs, or the shard workers of one on several nodes)
+    # must not build into the same folder at once: the second waits for the first.
+    with hold_lock(out.with_name(out.name + ".lock"), f"prepare: {out} is being built", wait=True):
         if done.is_file():  # built by another process while this one started
             return out
         log.info("prepare: building %s into %s", call, out)

@@ -13,16 +13,20 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
 import tempfile
-import uuid
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import IcrError
+
+log = logging.getLogger("icr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +215,7 @@ def run_lock(run_dir: Path, config: str | None = None, *, shared: bool = False):
     me = run_dir / SHARED_LOCKS / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
     me.parent.mkdir(exist_ok=True)
     atomic_write_text(me, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "config": config}))
+    beat = _Heartbeat(me)
     try:
         # Registered first, checked second: of two commands starting together at least one sees
         # the other, so two configs never both go ahead.
@@ -219,7 +224,49 @@ def run_lock(run_dir: Path, config: str | None = None, *, shared: bool = False):
         _refuse_other_configs(run_dir, config, others + ([exclusive] if exclusive else []))
         yield
     finally:
+        beat.stop()
         me.unlink(missing_ok=True)
+
+
+def lease_seconds() -> float:
+    """How long a lock of another host stays valid without a heartbeat (ICR_LOCK_LEASE, default 600 s)."""
+    try:
+        return max(1.0, float(os.environ.get("ICR_LOCK_LEASE", "600")))
+    except ValueError:
+        raise IcrError(f"ICR_LOCK_LEASE: expected seconds, got {os.environ['ICR_LOCK_LEASE']!r}") from None
+
+
+class _Heartbeat:
+    """Touches a lock file every lease/10 seconds while its holder lives: the lease other hosts read.
+
+    Why our own and not filelock's SoftFileLock: a soft lock left by a crashed node blocks forever
+    (its pid means nothing on another host) and filelock has no lease. Liveness across hosts is
+    the file's modification time, renewed here and compared with the shared file system's own
+    clock (`_fs_now`), so the nodes' clocks need not agree."""
+
+    def __init__(self, path: Path):
+        self.path, self._stop = Path(path), threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"icr-lock-heartbeat-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(lease_seconds() / 10):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _fs_now(folder: Path) -> float:
+    """The shared file system's current time: the modification time of a file created now in `folder`."""
+    fd, tmp = tempfile.mkstemp(prefix=".icr-clock-", dir=folder)
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def _live_holder(lock: Path) -> dict | None:
@@ -230,8 +277,18 @@ def _live_holder(lock: Path) -> dict | None:
         return None
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
         return None
-    if holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"]):
-        return None
+    if holder.get("host") == socket.gethostname():
+        if not _pid_alive(holder["pid"]):
+            return None
+    else:  # another host's process: alive while it renews its lease (_Heartbeat)
+        try:
+            silent = _fs_now(lock.parent) - lock.stat().st_mtime
+        except OSError:
+            return None
+        if silent > lease_seconds():
+            log.warning("%s: taking over from process %s on %s, silent for %.0f s (lease %.0f s)", lock,
+                        holder.get("pid"), holder.get("host"), silent, lease_seconds())
+            return None
     return {**holder, "file": lock}
 
 
@@ -254,14 +311,16 @@ def _refuse_other_configs(run_dir: Path, config: str | None, holders: list[dict]
 
 
 @contextlib.contextmanager
-def hold_lock(lock: Path, busy: str, extra: dict | None = None):
+def hold_lock(lock: Path, busy: str, extra: dict | None = None, *, wait: bool = False):
     """Hold the lock file `lock` for the duration; refuse (IcrError starting with `busy`) if a live
     process holds it.
 
     The lock records host and pid and is created with its content in one step (written to a
     temporary file, then hard-linked into place), so a lock file is never seen empty while its
-    holder lives. A lock whose process is gone (same host) is taken over, so a killed run never
-    blocks its own resume; so is an empty or unreadable one (not written by icr).
+    holder lives. A lock whose process is gone (same host), or whose holder on another host stopped
+    renewing its lease (`_Heartbeat`, ICR_LOCK_LEASE), is taken over, so a killed run never blocks
+    its own resume; so is an empty or unreadable one (not written by icr). `wait`: wait for a live
+    holder to let go instead of refusing.
     """
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +329,8 @@ def hold_lock(lock: Path, busy: str, extra: dict | None = None):
     with os.fdopen(fd, "w") as fh:
         json.dump(me, fh)
     try:
-        for _ in range(3):
+        attempts, told = 0, False
+        while True:
             try:
                 os.link(tmp, lock)
                 break
@@ -278,17 +338,25 @@ def hold_lock(lock: Path, busy: str, extra: dict | None = None):
                 holder = _live_holder(lock)
                 if holder is None:  # empty or garbage (no live icr process wrote it), or its process is gone
                     lock.unlink(missing_ok=True)
+                    attempts += 1
+                    if attempts > 3:
+                        raise IcrError(f"{busy}: could not take {lock}") from None
                     continue
-                raise IcrError(
-                    f"{busy} by process {holder.get('pid')} on {holder.get('host')} "
-                    f"(remove {lock} if that process is gone)") from None
-        else:
-            raise IcrError(f"{busy}: could not take {lock}")
+                if not wait:
+                    raise IcrError(
+                        f"{busy} by process {holder.get('pid')} on {holder.get('host')} "
+                        f"(remove {lock} if that process is gone)") from None
+                if not told:
+                    log.info("%s by process %s on %s: waiting", busy, holder.get("pid"), holder.get("host"))
+                    told = True
+                time.sleep(1.0)
     finally:
         os.unlink(tmp)
+    beat = _Heartbeat(lock)
     try:
         yield
     finally:
+        beat.stop()
         lock.unlink(missing_ok=True)
 
 
@@ -309,20 +377,71 @@ def cache_root() -> Path:
     return Path(os.environ.get("ICR_CACHE", ".cache/icr"))
 
 
+# What a model folder's identity is made of: weights, configs, tokenizer files, a chat template.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".tiktoken", ".gguf")
+
+
 def model_key(name_or_path: str | None) -> str | None:
-    """Identity of a model for stage keys: a hub id as is; a local folder by its weight files
-    (name, size, modification time), so retraining a run's model invalidates what was built on it;
-    a local GGUF file (`x.gguf` or `folder::x.gguf`) by its size and modification time."""
+    """Identity of a model for stage keys, from its content, never from where it is mounted.
+
+    A hub id as is; a local folder by the sha256 of its files (MODEL_FILE_SUFFIXES, top level: the
+    weights, config and tokenizer); a local GGUF file (`x.gguf` or `folder::x.gguf`) by its sha256.
+    So the same model seen under two paths (two mount points of a shared file system, a symlink, a
+    copy) has one key, and nodes never discard each other's shards, while retraining a run's model
+    changes it. A model a run trained brings its weights' digests in its train manifest (free);
+    other files are hashed once per machine and remembered (`file_digest`)."""
     if name_or_path is None:
         return None
     path = Path(name_or_path.replace("::", "/", 1)) if "::" in name_or_path else Path(name_or_path)
     if path.is_file():
-        st = path.stat()
-        return text_hash(str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}")
+        return text_hash("file", file_digest(path))
     if not path.is_dir():
         return name_or_path
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return text_hash(str(path.resolve()), *[f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+    recorded = _recorded_weights(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in MODEL_FILE_SUFFIXES and p.is_file())
+    return text_hash("folder", *[f"{p.name}:{recorded.get(p.name) or file_digest(p)}" for p in files])
+
+
+def _recorded_weights(model_dir: Path) -> dict[str, str]:
+    """The weight digests a run's train manifest recorded for `<run>/iter<t>/model`, checked
+    against the files first (`check_trained_model`: a model changed since training is refused);
+    {} for other folders."""
+    manifest = model_dir.parent / "train" / "manifest.json"
+    if model_dir.name != "model" or not manifest.is_file():
+        return {}
+    check_trained_model(model_dir)
+    return read_json(manifest).get("weights") or {}
+
+
+_digests: dict[tuple, str] = {}  # (real path, size, mtime_ns, inode) -> sha256, this process
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, remembered by (real path, size, modification time, inode) in
+    this process and in `cache_root()/file-digests.json` (per machine: an 8B model's 16 GB take
+    ~10 s to hash; a file that changes gets a new stamp and is hashed again)."""
+    path = Path(path)
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if stamp in _digests:
+        return _digests[stamp]
+    if st.st_size < (1 << 20):  # small files: hashing is cheaper than the cache
+        _digests[stamp] = file_sha256(path)
+        return _digests[stamp]
+    cache = cache_root() / "file-digests.json"
+    entry = "|".join(map(str, stamp))
+    try:
+        known = read_json(cache)
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(entry), str):
+        known = known if isinstance(known, dict) else {}
+        known[entry] = file_sha256(path)
+        with contextlib.suppress(OSError):  # a read-only cache only costs the hash again
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache, known)
+    _digests[stamp] = known[entry]
+    return known[entry]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,11 +471,15 @@ def weight_digests(model_dir: Path) -> dict[str, str]:
             if path.suffix in WEIGHT_SUFFIXES and path.is_file()}
 
 
+def _weights_stamp(model_dir: Path) -> tuple:
+    return (str(Path(model_dir).resolve()), *[(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                              for p in sorted(Path(model_dir).iterdir()) if p.suffix in WEIGHT_SUFFIXES])
+
+
 def verify_weights(model_dir: Path, recorded: dict[str, str], what: str) -> None:
     """Refuse a model whose weight files are not the ones recorded when icr saved it."""
     model_dir = Path(model_dir)
-    stamp = (str(model_dir.resolve()), *[(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                         for p in sorted(model_dir.iterdir()) if p.suffix in WEIGHT_SUFFIXES])
+    stamp = _weights_stamp(model_dir)
     if _verified.get(stamp):
         return
     now = weight_digests(model_dir)
