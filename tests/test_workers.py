@@ -68,7 +68,7 @@ def test_a_worker_error_is_the_parents_one_line_error(tiny_pair, tmp_path):
     with pytest.raises(IcrError) as there:
         run_stage("generate", cfg, b, prompts=prompts, isolate=True)
     assert str(there.value) == str(here.value) and "no-model" in str(here.value)
-    assert (b.dir / "generate.workers" / "worker-0.log").is_file()  # kept for a failed worker
+    assert (b.dir / "generate" / "logs" / "worker-0.log").is_file()  # kept (icr.launch.worker_log)
 
 
 @pytest.mark.slow

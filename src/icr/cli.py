@@ -22,6 +22,7 @@ EPILOG = textwrap.dedent("""\
       icr run configs/sandbox.yaml              # the sandbox demo (same as `make demo`)
       icr validate configs/paper-llama3-8b.yaml # check a config, listing every problem at once
       icr generate configs/tiny.yaml --iteration 1 --shard 0/2   # one stage, one shard of it
+      icr status runs/tiny                      # from another terminal: stage, shards, ETA, failures
       icr report runs/tiny                      # report.md + plots from a finished run
     """)
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "English preference-aligned model (arXiv 2503.04647).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_validate, _add_config, _add_stage_commands, _add_evaluate, _add_sandbox,
+    for add in (_add_run, _add_status, _add_validate, _add_config, _add_stage_commands, _add_evaluate, _add_sandbox,
                 _add_report):  # in this order in `icr --help`
         add(sub)
     return parser
@@ -76,6 +77,18 @@ def _add_run(sub) -> None:
     p.add_argument("config")
     p.add_argument("--force", action="store_true", help="delete a run folder made with a different config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _common(p)
+
+
+def _add_status(sub) -> None:
+    """`icr status RUN_DIR`: where a run stands, from another terminal."""
+    p = sub.add_parser("status", help="where a run stands: stage, shards, rate, ETA, failed workers' logs",
+                       description="Read a run folder (while icr run works in it, or after) and print which "
+                                   "iteration and stage runs or failed or finished last, shards done, rate and "
+                                   "ETA, whether the worker processes are alive, and a failed worker's log tail."
+                                   "\n\nexample:\n  icr status runs/tiny",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
     _common(p)
 
 
@@ -192,13 +205,19 @@ def _stage(args) -> None:
     # and train hold the folder alone. Either way the run folder's config must be this one.
     with run_folder(cfg, cfg.run_dir, shared=args.command in SHARDED):
         if args.command in SHARDED:
-            result = SHARDED[args.command](cfg, it, shard=shard)
+            from .progress import watch
+
+            with watch(SHARDED[args.command].folder(it), f"iter{t} {args.command}"):
+                result = SHARDED[args.command](cfg, it, shard=shard)
         elif args.command == "pairs":
             from .evaluation.evaluate import make_judge
 
             result = run_pairs(cfg, it, judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
         else:
-            result = run_train(cfg, it)
+            from .progress import watch
+
+            with watch(it.train_dir, f"iter{t} train"):
+                result = run_train(cfg, it)
     print(result)
 
 
@@ -273,6 +292,10 @@ def _dispatch(args) -> None:
         if table:
             print(table + "\n")
         print(f"icr: run finished: {run_dir}" + (f" (report: {run_dir / 'report.md'})" if table else ""))
+    elif args.command == "status":
+        from .progress import run_status
+
+        print(run_status(Path(args.run_dir)))
     elif args.command == "validate":
         from .loop import preflight, prepared_dir, resolve_placeholders
 

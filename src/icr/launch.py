@@ -12,8 +12,9 @@ own process returns every byte when the process exits. Shard workers (`workers: 
      "args": {...}}            # what the kind needs beyond the config (an iteration: run_dir, t)
 
 Process i of a job writes `result-<i>.json` (its result) or `error-<i>.json` (an IcrError's one
-line, raised again in the parent) into the folder, and its output to `worker-<i>.log`. The folder is
-removed when every process succeeded and kept (with the logs) when one failed.
+line, raised again in the parent) into the folder, and its output to `worker_log(job_dir, i)` (the
+stage folder's `logs/worker-<i>.log`, kept). The folder is removed when every process succeeded and
+kept (with `exit-<i>.json` for a non-zero exit) when one failed.
 
 **Two ways to start a job's processes** (the only `subprocess` calls of icr):
 
@@ -65,8 +66,14 @@ def worker_command(job_file: Path, shard: tuple[int, int] | None = None) -> list
 
 
 def worker_log(job_dir: Path, index: int) -> Path:
-    """Where process `index` of a job writes its output (whatever backend runs it)."""
-    return Path(job_dir) / f"worker-{index}.log"
+    """Where process `index` of a job writes its output (whatever backend runs it): the `logs/`
+    folder of the stage folder beside a `<stage>.workers` job folder, kept after success (the job
+    folder goes) so a long run's workers can be read afterwards; `icr status` shows a failed one's
+    tail (icr.progress). A job folder of another name keeps its logs in `<job_dir>/logs/`."""
+    job_dir = Path(job_dir)
+    stage_dir = job_dir.with_name(job_dir.name.removesuffix(".workers")) if job_dir.name.endswith(".workers") \
+        else job_dir
+    return stage_dir / "logs" / f"worker-{index}.log"
 
 
 def child_env(extra: dict | None = None) -> dict:
@@ -132,6 +139,9 @@ def collect(job_dir: Path, kind: str, codes: list[int], log_of=None) -> list[dic
     job_dir = Path(job_dir)
     log_of = log_of or (lambda i: worker_log(job_dir, i))
     n = len(codes)
+    for i, code in enumerate(codes):  # kept with the job folder for `icr status` (icr.progress)
+        if code != 0:
+            write_json(job_dir / f"exit-{i}.json", {"exit": code})
     for error in sorted(job_dir.glob("error-*.json")):  # bad input found in a child: the same line as in-process
         raise IcrError(read_json(error)["error"])
     for i, code in enumerate(codes):

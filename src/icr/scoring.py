@@ -56,7 +56,8 @@ class HFEngine:
 
         for i, (prompt_ids, response_ids) in enumerate(batches):
             lp = sequence_logprobs(self.models, prompt_ids, response_ids, pad_id=self.pad_id,
-                                   batch_tokens=self.batch_tokens, desc=f"{desc} {i + 1}/{len(batches)}")
+                                   batch_tokens=self.batch_tokens,
+                                   desc=None if desc is None else f"{desc} {i + 1}/{len(batches)}")
             yield {"logp_policy": lp[0], "logp_reference": lp[1]}
 
     def close(self) -> None:
@@ -76,7 +77,8 @@ class VLLMEngine:
         res = vllm_logprobs(*self.paths, [p for b in batches for p in b[0]], [r for b in batches for r in b[1]],
                             device=self.cfg.device, dtype=self.cfg.models.dtype,
                             tensor_parallel_size=g.tensor_parallel_size,
-                            gpu_memory_utilization=g.gpu_memory_utilization, desc=f"{desc} ({len(batches)} shards)")
+                            gpu_memory_utilization=g.gpu_memory_utilization,
+                            desc=None if desc is None else f"{desc} ({len(batches)} shards)")
         start = 0
         for prompt_ids, _ in batches:
             end = start + len(prompt_ids)
@@ -128,9 +130,9 @@ def scored_shards(cfg: ExperimentConfig, plan, prompts, shards: list[list[dict]]
         rows_padded = None if padded is None else [padded[(rec["lang"], rec["id"], rec["sample"])] for rec in records]
         ids.append(reward_inputs(tokenizer, convs, ys, token_set=r.token_set, padded=rows_padded))
     engine = load_engine(cfg, plan.reward_policy, plan.reward_reference, tokenizer)
-    try:
+    try:  # no inner bar (desc None): the stage's bar is icr.progress's
         for records, ys, (_, _, n_tokens), lp in zip(shards, responses, ids,
-                                                     engine.logprobs([(p, q) for p, q, _ in ids], "score")):
+                                                     engine.logprobs([(p, q) for p, q, _ in ids], None)):
             reward = implicit_reward(lp["logp_policy"], lp["logp_reference"])
             yield [_scored(rec, reward[j], lp, n_tokens[j], j, ys[j] if r.variant == "translate_to_english" else None)
                    for j, rec in enumerate(records)]

@@ -33,6 +33,7 @@ from .config import ExperimentConfig, judge_identity
 from .data import PromptSet, load_prompt_set
 from .errors import IcrError
 from .plan import IterationPlan
+from .progress import ProgressWriter, worker_name
 from .runs import (append_journal, check_free_disk, check_trained_model, chunk, manifest_matches, model_key,
                    read_json, read_jsonl, read_shards, shard_path, text_hash, weight_digests, write_json, write_jsonl,
                    write_manifest)
@@ -160,14 +161,15 @@ def generate_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptS
     check_free_disk(stage_dir, sum(len(s) for _, s in todo) * g.n * (g.max_new_tokens * 4 + 400) * 2, "generate")
     backend = policy_backend(cfg, plan.policy, batch_size=g.batch_size)
     limit = _prompt_token_limit(backend, g)
+    progress = ProgressWriter(stage_dir, worker_name(shard), stage="generate", unit="sample",
+                              total=sum(len(s) for _, s in todo) * g.n, shards_total=len(shards))
     for i, shard_items in todo:
         convs = [chat_messages(text) for _, _, text in shard_items]
         lengths = [len(ids) for ids in _encode(backend, convs)]
         keep = [j for j, n in enumerate(lengths) if limit is None or n <= limit]
         params = SamplingParams(n=g.n, temperature=g.temperature, top_p=g.top_p,
                                 max_new_tokens=g.max_new_tokens, seed=plan.seed * 100_003 + i)
-        samples = backend.generate([convs[j] for j in keep], params,
-                                   desc=f"generate shard {i + 1}/{len(shards)}") if keep else []
+        samples = backend.generate([convs[j] for j in keep], params) if keep else []  # the bar: icr.progress
         records = [{"id": shard_items[j][1], "lang": shard_items[j][0], "prompt": shard_items[j][2], "sample": k,
                     "response": s.text, "finished": s.finished, "n_tokens": s.n_tokens}
                    for j, outs in zip(keep, samples) for k, s in enumerate(outs)]
@@ -178,6 +180,8 @@ def generate_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptS
             write_jsonl(stage_dir / f"skipped-{i:05d}.jsonl", skipped)
         write_jsonl(shard_path(stage_dir, i), records)
         append_journal(stage_dir, {"shard": i})
+        progress.update(advance=len(shard_items) * g.n, tokens=sum(r["n_tokens"] for r in records), shards=1)
+    progress.close()
     backend.close()
     del backend
     release_memory()
@@ -255,9 +259,13 @@ def score_shards(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSet,
     if not todo:
         return 0
     every = [rec for p in inputs for rec in read_jsonl(p)] if cfg.reward.token_set == "authors" else []
-    for path, records in zip(todo, scored_shards(cfg, plan, prompts, [read_jsonl(p) for p in todo], every)):
-        write_jsonl(plan.score_dir / path.name, records)
-        append_journal(plan.score_dir, {"shard": path.name})
+    samples = [read_jsonl(p) for p in todo]
+    with ProgressWriter(plan.score_dir, worker_name(shard), stage="score", unit="response",
+                        total=sum(map(len, samples)), shards_total=len(inputs)) as progress:
+        for path, records in zip(todo, scored_shards(cfg, plan, prompts, samples, every)):
+            write_jsonl(plan.score_dir / path.name, records)
+            append_journal(plan.score_dir, {"shard": path.name})
+            progress.update(advance=len(records), tokens=sum(r["reward_tokens"] for r in records), shards=1)
     release_memory()
     return len(todo)
 

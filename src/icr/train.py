@@ -23,6 +23,7 @@ from .compat import checkpointing_kwargs
 from .config import TrainConfig
 from .errors import IcrError
 from .models import load_causal_lm, load_tokenizer, resolve_device
+from .progress import training_callback
 
 log = logging.getLogger("icr")
 
@@ -245,7 +246,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
         dataset_num_proc=None,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the stage's bar is icr.progress's (training_callback), in any process
         remove_unused_columns=False,
         **checkpointing_kwargs(cfg.gradient_checkpointing),
     )
@@ -358,6 +359,7 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
         dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
+    trainer.add_callback(training_callback(out_dir))  # steps and loss for the parent's bar and `icr status`
     lengths = length_counts(trainer.train_dataset, len(pairs), cfg.max_length)
     if not lengths["pairs_trained"]:
         raise IcrError(f"train: every one of the {len(pairs)} pairs has a prompt of train.max_length = "

@@ -50,7 +50,16 @@ def run_stage(kind: str, cfg: ExperimentConfig, plan: IterationPlan, *, prompts=
               reuse: IterationPlan | None = None, workers: int | None = None, isolate: bool | None = None) -> dict:
     """Stage `kind` of iteration `plan`, placed by `cfg.workers` / `cfg.isolate_stages` (or the
     arguments). `reuse`: another run folder's plan whose finished generate/score stage with the
-    same key is lent instead of recomputed."""
+    same key is lent instead of recomputed. Its progress, however it runs, is shown here as one bar
+    (icr.progress.watch: the stage's processes write progress files into its folder)."""
+    from .progress import watch
+
+    folder = plan.train_dir if kind == "train" else SHARDED[kind].folder(plan)
+    with watch(folder, f"iter{plan.t} {kind}"):
+        return _place_stage(kind, cfg, plan, prompts=prompts, reuse=reuse, workers=workers, isolate=isolate)
+
+
+def _place_stage(kind: str, cfg: ExperimentConfig, plan: IterationPlan, *, prompts, reuse, workers, isolate) -> dict:
     workers = cfg.workers if workers is None else workers
     isolate = isolate_stages(cfg) if isolate is None else isolate
     if kind == "train":

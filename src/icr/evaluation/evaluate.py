@@ -26,9 +26,8 @@ import math
 import re
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import IcrError
+from ..progress import ProgressWriter, watch, worker_name
 from ..runs import read_json, text_hash, write_json
 from .export import read_model_outputs, to_model_outputs, write_model_outputs
 from .judges import CachedJudge, JudgeItem
@@ -111,11 +110,12 @@ def generate_outputs(model_path: str, label: str, prompts: dict[str, list[dict]]
         if load_backend is None:
             raise IcrError(f"evaluation: outputs of {label} must be generated, but no backend was given")
         backend = load_backend(model_path)
+    progress = ProgressWriter(out_dir / label, worker_name(), stage="evaluate", unit="answer",
+                              total=sum(len(prompts[lang]) for lang, _ in todo))
     try:
         for lang, key in todo:
             rows = prompts[lang]
-            samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params,
-                                       desc=f"{label} {lang}")
+            samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params)
             texts = [s[0].text for s in samples]
             outputs[lang] = to_model_outputs(rows, texts, generator=generator or label)
             lang_dir = out_dir / label / lang
@@ -123,6 +123,8 @@ def generate_outputs(model_path: str, label: str, prompts: dict[str, list[dict]]
             write_json(lang_dir / "generation.json", {
                 "key": key, "n": len(rows), "unfinished": sum(not s[0].finished for s in samples),
                 "mean_tokens": sum(s[0].n_tokens for s in samples) / max(len(samples), 1)})
+            progress.update(advance=len(rows), tokens=sum(s[0].n_tokens for s in samples))
+        progress.close()  # after an error: closed as failed by icr.progress.watch, or with its process
     finally:
         if own:
             backend.close()
@@ -156,11 +158,14 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
 
         identifier = language_identifier(tuple(sorted(prompts)))
     results = []
-    for lang in tqdm(list(prompts), desc=f"judging {label} ({judge.name})", unit="lang"):
+    judged = ProgressWriter(out_dir / label, "judge", stage="evaluate", unit="judgement",
+                            total=sum(len(outputs[lang]) for lang in prompts))
+    for lang in prompts:
         rows = outputs[lang]
         items = [JudgeItem(id=str(r["id"]), lang=lang, instruction=r["instruction"], output=r["output"],
                            reference=references.get(lang, {}).get(str(r["id"]), "")) for r in rows]
         prefs = judge.compare(items)
+        judged.update(advance=len(items))
         failed = sum(math.isnan(p) for p in prefs)
         if failed:
             raise IcrError(f"judge {judge.name}: {failed} of {len(items)} judgements failed for {label}/{lang}; "
@@ -175,6 +180,7 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
             "model": label, "iteration": iteration, "lang": lang, "judge": judge.name, "n": len(items),
             "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se, "lc": lc, "lc_method": lc_method,
             "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
+    judged.close()
     return results
 
 
@@ -245,6 +251,10 @@ class Evaluator:
         self.prompts = prompt_set.as_rows()
 
     def __call__(self, model_path: str, label: str, t: int) -> list[dict]:
+        with watch(self.out_dir / label, f"evaluate {label}"):  # answers sampled, judgements made
+            return self._evaluate(model_path, label, t)
+
+    def _evaluate(self, model_path: str, label: str, t: int) -> list[dict]:
         from ..launch import isolate_stages, run_in_child
         from .harness import evaluate_harness
         from .results import append_results
