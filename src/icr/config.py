@@ -286,8 +286,10 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={
         "help": "Where worker processes run: this machine, or a Ray cluster."})
     report_to: list = _f([], "Run-level trackers that receive every stage's counts and times, pair statistics, reward "
-                         "agreement, evaluation win rates and the training losses: tensorboard (files under "
-                         "runs/<name>/tracking/) | wandb | trackio; none by default.")
+                         "agreement, evaluation win rates and the training losses, the iteration as the step: "
+                         "tensorboard (files kept under runs/<name>/tracking/; pip install 'icr[track]') | wandb "
+                         "(WANDB_MODE=offline for offline) | trackio; [] or [none] = off. Changing it alone keeps "
+                         "the run folder (no stage output depends on it). See icr.tracking.")
     prepare: PrepareConfig | None = _f(None, "Optional builder of local models/data, run first.")
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "pi0 and pi_SFT."})
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Training prompts (parallel by id)."})
@@ -498,6 +500,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if not cfg.prompts.path:
         errors.append("prompts.path: required")
     errors.extend(_chat_template_problems(cfg.models.chat_template))
+    from .tracking import report_to_problems
+
+    errors.extend(report_to_problems(cfg.report_to))
     if any(not isinstance(name, str) or not name for name in cfg.train.report_to):
         errors.append(f"train.report_to: expected tracker names (e.g. [tensorboard]), got {cfg.train.report_to!r}")
     if cfg.evaluation.enabled and not cfg.evaluation.prompts.path:

@@ -117,7 +117,7 @@ def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> Experi
 # What icr writes at the top of a run folder: all that `--force` may delete (anything else there
 # is the user's and stays).
 RUN_FOLDER_ENTRIES = re.compile(r"config\.yaml|results\.json|report\.(md|html)|timings\.json|"
-                                r"iter\d+|controls|eval|diagnostics|\.shared-locks|"
+                                r"iter\d+|controls|eval|diagnostics|tracking|\.shared-locks|"
                                 r"wr_by_iteration\..+\.png|alpha_curve_iter\d+\.png")
 
 
@@ -188,13 +188,14 @@ def _delete_run_files(run_dir: Path) -> None:
 
 def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, judge=None,
              timings: dict | None = None, results_path: Path | None = None, reuse_from: Path | None = None,
-             on_stage: Callable[[str, dict], None] | None = None) -> list[dict]:
+             on_stage: Callable[[str, dict], None] | None = None, tracker=None) -> list[dict]:
     """Iterate generate -> score -> pairs -> train; evaluate when configured; return result rows.
 
     Result rows are added to `results_path` as each model is evaluated. `reuse_from` (a control's
     main run) lends finished generate/score stages whose keys match (same policy, seed, settings).
     `on_stage(name, result)` is called after each stage (e.g. bench/stage_memory.py records the
-    GPU memory this process holds between stages).
+    GPU memory this process holds between stages). `tracker` (icr.tracking.Tracker) receives each
+    stage's counts and time, the pair statistics, reward agreement and win rates.
     """
     from .evaluation.evaluate import Evaluator
     from .stages import run_pairs
@@ -221,7 +222,7 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
             t = {"sft": -1, "M0": 0}.get(name)
             if t is None:
                 raise IcrError(f"evaluation.models: unknown model {name!r} (sft, M0)")
-            rows += timed(f"evaluate/{name}", lambda: evaluate(paths[t], model_label(t), t))
+            rows += _tracked(tracker, timed(f"evaluate/{name}", lambda: evaluate(paths[t], model_label(t), t)))
     for t in range(1, cfg.iterations + 1):
         it = iteration_plan(cfg, run_dir, t)
         lent = iteration_plan(cfg, reuse_from, t) if reuse_from else None
@@ -231,21 +232,33 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
             ("pairs", lambda: run_pairs(cfg, it, judge=judge)),
             ("train", lambda: run_stage("train", cfg, it)),
         ):
-            result = timed(f"iter{t}/{stage}", fn)
+            with tracker.training(t, label) if tracker and stage == "train" else contextlib.nullcontext():
+                result = timed(f"iter{t}/{stage}", fn)
+            if tracker:
+                tracker.stage(t, stage, result, getattr(it, f"{stage}_dir"), label)
             status = ("skipped (manifest matches)" if result.get("skipped") else
                       "reused from the main run" if result.get("reused") else "done")
             log.info("%s iter%d %-8s %s %s", label or cfg.name, t, stage, status,
                      "" if result.get("skipped") or result.get("reused") else json.dumps(result))
             if stage == "score" and cfg.evaluation.reward_agreement and judge is not None:
-                _agreement(cfg, run_dir, it.score_dir, t, judge)
+                agreement = _agreement(cfg, run_dir, it.score_dir, t, judge)
+                if tracker:
+                    tracker.agreement(t, agreement, label)
         if evaluate:
-            rows += timed(f"iter{t}/evaluate", lambda: evaluate(paths[t], model_label(t, label), t))
+            rows += _tracked(tracker, timed(f"iter{t}/evaluate",
+                                            lambda: evaluate(paths[t], model_label(t, label), t)))
     return rows
 
 
-def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, judge) -> None:
+def _tracked(tracker, rows: list[dict]) -> list[dict]:
+    if tracker:
+        tracker.evaluation(rows)
+    return rows
+
+
+def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, judge) -> Path:
     """diagnostics/reward_agreement_iter<t>.json (iteration 1 also as reward_agreement.json, the
-    agreement of pi0's reward, which the report shows)."""
+    agreement of pi0's reward, which the report shows), written unless up to date; returns its path."""
     from .diagnostics import reward_agreement
     from .evaluation.judges import can_score
     from .runs import read_shards
@@ -253,7 +266,7 @@ def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, j
     out = run_dir / "diagnostics" / f"reward_agreement_iter{t}.json"
     key = {"scores": read_json(scores_dir / "manifest.json")["key"], **judge_identity(cfg)}
     if out.is_file() and read_json(out).get("key") == key:
-        return
+        return out
     if not can_score(judge):
         raise IcrError("evaluation.reward_agreement: the judge cannot score single answers (use reward_model, "
                        "or the sandbox's icr.sandbox:OracleJudge)")
@@ -262,6 +275,7 @@ def _agreement(cfg: ExperimentConfig, run_dir: Path, scores_dir: Path, t: int, j
     if t == 1:
         write_json(run_dir / "diagnostics" / "reward_agreement.json", agreement)
     log.info("reward agreement iter%d: %s", t, {lang: round(v["all"]["agree"], 3) for lang, v in agreement.items()})
+    return out
 
 
 def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Path | None = None,
@@ -270,18 +284,23 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
 
     `reuse_from`: another run folder whose finished stages with identical keys are hard-linked
     instead of recomputed (ablations share the baseline's first-iteration samples and scores)."""
+    from .tracking import check_trackers, open_tracker
+
+    check_trackers(cfg.report_to)  # before prepare, which may take long
     prepared = run_prepare(cfg)
     cfg = resolve_placeholders(cfg, prepared)
     judge = preflight(cfg)
     run_dir = cfg.run_dir
-    with run_folder(cfg, run_dir, force=force):
+    with run_folder(cfg, run_dir, force=force), open_tracker(cfg, run_dir) as tracker:
         timings: dict = {}
-        rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage)
+        rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage,
+                        tracker=tracker)
         for i, control in enumerate(cfg.controls):
             label = control["label"]
             ccfg = with_overrides(cfg, control.get("overrides", {}), f"controls[{i}]")
             rows += run_loop(ccfg, run_dir / "controls" / label, label=label, judge=judge, timings=timings,
-                             results_path=run_dir / "results.json", reuse_from=run_dir, on_stage=on_stage)
+                             results_path=run_dir / "results.json", reuse_from=run_dir, on_stage=on_stage,
+                             tracker=tracker)
         old = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
         write_json(run_dir / "timings.json", {**old, **timings})
         if cfg.evaluation.enabled:
@@ -339,11 +358,14 @@ def preflight(cfg: ExperimentConfig):
 
 def check_backends(cfg: ExperimentConfig) -> None:
     """What the config asks for is installed or found (else it would fail mid-run): vllm for a vllm
-    backend, the package of each train.report_to tracker, and train.accelerate_config (a file or a
-    shipped name, readable as a YAML mapping)."""
+    backend, the package of each report_to and train.report_to tracker, and train.accelerate_config
+    (a file or a shipped name, readable as a YAML mapping)."""
     import importlib.util
 
     from .generation.vllm import vllm_missing
+    from .tracking import check_trackers
+
+    check_trackers(cfg.report_to)
 
     for field, backend in (("generation.backend", cfg.generation.backend), ("reward.backend", cfg.reward.backend)):
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:

@@ -219,6 +219,8 @@ def check_one_device_per_process(device: str, cuda_devices: int, world_size: int
 def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs: int):
     from trl import DPOConfig
 
+    from .tracking import training_report_to
+
     on_gpu = device.startswith("cuda")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     loss_type, loss_weights = (["sigmoid", "sft"], [1.0, cfg.nll_weight]) if cfg.nll_weight > 0 else (["sigmoid"], None)
@@ -240,7 +242,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         use_cpu=not on_gpu,
         seed=seed,
         data_seed=seed,
-        report_to=cfg.report_to or "none",
+        report_to=training_report_to(cfg.report_to),  # + tensorboard into the run folder: icr.tracking
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
