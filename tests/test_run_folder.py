@@ -240,3 +240,20 @@ def test_an_iteration_model_changed_in_place_is_not_built_on(tmp_path, cli, buil
     line = _one_line_error(code, err)
     assert "iter1/model: its weights are not the ones iter1's training saved (model.safetensors changed)" in line
     assert not (tmp_path / "z" / "iter2").exists()
+
+
+def test_commands_differing_only_in_placement_share_the_run_folder(tmp_path, cli, built):
+    """Where a stage runs (workers, isolate_stages, cluster) and who watches (report_to) change no
+    output: a resume or another node with other placement is not 'a different config'."""
+    sets = ["--set", f"run_root={tmp_path}", "--set", "name=placed", "--iteration", "1"]
+    assert cli("generate", TINY, *sets)[0] == 0
+    saved = (tmp_path / "placed" / "config.yaml").read_text()
+    code, _, err = cli("score", TINY, *sets, "--set", "workers=3", "--set", "isolate_stages=true",
+                       "--set", "cluster.task_retries=5", "--set", "report_to=[tensorboard]")
+    assert code == 0, err
+    assert (tmp_path / "placed" / "config.yaml").read_text() == saved  # the first command's record stays
+    from icr.config import load_config
+    from icr.loop import config_digest
+
+    assert config_digest(load_config(TINY, ["workers=3", "cluster.backend=ray"])) == config_digest(load_config(TINY))
+    assert config_digest(load_config(TINY, ["seed=1"])) != config_digest(load_config(TINY))

@@ -128,7 +128,8 @@ def _add_stage_commands(sub) -> None:
         if name in ("generate", "score"):
             sp.add_argument("--shard", default=None, metavar="I/N",
                             help="compute only shards with index %% N == I (several workers share a stage); "
-                                 "the last worker to finish writes the manifest")
+                                 "the last worker to finish writes the manifest. auto: I/N from the launcher, "
+                                 "SLURM_PROCID/SLURM_NTASKS (srun) or RANK/WORLD_SIZE (torchrun)")
 
 
 def _add_evaluate(sub) -> None:
@@ -174,9 +175,29 @@ def _add_report(sub) -> None:
     _common(p)
 
 
+# Where `--shard auto` reads this process's share: srun's task variables, then torchrun's.
+SHARD_VARIABLES = (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE"))
+
+
 def _parse_shard(value: str | None):
     if value is None:
         return None
+    if value == "auto":
+        for index, count in SHARD_VARIABLES:
+            if index in os.environ and count in os.environ:
+                value = f"{os.environ[index]}/{os.environ[count]}"
+                source = f"{index}/{count}"
+                break
+        else:
+            raise IcrError("--shard auto: none of " + ", ".join(f"{i}/{n}" for i, n in SHARD_VARIABLES)
+                           + " is set (run it under srun or torchrun, or give I/N)")
+        try:
+            i, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise IcrError(f"--shard auto: {source} must be integers, got {value!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise IcrError(f"--shard auto: {source} must satisfy 0 <= I < N, got {value!r}")
+        return i, n
     try:
         i, n = (int(x) for x in value.split("/"))
     except ValueError:
@@ -201,9 +222,15 @@ def _stage(args) -> None:
         raise IcrError(f"--iteration: must be within 1..{cfg.iterations}, got {t}")
     it = iteration_plan(cfg, cfg.run_dir, t)
     shard = _parse_shard(getattr(args, "shard", None))
-    # Generate and score run beside other commands of the same config (each on its shards); pairs
-    # and train hold the folder alone. Either way the run folder's config must be this one.
-    with run_folder(cfg, cfg.run_dir, shared=args.command in SHARDED):
+    # Generate and score run beside other commands of the same config (each on its shards), and so
+    # does `icr train` on the nodes but node 0 of a multi-node launch (they only train: node 0
+    # writes); pairs and train hold the folder alone. Either way the folder's config must be this one.
+    shared = args.command in SHARDED
+    if args.command == "train" and cfg.train.accelerate_config:
+        from .train_launch import machine_rank
+
+        shared = machine_rank() > 0
+    with run_folder(cfg, cfg.run_dir, shared=shared):
         if args.command in SHARDED:
             from .progress import watch
 

@@ -92,11 +92,16 @@ def run_job(job_dir: Path, kind: str, config: dict, args: dict, envs: list[dict]
 
 
 def run_job_command(job_dir: Path, kind: str, config: dict, args: dict, command: list[str], env: dict,
-                    log_file: Path) -> dict:
+                    log_file: Path, *, results: bool = True) -> dict:
     """Run `command` (which starts the job's processes itself, e.g. `accelerate launch ... -m
-    icr.workers JOB.json`, see `worker_command`) and return process 0's result."""
+    icr.workers JOB.json`, see `worker_command`) and return process 0's result. `results=False`:
+    the job's process 0 runs elsewhere (a node of a multi-node launch other than node 0): only the
+    exit status and any process's error count, and {} is returned."""
     write_job(job_dir, kind, config, args)
     codes = run_processes([command], [env], [log_file])
+    if not results:
+        collect(job_dir, kind, codes, log_of=lambda i: log_file, results=False)
+        return {}
     return collect(job_dir, kind, codes, log_of=lambda i: log_file)[0]
 
 
@@ -132,7 +137,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def collect(job_dir: Path, kind: str, codes: list[int], log_of=None) -> list[dict]:
+def collect(job_dir: Path, kind: str, codes: list[int], log_of=None, *, results: bool = True) -> list[dict]:
     """Results of the processes of a finished job (exit `codes`, process i = shard i); a process's
     IcrError is raised here with its one line (any rank's, e.g. under accelerate), any other
     failure with the tail of its log. The job folder goes on success."""
@@ -145,12 +150,12 @@ def collect(job_dir: Path, kind: str, codes: list[int], log_of=None) -> list[dic
     for error in sorted(job_dir.glob("error-*.json")):  # bad input found in a child: the same line as in-process
         raise IcrError(read_json(error)["error"])
     for i, code in enumerate(codes):
-        if code != 0 or not (job_dir / f"result-{i}.json").is_file():
+        if code != 0 or (results and not (job_dir / f"result-{i}.json").is_file()):
             raise IcrError(f"{kind}: process {i}/{n} failed (exit {code}; log {log_of(i)}); rerun to resume "
                            f"from the finished work:\n{log_tail(log_of(i))}")
-    results = [read_json(job_dir / f"result-{i}.json") for i in range(n)]
+    found = [read_json(job_dir / f"result-{i}.json") for i in range(n)] if results else []
     shutil.rmtree(job_dir, ignore_errors=True)
-    return results
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,9 +121,21 @@ RUN_FOLDER_ENTRIES = re.compile(r"config\.yaml|results\.json|report\.(md|html)|t
                                 r"wr_by_iteration\..+\.png|alpha_curve_iter\d+\.png")
 
 
+# Fields that say where and how a run executes and who watches it, not what it computes: no stage's
+# output depends on them (tests/test_workers.py, test_ray.py compare the files), so commands that
+# differ only there share a run folder (e.g. a resume with more workers, a node with its own
+# placement), and config.yaml keeps the first command's values.
+PLACEMENT_FIELDS = ("workers", "isolate_stages", "cluster", "report_to")
+
+
+def _output_identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in PLACEMENT_FIELDS}
+
+
 def config_digest(cfg: ExperimentConfig) -> str:
-    """Identity of a resolved config (the run lock's: commands with equal digests may share a folder)."""
-    return text_hash(dump_config(cfg))
+    """Identity of a resolved config (the run lock's: commands with equal digests may share a
+    folder), placement (PLACEMENT_FIELDS) left out."""
+    return text_hash(json.dumps(_output_identity(cfg.to_dict()), sort_keys=True))
 
 
 def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
@@ -136,9 +148,10 @@ def check_run_folder(cfg: ExperimentConfig, run_dir: Path, force: bool) -> None:
     icr's config.yaml."""
     saved = run_dir / "config.yaml"
     resolved = dump_config(cfg)
-    if saved.is_file() and saved.read_text(encoding="utf-8") != resolved:
-        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        new = cfg.to_dict()
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {} if saved.is_file() else None
+    new = _output_identity(cfg.to_dict())
+    if old is not None and _output_identity(old) != new:
+        old = _output_identity(old)
         if not _computed_anything(run_dir):
             log.info("%s: nothing was computed with its old config; taking the new one", run_dir)
         elif ({**old, "iterations": None} == {**new, "iterations": None}

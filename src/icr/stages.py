@@ -391,6 +391,8 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     metrics = train_fn(pairs, plan.policy, plan.policy, cfg.train, stage_dir, plan.model_dir, seed=plan.seed,
                        device=cfg.device, chat_template=cfg.models.chat_template)
     release_memory()
+    if metrics.get("machine_rank"):  # another node of a multi-node launch: node 0 records the stage
+        return {"machine_rank": metrics["machine_rank"], "launch_seconds": metrics["launch_seconds"]}
     # What TRL did with pairs too long for train.max_length (icr.train.length_counts); the launched
     # run's own warning went to its log file, so it is repeated here.
     lengths = {k: metrics.get(k) for k in ("pairs_trained", "pairs_dropped_too_long", "pairs_truncated")}

@@ -82,6 +82,22 @@ def accelerate_command(config_file: str | Path, module: str, module_args: list[s
     return cmd + extra + ["-m", module, *module_args]
 
 
+def machine_rank(extra_args: list[str] | None = None) -> int:
+    """This node's `--machine_rank` in a multi-node launch written by the user (ICR_ACCELERATE_ARGS
+    or `extra_args`; 0 when not given): node 0 holds the run folder and writes the model, the
+    others only train."""
+    args = list(extra_args or []) + shlex.split(os.environ.get("ICR_ACCELERATE_ARGS", ""))
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--machine_rank", "--machine-rank"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                return int(value)
+            except ValueError:
+                raise IcrError(f"ICR_ACCELERATE_ARGS: --machine_rank must be an integer, got {value!r}") from None
+    return 0
+
+
 def _config_num_processes(config_file: Path) -> int:
     import yaml
 
@@ -110,7 +126,10 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
     config_file = resolve_accelerate_config(accelerate_config)
     device = resolve_device(device)
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    job_dir = out_dir / "launch"
+    # Nodes launched by the user (ICR_ACCELERATE_ARGS) run this with the same shared out_dir: each
+    # its own job folder and log; only node 0's main process returns metrics and writes the model.
+    node = machine_rank(extra_args=extra_launch_args)
+    job_dir = out_dir / ("launch" if node == 0 else f"launch-machine{node}")
     job_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(job_dir / "pairs.jsonl", pairs)
     args = {"pairs": str(job_dir / "pairs.jsonl"), "policy_path": policy_path, "reference_path": reference_path,
@@ -122,9 +141,13 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
                              num_processes=num_processes, precision=mixed_precision(cfg.precision, device),
                              extra_args=extra_launch_args, cpu_threads=threads)
     env = child_env({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None)
-    log_file = Path(log_file or out_dir / "launch.log")
-    log.info("train: launching %s", shlex.join(cmd))
+    log_file = Path(log_file or out_dir / ("launch.log" if node == 0 else f"launch-machine{node}.log"))
     t0 = time.time()
+    if node:
+        log.info("train: launching %s (machine %d: node 0 writes the model)", shlex.join(cmd), node)
+        run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file, results=False)
+        return {"machine_rank": node, "launch_seconds": round(time.time() - t0, 2)}
+    log.info("train: launching %s", shlex.join(cmd))
     metrics = run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file)
     metrics["launch_seconds"] = round(time.time() - t0, 2)
     return metrics
