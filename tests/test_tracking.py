@@ -16,7 +16,8 @@ from .conftest import REPO
 TINY = REPO / "configs" / "tiny.yaml"
 EVALUATION = ["--set", "iterations=1", "--set", "evaluation.enabled=true", "--set", "evaluation.judge=fake",
               "--set", "evaluation.prompts.path={prepared}/prompts/eval/{lang}.jsonl",
-              "--set", "evaluation.max_new_tokens=16", "--set", "evaluation.reward_agreement=true"]
+              "--set", "evaluation.max_new_tokens=16", "--set", "evaluation.reward_agreement=true",
+              "--set", "controls=[{label: random-pairs, overrides: {pairs: {selection: random}}}]"]
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -57,7 +58,7 @@ def test_event_files_hold_win_rates_pair_statistics_and_training_loss(tracked_ru
     run = tracked_run
     scalars = _scalars(run / "tracking")
     rows = json.loads((run / "results.json").read_text())
-    assert {(r["model"], r["lang"]) for r in rows} == {(m, lang) for m in ("sft", "M0", "M1")
+    assert {(r["model"], r["lang"]) for r in rows} == {(m, lang) for m in ("sft", "M0", "M1", "M1-random-pairs")
                                                      for lang in ("en", "es", "de")}
     for row in rows:  # every win rate per language and model, at its iteration, as results.json has it
         assert scalars[f"eval/{row['model']}/{row['lang']}/win_rate"] == [(row["iteration"], pytest.approx(row["wr"]))]
@@ -87,6 +88,11 @@ def test_event_files_hold_win_rates_pair_statistics_and_training_loss(tracked_ru
     losses = _scalars(run / "tracking" / "train-iter1")["train/loss"]
     assert len(losses) >= 2 and [s for s, _ in losses] == sorted(s for s, _ in losses)
     assert not (run / "iter1/train/checkpoints").exists()
+    # a control: its stages under its label, its training losses in their own folder
+    control = json.loads((run / "controls/random-pairs/iter1/pairs/stats.json").read_text())["per_language"]
+    assert scalars["random-pairs/pairs/es/pairs"] == [(1, control["es"]["n_pairs"])]
+    assert scalars["random-pairs/generate/samples"] == scalars["generate/samples"]
+    assert "train/loss" in _scalars(run / "tracking" / "train-random-pairs-iter1")
     assert not list((run / "iter1").rglob("events.out.tfevents.*"))
     assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # set for the train stage only
 
@@ -98,7 +104,7 @@ def test_a_resumed_run_sends_no_point_twice(tracked_run, cli):
     manifests = {p: p.read_bytes() for p in run.glob("iter1/*/manifest.json")}
     code, _, err = cli("run", TINY, "--set", f"run_root={run.parent}", *EVALUATION, "--set", "report_to=[tensorboard]")
     assert code == 0, err
-    assert err.count("skipped (manifest matches)") == 4
+    assert err.count("skipped (manifest matches)") == 8
     after = _raw_points(run / "tracking")
     assert after == before and all(len(steps) == len(set(steps)) for steps in after.values())
     # A tracker added later (report_to alone changed: the same run folder) receives the recorded past:
@@ -106,7 +112,7 @@ def test_a_resumed_run_sends_no_point_twice(tracked_run, cli):
     ledger = json.loads((run / "tracking/logged.json").read_text())
     assert ledger["tensorboard"]["pairs/es/alpha@1"] == _scalars(run / "tracking")["pairs/es/alpha"][0][1]
     code, _, err = cli("run", TINY, "--set", f"run_root={run.parent}", *EVALUATION, "--set", "report_to=[]")
-    assert code == 0 and err.count("skipped (manifest matches)") == 4, err
+    assert code == 0 and err.count("skipped (manifest matches)") == 8, err
     assert _raw_points(run / "tracking") == before
     assert {p: p.read_bytes() for p in run.glob("iter1/*/manifest.json")} == manifests
 
@@ -228,3 +234,25 @@ def test_evaluation_scalars_average_as_the_report_does():
     assert out["eval/M1/avg/win_rate"] == 50.0 and out["eval/M1/avg/lc_win_rate"] == 40.0
     assert out["eval/M1/sw/win_rate"] == 90.0 and "eval/M1/sw/lc_win_rate" not in out
     assert out["eval/M1/es/arc_es/acc"] == 0.25
+
+
+def test_wandb_offline_run_is_continued_on_resume(tmp_path, monkeypatch):
+    """With wandb installed (not in the dev extra): offline through wandb's own WANDB_MODE, files in
+    tracking/wandb/, the same W&B run id on a resume, and no point sent twice."""
+    pytest.importorskip("wandb")
+    from icr.config import load_config
+    from icr.tracking import open_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(TINY, [f"run_root={tmp_path}", "report_to=[wandb]"])
+    ids = []
+    for _ in range(2):
+        with open_tracker(cfg, cfg.run_dir) as tracker:
+            tracker.log(-1, {"eval/sft/es/win_rate": 40.0})
+            tracker.log(1, {"generate/samples": 48.0})
+        ids.append(json.loads((cfg.run_dir / "tracking/wandb-run.json").read_text())["id"])
+    assert ids[0] == ids[1]
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (cfg.run_dir / "tracking/wandb").glob("offline-run-*")) == ids
+    ledger = json.loads((cfg.run_dir / "tracking/logged.json").read_text())
+    assert ledger == {"wandb": {"eval/sft/es/win_rate@-1": 40.0, "generate/samples@1": 48.0}}

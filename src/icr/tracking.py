@@ -204,10 +204,10 @@ class WandbSink:
         import wandb
 
         state = folder / "wandb-run.json"
-        run_id = read_json(state)["id"] if state.is_file() else wandb.util.generate_id()
+        run_id = read_json(state)["id"] if state.is_file() else None  # None: wandb makes one, kept below
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "icr", name=cfg.name, id=run_id,
                               resume="allow", dir=str(folder), config=cfg.to_dict())
-        write_json(state, {"id": run_id})
+        write_json(state, {"id": self.run.id})
         self.run.define_metric("iteration")
         self.defined: set[str] = set()
 
