@@ -214,9 +214,12 @@ def test_training_report_to_adds_tensorboard_only_for_the_run_level_tracker(monk
     from icr.tracking import TRAIN_TENSORBOARD_ENV, training_report_to
 
     monkeypatch.delenv(TRAIN_TENSORBOARD_ENV, raising=False)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/elsewhere")  # restored by monkeypatch
     assert training_report_to([]) == "none" and training_report_to(["wandb"]) == ["wandb"]
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/elsewhere"
     monkeypatch.setenv(TRAIN_TENSORBOARD_ENV, "/x/tracking/train-iter1")
     assert training_report_to([]) == ["tensorboard"]
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/x/tracking/train-iter1"  # read by the Trainer's callback
     assert training_report_to(["none"]) == ["tensorboard"]
     assert training_report_to(["wandb", "tensorboard"]) == ["wandb", "tensorboard"]
 

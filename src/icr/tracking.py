@@ -59,8 +59,8 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "w
             "trackio": ("trackio", "trackio")}
 OFF = "none"
 # Set around the train stage when the run-level tensorboard is on: the folder its losses go to.
-# train.dpo_config then adds tensorboard to the Trainer's report_to; TENSORBOARD_LOGGING_DIR
-# (transformers' own variable) is set beside it. Child processes inherit both.
+# train.dpo_config then adds tensorboard to the Trainer's report_to and points transformers' own
+# TENSORBOARD_LOGGING_DIR there (training_report_to). Child processes inherit it.
 TRAIN_TENSORBOARD_ENV = "ICR_TRAIN_TENSORBOARD_DIR"
 
 
@@ -96,10 +96,15 @@ def check_trackers(report_to) -> None:
 
 def training_report_to(report_to: list) -> list | str:
     """The Trainer's report_to for `train.report_to`: as given, plus tensorboard when the run-level
-    tensorboard asked for the training losses (TRAIN_TENSORBOARD_ENV set)."""
+    tensorboard asked for the training losses (TRAIN_TENSORBOARD_ENV set, in whichever process
+    trains: a child, a rank under accelerate, a Ray task, which forwards ICR_* variables); its
+    callback is then pointed there through TENSORBOARD_LOGGING_DIR, read when the Trainer is built."""
     names = [n for n in report_to if n != OFF]
-    if os.environ.get(TRAIN_TENSORBOARD_ENV) and "tensorboard" not in names and "all" not in names:
-        names.append("tensorboard")
+    folder = os.environ.get(TRAIN_TENSORBOARD_ENV)
+    if folder:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = folder
+        if "tensorboard" not in names and "all" not in names:
+            names.append("tensorboard")
     return names or "none"
 
 
@@ -285,14 +290,14 @@ class Tracker:
     @contextlib.contextmanager
     def training(self, t: int, label: str | None = None):
         """Around the train stage: the Trainer's losses into tracking/train-[<label>-]iter<t>/ when
-        tensorboard is on (transformers' TENSORBOARD_LOGGING_DIR; child processes inherit it)."""
+        tensorboard is on (TRAIN_TENSORBOARD_ENV, inherited by the training process, where
+        training_report_to sets TENSORBOARD_LOGGING_DIR; both are as before afterwards)."""
         if "tensorboard" not in self.sinks:
             yield
             return
         folder = self.folder / f"train-{label + '-' if label else ''}iter{t}"
-        names = (TRAIN_TENSORBOARD_ENV, "TENSORBOARD_LOGGING_DIR")
-        old = {n: os.environ.get(n) for n in names}
-        os.environ.update({n: str(folder) for n in names})
+        old = {n: os.environ.get(n) for n in (TRAIN_TENSORBOARD_ENV, "TENSORBOARD_LOGGING_DIR")}
+        os.environ[TRAIN_TENSORBOARD_ENV] = str(folder)
         try:
             yield
         finally:
