@@ -53,24 +53,6 @@ def built(tiny_pair):
 
 # --- --shard auto ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_srun_tasks_with_shard_auto_share_one_run_folder_and_equal_one_process(tmp_path, built, cli):
-    """Two `srun` tasks (SLURM_PROCID 0 and 1 of SLURM_NTASKS 2) run generate, then score, with
-    --shard auto against one run folder at once: no refusal, and the same bytes as one process."""
-    sets = ["--set", "generation.shard_size=2", "--set", "iterations=1", "--set", "evaluation.enabled=false"]
-    for stage in ("generate", "score"):
-        assert cli(stage, TINY, *sets, "--set", f"run_root={tmp_path / 'one'}", "--iteration", "1")[0] == 0
-        tasks = [_start([stage, TINY, *sets, "--set", f"run_root={tmp_path / 'slurm'}", "--iteration", "1",
-                         "--shard", "auto"], {"SLURM_PROCID": str(i), "SLURM_NTASKS": "2"}) for i in range(2)]
-        _finish(tasks)
-    one, slurm = tmp_path / "one" / "tiny" / "iter1", tmp_path / "slurm" / "tiny" / "iter1"
-    for stage in ("generate", "score"):
-        assert len(_digests(one / stage, "shard-*.jsonl")) >= 3  # both tasks had shards to compute
-        assert _digests(one / stage, "shard-*.jsonl") == _digests(slurm / stage, "shard-*.jsonl")
-        assert (slurm / stage / "manifest.json").is_file()
-    assert not list((tmp_path / "slurm" / "tiny" / ".shared-locks").iterdir())
-
-
 def test_shard_auto_reads_srun_then_torchrun_variables_and_names_what_is_missing(monkeypatch):
     from icr.cli import _parse_shard
     from icr.errors import IcrError
@@ -188,3 +170,65 @@ def test_nodes_seeing_the_models_under_other_paths_keep_each_others_shards(tmp_p
     monkeypatch.chdir(tmp_path / "one")
     assert cli("generate", config, "--iteration", "1", "--set", f"run_root={tmp_path / 'one-runs'}")[0] == 0
     assert _digests(tmp_path / "one-runs" / "tiny" / "iter1" / "generate", "shard-*.jsonl") == both
+
+
+# --- the sbatch recipe, as written ----------------------------------------------------------------
+
+SRUN = r'''#!PYTHON
+"""A stand-in for srun inside an allocation (SLURM_NNODES nodes x SLURM_NTASKS_PER_NODE tasks):
+starts the tasks of one step on this host with srun's task variables, waits for all."""
+import os, subprocess, sys
+args, opts = sys.argv[1:], {}
+while args and args[0].startswith("--"):
+    name, _, value = args.pop(0)[2:].partition("=")
+    opts[name] = value
+nodes = int(opts.get("nodes", os.environ["SLURM_NNODES"]))
+per_node = int(opts.get("ntasks-per-node", os.environ["SLURM_NTASKS_PER_NODE"]))
+n = int(opts["ntasks"]) if "ntasks" in opts else nodes * per_node
+per_node = max(1, n // nodes)
+procs = [subprocess.Popen(args, env={**os.environ, "SLURM_PROCID": str(i), "SLURM_NTASKS": str(n),
+                                     "SLURM_NODEID": str(i // per_node), "SLURM_STEP_NUM_TASKS": str(n)})
+         for i in range(n)]
+sys.exit(max(p.wait() for p in procs))
+'''
+
+SCONTROL = r'''#!/bin/sh
+# A stand-in for `scontrol show hostnames LIST`: every node of the test's allocation is this host.
+for i in $(seq 1 "$SLURM_NNODES"); do echo 127.0.0.1; done
+'''
+
+
+@pytest.mark.slow
+def test_the_sbatch_recipe_runs_as_written_on_two_simulated_nodes(tmp_path, built):
+    """docs/slurm/icr.sbatch, unchanged, in an allocation of 2 nodes x 1 task (srun and scontrol
+    replaced by stand-ins that start the tasks on this host): the run finishes with the same shards,
+    weights and results as `icr run` on one machine with the same 2 training processes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN.replace("PYTHON", sys.executable))
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    sets = ["--set", "iterations=1", "--set", "train.accelerate_config=cpu_2proc", "--set", "train.warmup_ratio=0",
+            "--set", "generation.shard_size=2", "--set", "evaluation.enabled=true", "--set", "evaluation.judge=fake",
+            "--set", "evaluation.prompts.path={prepared}/prompts/eval/{lang}.jsonl",
+            "--set", "evaluation.max_new_tokens=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{Path(ICR).parent}:{os.environ['PATH']}",
+           "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+           "CONFIG": str(TINY), "ITERATIONS": "1", "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port())}
+    done = subprocess.run(["bash", str(REPO / "docs" / "slurm" / "icr.sbatch"), *sets, "--set",
+                           f"run_root={tmp_path / 'slurm'}"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    one = subprocess.run([ICR, "run", TINY, *sets, "--set", f"run_root={tmp_path / 'one'}"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-5000:]
+    a, b = tmp_path / "one" / "tiny", tmp_path / "slurm" / "tiny"
+    for stage in ("generate", "score"):
+        assert _digests(a / "iter1" / stage, "shard-*.jsonl") == _digests(b / "iter1" / stage, "shard-*.jsonl")
+    assert (b / "iter1" / "pairs" / "pairs.jsonl").read_bytes() == (a / "iter1" / "pairs" / "pairs.jsonl").read_bytes()
+    assert _digests(b / "iter1" / "model", "*.safetensors") == _digests(a / "iter1" / "model", "*.safetensors")
+    import json
+
+    fields = ("model", "lang", "judge", "n", "wr", "lc", "mean_len")
+    rows = [{k: r[k] for k in fields} for r in json.loads((a / "results.json").read_text())]
+    assert rows and rows == [{k: r[k] for k in fields} for r in json.loads((b / "results.json").read_text())]
