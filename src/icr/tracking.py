@@ -31,16 +31,26 @@ Backends, each the library's own writer, imported only when asked for:
   kept in `tracking/trackio-run.json`; `trackio.log(scalars, step=iteration)`.
 
 Resume: a point is sent once per tracker. `tracking/logged.json` records, per tracker, the value
-sent for each (tag, step); a resumed run sends a skipped stage's recorded counts and seconds
-(its manifest's, so the same values as when it ran) only where that tracker has not received them, and re-evaluated models (answers and judgements reused) send nothing new. So a
-tracker added to a half-finished run receives its past, and no tracker gets a point twice; a
+sent for each (tag, step); a resumed run sends a skipped stage's recorded counts and seconds (its
+manifest's, so the same values as when it ran) only where that tracker has not received them, and
+re-evaluated models (answers and judgements reused) send nothing new. So a tracker added to a
+half-finished run receives its past (not the step-by-step losses of trainings already done: those
+were the Trainer's to log), and no tracker gets a point twice; a
 value that changed (a stage recomputed after its folder was deleted) is sent again at its step
 (tensorboard then shows the newer one). The Trainer's own losses are not in the ledger: a training
 resumed from a checkpoint logs again from that checkpoint's step, which tensorboard treats as a
 restart (points at and after that step are replaced).
 
 Nothing here writes outside `tracking/` (and the trackers' own folders): no stage output or
-manifest depends on it, and changing `report_to` alone does not ask for a new run folder.
+manifest depends on it, and changing `report_to` alone does not ask for a new run folder
+(icr.loop.PLACEMENT_FIELDS).
+
+What is written here, and why: the mapping from icr's own records (manifests, pairs/stats.json,
+the agreement files, results rows) to named scalars, and the ledger, since no tracker knows which
+of a resumed run's stages it has already seen; the writing itself is each library's. Tested: the
+tensorboard path end to end (tests/test_tracking.py), wandb 0.31 offline (a test that runs where
+wandb is installed; not in the dev extra); trackio only as written against its documented API
+(init/log/finish, `resume="allow"`), not run here (it pulls gradio).
 """
 
 from __future__ import annotations
