@@ -3,6 +3,8 @@ stage, one summed view in the parent's terminal, worker logs kept, and `icr stat
 
 from __future__ import annotations
 
+import ast
+import io
 import json
 import logging
 import os
@@ -10,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -78,17 +81,34 @@ def test_two_writers_are_summed_into_one_line_with_rate_and_eta(tmp_path, icr_lo
     assert not (stage / "progress").exists()  # the stage finished: its manifest says so from now on
 
 
-def test_quiet_shows_nothing_and_a_failed_stage_keeps_its_progress(tmp_path, icr_log, capsys):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_bar_unless_quiet(tmp_path, icr_log, monkeypatch):
+    from icr.progress import ProgressWriter, watch
+
+    for quiet in (False, True):
+        logging.getLogger("icr").setLevel(logging.WARNING if quiet else logging.INFO)  # -q or not
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        stage = tmp_path / f"score-{quiet}"
+        with watch(stage, "iter1 score"):
+            with ProgressWriter(stage, "worker-0", stage="score", unit="response", total=4) as w:
+                w.update(advance=4)
+        monkeypatch.undo()
+        shown = terminal.getvalue()
+        if quiet:
+            assert shown == ""
+        else:
+            assert "iter1 score: 100%" in shown and "4/4" in shown and "\r" in shown, shown
+
+
+def test_a_stopped_stage_keeps_its_progress(tmp_path, icr_log, capsys):
     from icr.progress import ProgressWriter, read_records, watch
 
-    logging.getLogger("icr").setLevel(logging.WARNING)  # -q
     stage = tmp_path / "score"
-    with watch(stage, "iter1 score"):
-        with ProgressWriter(stage, "worker-0", stage="score", unit="response", total=4) as w:
-            w.update(advance=4)
-    assert capsys.readouterr().err == ""
-
-    logging.getLogger("icr").setLevel(logging.INFO)
     with pytest.raises(KeyboardInterrupt):
         with watch(stage, "iter1 score"):
             w = ProgressWriter(stage, "worker-0", stage="score", unit="response", total=10)
@@ -98,7 +118,7 @@ def test_quiet_shows_nothing_and_a_failed_stage_keeps_its_progress(tmp_path, icr
     assert "iter1 score stopped after" in err and "3/10 responses" in err
     record = read_records(stage)["worker-0.json"]
     assert record["state"] == "failed" and record["done"] == 3
-    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("icr-progress")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("icr-progress")]  # stopped
 
 
 def test_a_writer_that_cannot_be_used_is_a_one_line_error(monkeypatch):
@@ -212,3 +232,24 @@ def test_icr_run_with_two_workers_shows_summed_progress_and_keeps_the_logs(tmp_p
     code, out, _ = cli("status", run)
     assert code == 0 and out.splitlines()[0] == f"{run}: last finished: iter1 train", out
     assert re.search(rf"iter1 generate\s+done .*samples {samples}", out) and "failed" not in out
+
+
+@pytest.mark.slow
+def test_icr_evaluate_shows_answers_sampled_in_a_child_and_judgements_made(tmp_path, cli):
+    from icr.config import load_config
+    from icr.loop import run_prepare
+
+    pi0 = run_prepare(load_config(TINY)) / "dpo"
+    code, out, err = cli("evaluate", TINY, "--model", pi0, "--label", "M0", "--set", f"run_root={tmp_path}",
+                         "--set", "isolate_stages=true", "--set", "evaluation.judge=fake",
+                         "--set", "evaluation.prompts.path={prepared}/prompts/eval/{lang}.jsonl",
+                         "--set", "evaluation.max_new_tokens=8")
+    assert code == 0, err
+    final = [line for line in err.splitlines() if "evaluate M0 finished in" in line]
+    assert len(final) == 1, err
+    answers = re.search(r"(\d+)/\1 answers \(100%\)", final[0])
+    rows = [ast.literal_eval(line) for line in out.splitlines()]  # one results row per language, printed as a dict
+    assert answers and int(answers.group(1)) == sum(row["n"] for row in rows) and len(rows) == 3
+    assert f"{answers.group(1)}/{answers.group(1)} judgements (100%)" in final[0]
+    assert (tmp_path / "tiny" / "eval" / "M0" / "logs" / "worker-0.log").is_file()  # the sampling child's
+    assert not (tmp_path / "tiny" / "eval" / "M0" / "progress").exists()

@@ -342,7 +342,10 @@ class _Watcher:
         close_open_writers("done" if ok else "failed")
         units = self.current()
         took = _duration(time.monotonic() - self.started)
-        self.show(units, final=True, outcome=f"finished in {took}" if ok else f"stopped after {took}")
+        try:
+            self.show(units, final=True, outcome=f"finished in {took}" if ok else f"stopped after {took}")
+        except Exception:  # noqa: BLE001 - the view must never fail the stage, nor hide its error
+            log.debug("progress: cannot show %s", self.stage_dir, exc_info=True)
         if ok:  # the manifest says the stage is done; a stage that did not finish keeps them for `icr status`
             for name, r in self.seen.items():
                 if r.get("state") == "done":
