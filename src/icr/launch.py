@@ -24,13 +24,19 @@ kept (with `exit-<i>.json` for a non-zero exit) when one failed.
   ends in `-m icr.workers JOB.json` (`accelerate launch`: one process per rank, rank from the
   environment).
 
-The child side (`python -m icr.workers`) is `icr.workers._worker_main`. A second backend (Ray, a
-cluster scheduler) implements `run_job` again: it places the same job file's processes elsewhere.
-This module imports no other part of icr but `errors` and `runs`, so every stage can launch.
+The child side (`python -m icr.workers`) is `icr.workers._worker_main`. `run_workers` places a
+job's processes by `cluster.backend`: here (`run_job` with `worker_envs`), or as Ray tasks
+(`icr.ray_backend`, which starts the same command lines through `run_processes` on a node Ray
+picks: this module still decides what runs, Ray where). `placed_by` tells launched training
+(icr.train_launch) that its node groups go to Ray too.
+This module imports no other part of icr but `errors`, `runs` and (lazily, for Ray) `ray_backend`,
+so every stage can launch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -89,6 +95,41 @@ def run_job(job_dir: Path, kind: str, config: dict, args: dict, envs: list[dict]
     codes = run_processes(commands, [child_env(e) for e in envs],
                           [worker_log(job_dir, i) for i in range(n)])
     return collect(job_dir, kind, codes)
+
+
+def run_workers(job_dir: Path, kind: str, cfg, args: dict, workers: int, gpus: int | None = None) -> list[dict]:
+    """`workers` processes of a job (process i is shard i/workers), each with `gpus` GPUs (default:
+    `gpus_per_worker`), placed by `cfg.cluster.backend`: local (`worker_envs`: this machine's GPUs or
+    a share of its cores) or ray (`icr.ray_backend`: Ray grants the GPUs; local ones are not looked at)."""
+    gpus = gpus_per_worker(cfg, kind) if gpus is None else gpus
+    if cfg.cluster.backend != "ray":
+        return run_job(job_dir, kind, cfg.to_dict(), args, worker_envs(workers, cfg.device, gpus))
+    from .ray_backend import run_commands
+
+    job_file = write_job(job_dir, kind, cfg.to_dict(), args)
+    logs = [worker_log(job_dir, i) for i in range(workers)]
+    codes = run_commands([worker_command(job_file, (i, workers)) for i in range(workers)], logs,
+                         cluster=cfg.cluster, device=cfg.device, gpus=gpus, start=run_processes, what=kind)
+    return collect(job_dir, kind, codes)
+
+
+_CLUSTER = contextvars.ContextVar("icr_cluster", default=None)
+
+
+@contextlib.contextmanager
+def placed_by(cluster):
+    """Within this block, launched training (icr.train_launch, called by the train stage with the
+    `train` section only) places its processes by `cluster` (a ClusterConfig)."""
+    token = _CLUSTER.set(cluster)
+    try:
+        yield
+    finally:
+        _CLUSTER.reset(token)
+
+
+def active_cluster():
+    """The ClusterConfig of the enclosing `placed_by`, or None (local)."""
+    return _CLUSTER.get()
 
 
 def run_job_command(job_dir: Path, kind: str, config: dict, args: dict, command: list[str], env: dict,
@@ -163,7 +204,10 @@ def collect(job_dir: Path, kind: str, codes: list[int], log_of=None, *, results:
 # ---------------------------------------------------------------------------------------------
 
 def isolate_stages(cfg) -> bool:
-    """Whether stages run in child processes (`isolate_stages`; auto: when the device is CUDA)."""
+    """Whether stages run in child processes (`isolate_stages`; auto: when the device is CUDA;
+    always under `cluster.backend: ray`, where they run on the cluster's nodes)."""
+    if cfg.cluster.backend == "ray":
+        return True
     if cfg.isolate_stages == "auto":
         from .models import resolve_device
 
@@ -212,8 +256,7 @@ def gpus_per_worker(cfg, kind: str) -> int:
 def run_in_child(kind: str, cfg, args: dict, folder: Path) -> dict:
     """Any job kind (e.g. evaluation's sampling, `eval_outputs`) in one child process that sees the
     GPUs its kind needs; returns its result."""
-    envs = worker_envs(1, cfg.device, gpus_per_worker(cfg, kind))
-    return run_job(folder, kind, cfg.to_dict(), args, envs)[0]
+    return run_workers(folder, kind, cfg, args, 1)[0]
 
 
 def log_tail(path: Path, n: int = 25) -> str:

@@ -8,6 +8,9 @@ it writes a job (icr.launch's format, kind `train_rank`) and starts
 
 and returns the main process's metrics (every rank runs `train_rank`). Several machines run the same command, each with its own
 `--machine_rank` (docs/distributed.md); `ICR_ACCELERATE_ARGS` carries such per-node arguments.
+Under `cluster.backend: ray` (icr.launch.placed_by) icr starts that command itself on
+`cluster.nodes` Ray nodes, one process group per node with `--num_machines`, `--machine_rank`,
+`--main_process_ip` and `--main_process_port` filled in (icr.ray_backend.run_node_groups).
 Beside `train.py` (which it launches) and below `stages.py` (which calls it).
 """
 
@@ -26,7 +29,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 
 from .errors import IcrError
-from .launch import child_env, run_job_command
+from .launch import active_cluster, child_env, collect, run_job_command, run_processes, write_job
 
 log = logging.getLogger("icr")
 
@@ -124,11 +127,19 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
     if not accelerate_config:
         raise IcrError("train.accelerate_config: not set (a shipped name such as ddp, or a file)")
     config_file = resolve_accelerate_config(accelerate_config)
-    device = resolve_device(device)
+    cluster = active_cluster()
+    on_ray = cluster is not None and cluster.backend == "ray"
+    if on_ray:  # the nodes' device, not this process's (the head may have no GPU)
+        from .ray_backend import connect, task_device
+
+        connect(cluster)
+        device = task_device(device)
+    else:
+        device = resolve_device(device)
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     # Nodes launched by the user (ICR_ACCELERATE_ARGS) run this with the same shared out_dir: each
     # its own job folder and log; only node 0's main process returns metrics and writes the model.
-    node = machine_rank(extra_args=extra_launch_args)
+    node = 0 if on_ray else machine_rank(extra_args=extra_launch_args)
     job_dir = out_dir / ("launch" if node == 0 else f"launch-machine{node}")
     job_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(job_dir / "pairs.jsonl", pairs)
@@ -147,10 +158,47 @@ def train_dpo_launched(pairs: list[dict], policy_path: str, reference_path: str,
         log.info("train: launching %s (machine %d: node 0 writes the model)", shlex.join(cmd), node)
         run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file, results=False)
         return {"machine_rank": node, "launch_seconds": round(time.time() - t0, 2)}
-    log.info("train: launching %s", shlex.join(cmd))
-    metrics = run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file)
+    if on_ray:
+        metrics = _launched_on_ray(cluster, job_dir, args, log_file, config_file, nproc, device, cfg.precision)
+    else:
+        log.info("train: launching %s", shlex.join(cmd))
+        metrics = run_job_command(job_dir, "train_rank", None, args, cmd, env, log_file)
     metrics["launch_seconds"] = round(time.time() - t0, 2)
     return metrics
+
+
+MACHINE_ARGS = ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port")
+
+
+def _launched_on_ray(cluster, job_dir: Path, args: dict, log_file: Path, config_file: Path, nproc: int, device: str,
+                     precision: str) -> dict:
+    """The same launch as one `accelerate launch` per node of `cluster.nodes` Ray nodes, each with
+    nproc / nodes processes; node r's output goes to `log_file` (r = 0) or launch-machine<r>.log."""
+    from .ray_backend import run_node_groups
+
+    nodes = cluster.nodes
+    given = [a for a in shlex.split(os.environ.get("ICR_ACCELERATE_ARGS", "")) if a.split("=")[0] in MACHINE_ARGS]
+    if given:
+        raise IcrError(f"ICR_ACCELERATE_ARGS: {' '.join(given)} is set by icr under cluster.backend: ray; remove it")
+    if nproc % nodes:
+        raise IcrError(f"cluster.nodes: {nodes} nodes do not evenly share train.accelerate_config's "
+                       f"{nproc} processes")
+    per_node = nproc // nodes
+    threads = max(1, (os.cpu_count() or 1) // per_node) if device == "cpu" else None
+    job_file = write_job(job_dir, "train_rank", None, args)
+
+    def node_command(rank: int, main_ip: str, main_port: int) -> list[str]:
+        machine = ["--num_machines", str(nodes), "--machine_rank", str(rank), "--main_process_ip", main_ip,
+                   "--main_process_port", str(main_port)]
+        return accelerate_command(config_file, "icr.workers", [str(job_file)], num_processes=nproc,
+                                  precision=mixed_precision(precision, device), extra_args=machine,
+                                  cpu_threads=threads)
+
+    logs = [log_file if r == 0 else log_file.with_name(f"launch-machine{r}.log") for r in range(nodes)]
+    codes = run_node_groups(node_command, logs, cluster=cluster, device=device, per_node=per_node,
+                            start=run_processes)
+    failed = next((c for c in codes if c), 0)  # the main process's result-0.json, or why not
+    return collect(job_dir, "train_rank", [failed], log_of=lambda i: logs[codes.index(failed)])[0]
 
 
 def train_rank(cfg, args: dict) -> dict | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .config import ExperimentConfig
 from .errors import IcrError
-from .launch import gpus_per_worker, isolate_stages, run_job, worker_envs
+from .launch import isolate_stages, placed_by, run_job, run_workers
 from .plan import IterationPlan, plan_from_dict
 from .stages import SHARDED, run_train, train_done
 
@@ -75,8 +75,7 @@ def _place_stage(kind: str, cfg: ExperimentConfig, plan: IterationPlan, *, promp
     if done:
         return done
     t0 = time.time()
-    envs = worker_envs(workers, cfg.device, gpus_per_worker(cfg, kind))
-    run_job(job_dir(stage.folder(plan)), kind, cfg.to_dict(), {"plan": plan.to_dict()}, envs)
+    run_workers(job_dir(stage.folder(plan)), kind, cfg, {"plan": plan.to_dict()}, workers)  # local or Ray
     result = stage.finish(cfg, plan, prompts)  # joins the shards, unless the last worker did
     return {**result, "workers": workers, "workers_seconds": round(time.time() - t0, 2)}
 
@@ -86,8 +85,13 @@ def _train(cfg: ExperimentConfig, plan: IterationPlan, isolate: bool) -> dict:
     launch` (train.accelerate_config) already runs in its own processes."""
     if train_done(cfg, plan):
         return {"skipped": True}
+    if cfg.cluster.backend == "ray" and cfg.train.accelerate_config:
+        with placed_by(cfg.cluster):  # one accelerate process group per Ray node (icr.train_launch)
+            return run_train(cfg, plan)
     if not isolate or cfg.train.accelerate_config:
         return run_train(cfg, plan)
+    if cfg.cluster.backend == "ray":  # one process, one device, on the node Ray picks
+        return run_workers(job_dir(plan.train_dir), "train", cfg, {"plan": plan.to_dict()}, 1, gpus=1)[0]
     # Training sees every GPU it is given (one process; several need train.accelerate_config).
     return run_job(job_dir(plan.train_dir), "train", cfg.to_dict(), {"plan": plan.to_dict()}, [{}])[0]
 
