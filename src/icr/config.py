@@ -256,14 +256,19 @@ class ClusterConfig:
     """Where worker processes run (docs/distributed.md). Outputs do not depend on it."""
 
     backend: str = _f("local", "local (child processes on this machine) | ray (tasks on a Ray cluster: one task per "
-                      "shard worker, GPUs requested from Ray, training launched on every node; pip install "
-                      "'icr[ray]').", choices=("local", "ray"))
+                      "shard worker, isolated stage or evaluation sampling, its GPUs requested from Ray; every model "
+                      "stage runs as a task; launched training as one accelerate process group per node; pip "
+                      "install 'icr[ray]'; docs/distributed.md).", choices=("local", "ray"))
     address: str = _f("auto", "ray: the cluster to join (ray.init's address): auto (the one `ray start` runs on this "
-                      "node), host:port or ray://host:port, or local (a one-node cluster started and stopped by icr).")
-    task_retries: int = _f(2, "ray: times a shard task is started again after its worker process or node died (the "
-                           "shards it finished are kept; the retry resumes at the first missing one).", min=0)
-    nodes: int = _f(1, "ray: nodes that training runs on (one accelerate process group per node, "
-                    "train.accelerate_config's num_processes / nodes processes each).", min=1)
+                      "node), host:port or ray://host:port, or local (a one-node cluster on 127.0.0.1 started by icr "
+                      "and stopped at exit).")
+    task_retries: int = _f(2, "ray: times a task is started again after its process was killed (signal, out of "
+                           "memory) or its Ray worker or node died (the shards it finished are kept; the retry resumes "
+                           "at the first missing one). Training's node groups are not retried: rerun to resume.",
+                           min=0)
+    nodes: int = _f(1, "ray: nodes that launched training (train.accelerate_config) runs on: one accelerate process "
+                    "group per node, the config's num_processes / nodes processes each (num_processes counts all "
+                    "nodes' processes, as accelerate's --num_processes does).", min=1)
 
 
 @dataclass
