@@ -46,7 +46,7 @@ def _record(folder, worker, **fields):
 def _run_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("name: run\n")
+    (run / "config.yaml").write_text("name: run\niterations: 3\n")
     return run
 
 
@@ -149,7 +149,7 @@ def test_status_of_a_running_stage_with_a_live_and_a_stale_writer(cli, tmp_path)
     _record(gen, "worker-0", done=40)
     code, out, _ = cli("status", run)
     assert code == 0
-    assert out.splitlines()[0] == f"{run}: running: iter1 generate"
+    assert out.splitlines()[0] == f"{run}: running: iter1 generate (of 3 iterations)"
     assert "shards 2/5, 40/100 samples (40%), 0.4 samples/s" in out and "ETA 2m30s" in out
     assert "worker-0 on" in out and "alive" in out
 
@@ -158,7 +158,7 @@ def test_status_of_a_running_stage_with_a_live_and_a_stale_writer(cli, tmp_path)
     (gen / "logs").mkdir()
     (gen / "logs" / "worker-1.log").write_text("".join(f"line {i}\n" for i in range(40)) + "CUDA out of memory\n")
     code, out, _ = cli("status", run)
-    assert out.splitlines()[0] == f"{run}: failed: iter1 generate"
+    assert out.splitlines()[0] == f"{run}: failed: iter1 generate (of 3 iterations)"
     assert "60/200 samples" in out and "worker-1 on node-7" in out and "no update for 10m00s (stale" in out
     assert "| CUDA out of memory" in out and "| line 39" in out and "| line 10" not in out  # the tail only
 
@@ -171,7 +171,7 @@ def test_status_sees_a_dead_process_on_this_host(cli, tmp_path):
     _record(train, "worker-0", stage="train", unit="step", done=3, total=9, loss=0.69, pid=gone.pid,
             shards_total=None)
     code, out, _ = cli("status", run)
-    assert out.splitlines()[0] == f"{run}: failed: iter1 train"
+    assert out.splitlines()[0] == f"{run}: failed: iter1 train (of 3 iterations)"
     assert "3/9 steps (33%)" in out and "loss 0.69" in out and "its process is gone" in out
 
 
@@ -193,7 +193,7 @@ def test_status_of_a_failed_worker_shows_its_error_and_log_tail(tiny_pair, tmp_p
     with pytest.raises(IcrError):
         run_stage("generate", cfg, plan, isolate=True)
     code, out, _ = cli("status", run)
-    assert code == 0 and out.splitlines()[0] == f"{run}: failed: iter1 generate", out
+    assert code == 0 and out.splitlines()[0] == f"{run}: failed: iter1 generate (of 2 iterations)", out
     assert re.search(r"process 0: .*no-model", out)  # the worker's one-line error (error-0.json)
     log_file = run / "iter1" / "generate" / "logs" / "worker-0.log"
     assert f"log {log_file} (last lines)" in out
@@ -230,7 +230,7 @@ def test_icr_run_with_two_workers_shows_summed_progress_and_keeps_the_logs(tmp_p
     assert not list(run.rglob("*.workers")) and not list(run.rglob("progress"))
     # `icr status` on the finished run
     code, out, _ = cli("status", run)
-    assert code == 0 and out.splitlines()[0] == f"{run}: last finished: iter1 train", out
+    assert code == 0 and out.splitlines()[0] == f"{run}: last finished: iter1 train (of 1 iteration)", out
     assert re.search(rf"iter1 generate\s+done .*samples {samples}", out) and "failed" not in out
 
 

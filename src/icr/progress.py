@@ -519,4 +519,17 @@ def run_status(run_dir: Path, now: float | None = None) -> str:
         rows += [f"      {block}" for block in st["logs"]]
     if headline is None:
         headline = f"last finished: {last_done}" if last_done else "nothing computed yet"
+    iterations = _configured_iterations(run_dir)
+    if iterations:
+        headline += f" (of {iterations} iteration{'s' * (iterations != 1)})"
     return "\n".join([f"{run_dir}: {headline}", *rows])
+
+
+def _configured_iterations(run_dir: Path) -> int | None:
+    import yaml
+
+    try:
+        value = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("iterations")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, int) else None
