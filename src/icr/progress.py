@@ -471,7 +471,8 @@ def _manifest_summary(stage_dir: Path) -> str:
         manifest = json.loads((stage_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
-    counts = ", ".join(f"{k} {v}" for k, v in (manifest.get("counts") or {}).items()
+    counts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in (manifest.get("counts") or {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool))
     seconds = manifest.get("seconds")
     return counts + (f" in {_duration(seconds)}" if isinstance(seconds, (int, float)) else "")
