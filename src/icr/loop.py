@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .config import ExperimentConfig, config_from_dict, dump_config, judge_ident
 from .data import load_prompt_set
 from .errors import IcrError
 from .plan import iteration_plan, model_label, model_paths
-from .runs import atomic_write_text, cache_root, hold_lock, read_json, run_lock, text_hash, write_json
+from .runs import atomic_write_text, cache_root, environment_errors, hold_lock, read_json, run_lock, text_hash, write_json
 
 log = logging.getLogger("icr")
 
@@ -223,7 +224,9 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
 
     def timed(name: str, fn) -> dict:
         t0 = time.time()
-        result = fn()
+        # A full disk or a file size limit ends in one line naming the stage's folder (resumable).
+        with environment_errors(run_dir / ("eval" if "evaluate" in name else name)):
+            result = fn()
         if not (isinstance(result, dict) and result.get("skipped")):  # a skipped stage keeps the time it took when it ran
             timings[f"{label + '/' if label else ''}{name}"] = round(time.time() - t0, 2)
         if on_stage is not None:
@@ -339,8 +342,12 @@ def preflight(cfg: ExperimentConfig):
     check_run_root(cfg)
     check_backends(cfg)
     load_prompt_set(cfg.prompts, cfg.languages)
-    check_model(cfg.models.dpo, "models.dpo")
+    names = check_model(cfg.models.dpo, "models.dpo")
     check_model(cfg.models.sft, "models.sft")
+    if cfg.train.lora.enabled and names is not None:
+        from .models import check_lora_targets
+
+        check_lora_targets(list(cfg.train.lora.target_modules), names, f"models.dpo {cfg.models.dpo!r}")
     template = cfg.models.chat_template
     if template and not is_template_text(template) and not Path(template).is_file():
         raise IcrError(f"models.chat_template: {template!r} is not a file (a value without {{{{ or {{% names a "
@@ -379,6 +386,14 @@ def check_backends(cfg: ExperimentConfig) -> None:
     from .tracking import check_trackers
 
     check_trackers(cfg.report_to)
+    if cfg.device == "cuda" and cfg.cluster.backend == "local":  # on Ray the nodes have the GPUs, not the head
+        import torch
+
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise IcrError(f"device: cuda, but this machine has no usable GPU (torch {torch.__version__}, {built}; "
+                           "CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>") +
+                           "); use device: auto or cpu")
 
     for field, backend in (("generation.backend", cfg.generation.backend), ("reward.backend", cfg.reward.backend)):
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:

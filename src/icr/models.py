@@ -90,7 +90,7 @@ def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model
     a private temporary folder and the first rename wins, so no reader sees a half-written copy."""
     import shutil
 
-    from .runs import cache_root, file_sha256, write_json
+    from .runs import cache_root, file_sha256, honour_umask, write_json
 
     path = gguf_file(spec, what)
     digest = file_sha256(path)
@@ -124,6 +124,7 @@ def gguf_checkpoint(spec: str, dtype: str | None = "float32", what: str = "model
     tok.save_pretrained(tmp)
     write_json(tmp / "icr_gguf_source.json", {"file": str(path.resolve()), "sha256": digest, "dtype": dtype,
                                               "bytes": path.stat().st_size})
+    honour_umask(tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: keep its copy
@@ -211,7 +212,22 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto",
         raise IcrError(f"{what}: cannot load model from {name_or_path!r} ({str(e).splitlines()[0]})") from None
     model.to(device)
     model.eval()
+    check_finite(model, f"{what}: {name_or_path}")
     return model
+
+
+def check_finite(model, what: str) -> None:
+    """Refuse a model holding NaN or inf weights (a damaged file, a diverged training): it would
+    give NaN log-probs and rewards, or silently garbled samples, with exit 0. One pass over the
+    weights on their device (an 8B model on a GPU: well under a second)."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if type(param.data).__name__ == "DTensor" or param.is_meta:
+            continue
+        if not bool(torch.isfinite(param.detach()).all()):
+            bad = int((~torch.isfinite(param.detach())).sum())
+            raise IcrError(f"{what}: weight {name} holds {bad} NaN or inf value(s) of {param.numel()}")
 
 
 def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
@@ -227,7 +243,7 @@ def chat_messages(instruction: str) -> list[dict]:
     return [{"role": "user", "content": instruction}]
 
 
-def check_model(name_or_path: str, what: str = "model") -> None:
+def check_model(name_or_path: str, what: str = "model") -> list[str] | None:
     """Check a model without loading its weights: its config loads, and (local folders) the weight
     files transformers would load are there (model.safetensors, its sharded index, or
     pytorch_model.bin and its index, in transformers' order), every safetensors file has a readable
@@ -237,13 +253,14 @@ def check_model(name_or_path: str, what: str = "model") -> None:
 
     Run by preflight, so that a broken model folder (empty, a config.json with wrong types, no or
     truncated or garbage weights, weights of a smaller model) is reported before any run folder is
-    written.
+    written. Returns the weights' tensor names where they are known without reading tensor data
+    (a local safetensors model), else None.
     """
     from transformers import AutoConfig
 
     if is_gguf(name_or_path):
         gguf_file(name_or_path, what)  # the file exists; it is read when dequantized (tokenizer load)
-        return
+        return None
     _check_exists(name_or_path, what)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
@@ -252,7 +269,7 @@ def check_model(name_or_path: str, what: str = "model") -> None:
         raise IcrError(f"{what}: cannot load the model config of {name_or_path!r} ({type(e).__name__}: {detail})") from None
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        return  # a hub id: its files are checked when downloaded
+        return None  # a hub id: its files are checked when downloaded
     names = None  # tensor names, where known without reading tensor data
     files = []
     explicit = getattr(config, "transformers_weights", None)  # config.json may name its weights file
@@ -284,6 +301,19 @@ def check_model(name_or_path: str, what: str = "model") -> None:
             names = list(tensors)
     if names is not None:
         _check_layer_count(config, names, folder, what)
+    return names
+
+
+def check_lora_targets(targets: list[str], names: list[str], what: str) -> None:
+    """Every `train.lora.target_modules` entry names a module of the model, matched as peft matches
+    it (the module's full name, or its last dotted parts); `names` are the weights' tensor names.
+    Else peft fails once training starts, after generation and scoring."""
+    modules = {name.rsplit(".", 1)[0] for name in names if "." in name}
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()})
+    for target in targets:
+        if not any(m == target or m.endswith("." + target) for m in modules):
+            raise IcrError(f"train.lora.target_modules: {target!r} names no module of {what} (its modules end in: "
+                           f"{', '.join(leaves[:20])}{', ...' if len(leaves) > 20 else ''})")
 
 
 def _check_layer_count(config, names: list[str], folder: Path, what: str) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import tempfile
 import threading
@@ -27,6 +28,54 @@ from typing import Iterable, Iterator
 from .errors import IcrError
 
 log = logging.getLogger("icr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors the environment causes
+# ---------------------------------------------------------------------------------------------
+
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                      errno.EISDIR, errno.EFBIG}
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# A full disk seen through a library that does not raise OSError: safetensors' Rust writer ("No
+# space left on device (os error 28)"), torch's writer ("file write failed", the OSError as context).
+_FULL_MESSAGE = re.compile(r"No space left on device|Disk quota exceeded|File too large|os error (28|27|122)\b|"
+                           r"PytorchStreamWriter failed writing file")
+_RESUME = "; free space (or raise the file size limit) and rerun the same command to resume"
+
+
+def environment_problem(error: BaseException) -> str | None:
+    """The one line for an error the environment caused (a full disk, a file size limit, a
+    permission, a read-only file system, a file where a folder should be), found in `error` or the
+    errors it came from; None for anything else (a bug: its traceback stays)."""
+    chain = []  # the error and those it came from (raise ... from, or raised while handling)
+    while error is not None and all(error is not e for e in chain) and not isinstance(error, IcrError):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:  # the OSError itself names the file
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            where = f"{e.filename}: " if e.filename else ""
+            return f"{where}{e.strerror}{_RESUME if e.errno in _FULL else ''}"
+    for e in chain:
+        if _FULL_MESSAGE.search(str(e)):
+            return f"{str(e).strip().splitlines()[0][:300]} ({type(e).__name__}){_RESUME}"
+    return None
+
+
+@contextlib.contextmanager
+def environment_errors(folder: Path):
+    """Within the block, an error the environment caused (`environment_problem`) becomes an
+    IcrError naming `folder` (where the stage was writing), so it ends in one line; what was
+    written before stays and the rerun resumes from it."""
+    try:
+        yield
+    except IcrError:
+        raise
+    except Exception as e:
+        problem = environment_problem(e)
+        if problem is None:
+            raise
+        raise IcrError(f"{folder}: {problem}" if str(folder) not in problem else problem) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +106,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files a library wrote under `folder` the mode the user's umask asks for:
+    safetensors writes its files 0600 whatever the umask, so a model icr saved would be unreadable
+    to the user's group (0644 under umask 022)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _umask() -> int:

@@ -22,8 +22,9 @@ from pathlib import Path
 from .compat import checkpointing_kwargs
 from .config import TrainConfig
 from .errors import IcrError
-from .models import load_causal_lm, load_tokenizer, resolve_device
+from .models import check_finite, load_causal_lm, load_tokenizer, resolve_device
 from .progress import training_callback
+from .runs import honour_umask
 
 log = logging.getLogger("icr")
 
@@ -316,6 +317,7 @@ def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
     if main:
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
     trainer.accelerator.wait_for_everyone()
@@ -359,8 +361,14 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     if cfg.precompute_ref_log_probs:
         out_dir.mkdir(parents=True, exist_ok=True)
         dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config)
+    try:
+        trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+    except ValueError as e:
+        if peft_config is None or "target module" not in str(e).lower():
+            raise
+        # A hub model's module names are not known at preflight (models.check_lora_targets checks local ones).
+        raise IcrError(f"train.lora.target_modules: {' '.join(str(e).split())[:300]}") from None
     trainer.add_callback(training_callback(out_dir))  # steps and loss for the parent's bar and `icr status`
     lengths = length_counts(trainer.train_dataset, len(pairs), cfg.max_length)
     if not lengths["pairs_trained"]:
@@ -378,6 +386,11 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
             fh.write(json.dumps({"checkpoint": Path(resume).name}) + "\n")
     result = trainer.train(resume_from_checkpoint=resume)
     change = weight_change(trainer.accelerator.unwrap_model(trainer.model), start)
+    last_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
+    # A diverged training is an error before anything is saved (else exit 0 and a NaN model).
+    check_finite(trainer.accelerator.unwrap_model(trainer.model),
+                 f"train: after {trainer.state.global_step} optimizer step(s) (last logged loss {last_loss}; nothing "
+                 "was saved: lower train.learning_rate, or check train.beta and the pairs)")
     if change is not None and change["changed_share"] == 0:
         # An error, not a warning: the "trained" model would be the starting policy under a new name,
         # and the iteration would report training that did not happen.
