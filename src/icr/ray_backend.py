@@ -22,7 +22,9 @@ behave differently under Ray; it always starts on an empty GPU (a pooled Ray wor
 and `max_calls=1` still runs the stage inside Ray's worker, beside Ray's own threads and, for vLLM,
 Ray-aware executor choices); `generation.finish_process` (vLLM's exit) applies unchanged; and a
 child killed by the kernel (out of memory) is seen as an exit by signal that the task returns,
-while the task, small and alive, tells where it ran. The task is started with the node's own
+while the task, small and alive, tells where it ran. When the task's own Ray worker dies, Ray
+(2.60, checked) kills that worker's child processes too, so a retried shard worker never runs
+beside its orphaned predecessor. The task is started with the node's own
 Python (`sys.executable` of Ray's worker: the environment `ray start` was run from), so nodes need
 not install icr at the same path as the head. The child inherits the task's environment (Ray sets
 `CUDA_VISIBLE_DEVICES` to the GPUs it granted) plus the head's `ICR_*`, `HF_*`, `TRANSFORMERS_*`,
