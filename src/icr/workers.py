@@ -10,6 +10,9 @@
 - `isolate_stages` (default `auto`: on with CUDA, off on the CPU, where nothing is held back
   between stages and a process start costs ~5 s) runs each of those stages, training and
   evaluation's sampling in one child process when `workers` is 1 (why: icr.launch).
+- `cluster.backend: ray`: the same processes run as Ray tasks on a Ray cluster's nodes
+  (icr.launch.run_workers -> icr.ray_backend), every model stage isolated; launched training runs
+  as one accelerate process group per node (`placed_by`).
 
 The parent never loads a model: before starting anything it asks the stage whether it is already
 done (manifest, or a finished stage lent by another run folder) and lets it prepare its folder
