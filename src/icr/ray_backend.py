@@ -110,6 +110,9 @@ def connect(cluster) -> None:
                      object_store_memory=100 * 2**20, **quiet)
             _started_here = True
             atexit.register(shutdown)
+            if [n["NodeManagerAddress"] for n in _nodes()] != ["127.0.0.1"]:  # ray imported before connect
+                log.warning("ray: the local cluster is not on 127.0.0.1 only (ray was imported before icr set %s=0)",
+                            LOOPBACK_ONLY)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
