@@ -252,3 +252,13 @@ def test_address_local_starts_a_one_node_cluster_listening_on_127_0_0_1_only_and
     addresses = eval(lines["listening"])  # noqa: S307 - our own script's printed list
     assert addresses and set(addresses) <= {"0100007F", "0000000000000000FFFF00000100007F"}, addresses
     assert lines["after"] == "False"
+
+
+def test_without_ray_the_backend_is_one_line_saying_how_to_get_it(monkeypatch):
+    from icr.config import ClusterConfig
+    from icr.errors import IcrError
+    from icr.ray_backend import connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    with pytest.raises(IcrError, match=r"^cluster.backend: ray needs the ray package \(pip install 'icr\[ray\]'\)$"):
+        connect(ClusterConfig(backend="ray", address="auto"))
