@@ -147,3 +147,9 @@ def test_quiet_prints_nothing_but_the_result_line(tmp_path, built):
     loud = subprocess.run([ICR, "train", TINY, "--set", f"run_root={tmp_path / 'loud'}", "--iteration", "1"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert "{'loss'" not in loud.stdout + loud.stderr  # TRL's metric dicts are not printed even without -q
+
+
+def test_validate_finds_a_ray_backend_without_ray(cli, built, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as when not installed
+    code, _, err = cli("validate", TINY, "--set", "cluster.backend=ray")
+    assert "cluster.backend: ray needs the ray package (pip install 'icr[ray]')" in _one_line_error(code, err)

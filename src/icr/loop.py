@@ -386,6 +386,8 @@ def check_backends(cfg: ExperimentConfig) -> None:
     from .tracking import check_trackers
 
     check_trackers(cfg.report_to)
+    if cfg.cluster.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise IcrError("cluster.backend: ray needs the ray package (pip install 'icr[ray]')")
     if cfg.device == "cuda" and cfg.cluster.backend == "local":  # on Ray the nodes have the GPUs, not the head
         import torch
 
