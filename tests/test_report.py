@@ -168,7 +168,7 @@ def test_report_renders_a_tiny_run(tmp_path):
     assert (cells[2], cells[4], cells[6]) == ("50.0", "100.0", "75.0")
     assert float(cells[5]) == pytest.approx((float(cells[1]) + float(cells[3])) / 2, abs=0.06)
     assert "| 1 | es | 0.01 | 100 | 89 | 4 | 6 | 420.5 | 415.0 | 97.0 |" in text
-    assert "| es | 80.0 (n=50) | 55.0 (n=40) |" in text and "| de | – | – |" in text
+    assert "| 1 | es | 80.0 (n=50) | 55.0 (n=40) |" in text and "| 1 | de | – | – |" in text
     assert "| Stage | iter1 | iter2 | M1-random-pairs/iter1 | Total |" in text
     assert "| train | 40.0 | 80.0 | 7.0 | 127.0 |" in text and "| **total** | 55.8 | 111.5 | 7.0 | 174.2 |" in text
     for png in ("wr_by_iteration.fake.png", "alpha_curve_iter1.png", "alpha_curve_iter2.png"):
