@@ -202,3 +202,76 @@ def test_upper_bound_on_the_adjusted_score():
     b12 = {**base, "max_chosen_reward": 12.0}
     assert select_pairs(recs, PairsConfig(**b12))[0][0]["chosen_sample"] == 0  # raw bound: 12 <= 12 allowed
     assert select_pairs(recs, PairsConfig(**b12, max_chosen_reward_on="adjusted"))[0][0]["chosen_sample"] == 1
+
+
+# --- the upper bound per iteration (the authors' iteration-2 runs: upper_bound_500) -----------------
+
+def _bound_config(bound, iterations=2):
+    from icr.config import config_from_dict
+
+    return config_from_dict({"name": "b", "languages": ["en"], "iterations": iterations,
+                             "models": {"dpo": "a", "sft": "b"}, "prompts": {"path": "p/{lang}.jsonl"},
+                             "pairs": {"length_control": False, "language_filter": False,
+                                       "max_chosen_reward": bound, "max_chosen_reward_on": "adjusted"}})
+
+
+def _scored_stage(plan, recs):
+    from icr.runs import write_json, write_jsonl
+
+    plan.score_dir.mkdir(parents=True)
+    write_jsonl(plan.score_dir / "shard-00000.jsonl", recs)
+    write_json(plan.score_dir / "manifest.json", {"key": {"stage": "score", "t": plan.t}, "counts": {"scored": len(recs)}})
+
+
+def test_the_bound_applies_per_iteration_and_keys_only_its_iteration(tmp_path):
+    """`{2: 10}`: iteration 1 unbounded, iteration 2 bounded; changing iteration 2's bound
+    recomputes iteration 2's pairs only."""
+    from icr.plan import iteration_plan
+    from icr.stages import run_pairs
+
+    recs = [_rec("a", "en", 0, "x" * 10, 12.0), _rec("a", "en", 1, "y" * 2, 9.0), _rec("a", "en", 2, "z", 0.0)]
+    cfg = _bound_config({2: 10})
+    plans = [iteration_plan(cfg, tmp_path, t) for t in (1, 2)]
+    for plan in plans:
+        _scored_stage(plan, recs)
+    chosen = {}
+    for plan in plans:
+        assert "skipped" not in run_pairs(cfg, plan)
+        chosen[plan.t] = json.loads((plan.pairs_dir / "pairs.jsonl").read_text())["chosen_sample"]
+        assert json.loads((plan.pairs_dir / "stats.json").read_text())["max_chosen_reward"] == (10.0 if plan.t == 2 else None)
+    assert chosen == {1: 0, 2: 1}  # iteration 1: the best (12); iteration 2: 12 is not below 10
+    wider = _bound_config({2: 20})
+    assert run_pairs(wider, plans[0]).get("skipped")  # iteration 1's bound did not change: its pairs stand
+    assert "skipped" not in run_pairs(wider, plans[1])
+    assert json.loads((plans[1].pairs_dir / "pairs.jsonl").read_text())["chosen_sample"] == 0
+
+
+def test_one_bound_for_every_iteration_keeps_the_old_key_and_behaviour():
+    for bound in (None, 5.0):
+        cfg = _bound_config(bound)
+        assert cfg.pairs.iteration_hash(1) == cfg.pairs.iteration_hash(2) == cfg.section_hash("pairs")
+        assert cfg.pairs.bound_at(1) == cfg.pairs.bound_at(2) == bound
+    mapping = _bound_config({1: 5, 2: None})
+    assert (mapping.pairs.bound_at(1), mapping.pairs.bound_at(2)) == (5.0, None)
+    assert mapping.pairs.iteration_hash(1) == _bound_config(5.0).section_hash("pairs")
+    assert mapping.pairs.iteration_hash(2) == _bound_config(None).section_hash("pairs")
+    with pytest.raises(ValueError, match="at_iteration"):
+        select_pairs([_rec("a", "en", 0, "x", 1.0)], mapping.pairs)
+
+
+def test_bound_mapping_is_checked_and_survives_a_json_round_trip():
+    from icr.config import config_from_dict
+    from icr.errors import ConfigError
+
+    assert _bound_config({"2": "5e2"}).pairs.max_chosen_reward == {2: 500.0}  # job files carry JSON keys
+    cfg = _bound_config({2: 500})
+    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.pairs.max_chosen_reward == {2: 500.0} and again.pairs.iteration_hash(2) == cfg.pairs.iteration_hash(2)
+    for bad, match in (({0: 1}, r"pairs\.max_chosen_reward: keys are iterations"),
+                       ({"two": 1}, r"pairs\.max_chosen_reward: keys are iterations"),
+                       ({2: "high"}, r"pairs\.max_chosen_reward\[2\]: expected a finite number"),
+                       ({2: float("inf")}, r"pairs\.max_chosen_reward\[2\]: expected a finite number"),
+                       ({2: 1, "2": 3}, r"pairs\.max_chosen_reward: iteration 2 given twice"),
+                       ([1, 2], r"pairs\.max_chosen_reward: expected float or dict or null")):
+        with pytest.raises(ConfigError, match=match):
+            _bound_config(bad)

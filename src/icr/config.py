@@ -153,7 +153,10 @@ class PairsConfig:
     language_filter: bool = _f(True, "Drop candidates not identified as the target language (beyond the paper).")
     drop_truncated: bool = _f(False, "Drop candidates that hit the token limit.")
     min_margin: float | None = _f(None, "Drop pairs whose reward margin (after the length penalty) is below this.")
-    max_chosen_reward: float | None = _f(None, "Upper bound on the chosen reward (candidates above are not chosen).")
+    max_chosen_reward: float | dict | None = _f(
+        None, "Upper bound on the chosen answer's score (max_chosen_reward_on says which score; the rejected answer "
+        "is never bounded): one number for every iteration, or a mapping iteration -> bound (an iteration not "
+        "listed, or null: no bound), e.g. {2: 500} as the authors' iteration-2 runs (docs/fidelity.md). null: none.")
     max_chosen_reward_on: str = _f(
         "reward", "What max_chosen_reward bounds: reward (the raw implicit reward; a candidate above it is not "
         "chosen) | adjusted (the length-adjusted score r - alpha*len must be strictly below it, as the authors' "
@@ -168,6 +171,25 @@ class PairsConfig:
     selection: str = _f("reward", "reward (ICR) | random (control: random distinct pair) | judge (control: the "
                         "evaluation judge picks best/worst; needs a judge that scores single answers).",
                         choices=("reward", "random", "judge"))
+
+    def bound_at(self, t: int) -> float | None:
+        """The upper bound on the chosen answer's score at iteration `t` (None: no bound)."""
+        bound = self.max_chosen_reward
+        if isinstance(bound, dict):  # keys are ints after loading; a JSON round trip makes them strings
+            bound = bound.get(t, bound.get(str(t)))
+        return None if bound is None else float(bound)
+
+    def at_iteration(self, t: int) -> PairsConfig:
+        """This section as iteration `t` uses it: the bound resolved to that iteration's number (or None)."""
+        return dataclasses.replace(self, max_chosen_reward=self.bound_at(t))
+
+    def iteration_hash(self, t: int) -> str:
+        """The pairs stage's key for iteration `t`: the section with only that iteration's bound, so a
+        change to another iteration's bound does not recompute these pairs. One number (or none) for
+        every iteration hashes exactly as `ExperimentConfig.section_hash("pairs")` did before
+        per-iteration bounds, so existing run folders keep their pairs."""
+        data = {"pairs": dataclasses.asdict(self.at_iteration(t))}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -536,12 +558,38 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
             errors.append(str(e))
     if len({c.get("label") for c in cfg.controls if isinstance(c, dict)}) != len(cfg.controls):
         errors.append("controls: labels must be unique")
+    errors.extend(_bound_problems(cfg.pairs))
     if cfg.pairs.alpha_step > cfg.pairs.alpha_max and cfg.pairs.alpha_max > 0:
         errors.append("pairs.alpha_step: larger than pairs.alpha_max")
     grid = round(cfg.pairs.alpha_max / cfg.pairs.alpha_step) + 1
     if cfg.pairs.length_control and grid > ALPHA_GRID_MAX:
         errors.append(f"pairs.alpha_max: the alpha grid 0, {cfg.pairs.alpha_step}, ..., {cfg.pairs.alpha_max} has "
                       f"{grid} points (at most {ALPHA_GRID_MAX}); raise pairs.alpha_step or lower pairs.alpha_max")
+    return errors
+
+
+def _bound_problems(pairs: PairsConfig) -> list[str]:
+    """Check a per-iteration `pairs.max_chosen_reward` mapping and normalise it in place to
+    {int iteration: float or None} (YAML keys are ints; a JSON round trip makes them strings)."""
+    bounds = pairs.max_chosen_reward
+    if not isinstance(bounds, dict):
+        return []
+    errors, clean = [], {}
+    for key, value in bounds.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not (isinstance(key, int) or text.isdigit()) or int(text) < 1:
+            errors.append(f"pairs.max_chosen_reward: keys are iterations (integers >= 1), got {key!r}")
+            continue
+        ok, conv = _type_ok(value, float | None)
+        if not ok or (conv is not None and not math.isfinite(conv)):
+            errors.append(f"pairs.max_chosen_reward[{text}]: expected a finite number or null, got {value!r}")
+            continue
+        if int(text) in clean:
+            errors.append(f"pairs.max_chosen_reward: iteration {int(text)} given twice")
+            continue
+        clean[int(text)] = conv
+    if not errors:
+        pairs.max_chosen_reward = clean
     return errors
 
 

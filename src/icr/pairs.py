@@ -72,7 +72,12 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
     `scored`: records with id, lang, prompt, sample, response, finished, n_tokens, reward.
     `in_language(text, lang) -> bool` implements the language filter (None: filter off).
     `judge_scores[(id, lang, sample)]` is needed for `selection: judge` (the oracle control).
+    `cfg.max_chosen_reward` must be one number or None: a per-iteration mapping is resolved first
+    (`cfg.at_iteration(t)`, as `icr.stages.run_pairs` does).
     """
+    if isinstance(cfg.max_chosen_reward, dict):
+        raise ValueError("select_pairs: pairs.max_chosen_reward is a per-iteration mapping; pass "
+                         "cfg.at_iteration(t) (the bound of the iteration being built)")
     scores = _normalise(scored, cfg.normalize)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, rec in enumerate(scored):
@@ -90,7 +95,7 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
         pairs += _language_pairs(lang, kept_keys, cand_idx, scored, scores, length_of, alpha, cfg, seed,
                                  judge_scores, in_language, st)
         stats[lang] = st
-    return pairs, {"per_language": stats}
+    return pairs, {"per_language": stats, "max_chosen_reward": cfg.max_chosen_reward}
 
 
 def _filter_candidates(lang, keys, groups, scored, scores, cfg: PairsConfig, in_language, st):

@@ -311,7 +311,8 @@ def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict
     from .pairs import llamafactory_dataset_info, select_pairs
 
     stage_dir = plan.pairs_dir
-    key = {"stage": "pairs", "pairs": cfg.section_hash("pairs"), "seed": plan.seed,
+    pairs_cfg = cfg.pairs.at_iteration(plan.t)  # this iteration's bound only (pairs.max_chosen_reward)
+    key = {"stage": "pairs", "pairs": cfg.pairs.iteration_hash(plan.t), "seed": plan.seed,
            "scores": read_json(plan.score_dir / "manifest.json")["key"],
            # pairs chosen by the judge depend on which judge: another judge must not reuse them
            **({"judge": judge_identity(cfg)} if cfg.pairs.selection == "judge" else {})}
@@ -334,7 +335,7 @@ def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict
         items = [JudgeItem(id=r["id"], lang=r["lang"], instruction=r["prompt"], output=r["response"])
                  for r in scored]
         judge_scores = {(r["id"], r["lang"], r["sample"]): s for r, s in zip(scored, judge.score(items))}
-    pairs, stats = select_pairs(scored, cfg.pairs, seed=plan.seed,
+    pairs, stats = select_pairs(scored, pairs_cfg, seed=plan.seed,
                                 in_language=language_identifier(tuple(cfg.languages)).is_in,
                                 judge_scores=judge_scores)
     for lang, st in stats["per_language"].items():
