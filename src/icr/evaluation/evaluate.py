@@ -35,23 +35,40 @@ from .metrics import (alpaca_eval_length_controlled_win_rate, fidelity, length_c
                       win_rate)
 
 
+# Answers are judged stripped of surrounding whitespace, as the authors' (their sampler keeps
+# `output.text.strip()`: utils/inference.py:144, called from utils/batch_inference.py:29 for X-AlpacaEval);
+# special tokens are already left out when decoding. The outputs' key records it: answers saved before
+# (unstripped, a key without "output") are stripped once when reused, and their generation.json says so.
+OUTPUT_FORM = "stripped"
+
+
 def _generation_key(model_path: str, params, chat_template: str | None, prompts: list[dict]) -> dict:
     return {"model_path": str(model_path), "params": dataclasses.asdict(params),
             "chat_template": text_hash(chat_template or ""),
-            "prompts": text_hash(*(f"{p['id']}\t{p['instruction']}" for p in prompts))}
+            "prompts": text_hash(*(f"{p['id']}\t{p['instruction']}" for p in prompts)), "output": OUTPUT_FORM}
 
 
 def _reusable(lang_dir: Path, key: dict, prompts: list[dict]) -> list[dict] | None:
     """The saved outputs if they were made by the same model, decoding and prompts."""
     try:
-        if read_json(lang_dir / "generation.json").get("key") != key:
+        saved = read_json(lang_dir / "generation.json")
+        old = saved.get("key")
+        unstripped = isinstance(old, dict) and "output" not in old and {**old, "output": OUTPUT_FORM} == key
+        if old != key and not unstripped:
             return None
         rows = read_model_outputs(lang_dir / "model_outputs.json")
     except (OSError, ValueError, IcrError):
         return None
     same = len(rows) == len(prompts) and all(
         str(r.get("id")) == str(p["id"]) and r["instruction"] == p["instruction"] for r, p in zip(rows, prompts))
-    return rows if same else None
+    if not same:
+        return None
+    if unstripped:  # saved before answers were stripped: strip them now, once, and record it
+        changed = sum(r["output"] != r["output"].strip() for r in rows)
+        rows = [{**r, "output": r["output"].strip()} for r in rows]
+        write_model_outputs(lang_dir / "model_outputs.json", rows)
+        write_json(lang_dir / "generation.json", {**saved, "key": key, "stripped_when_reused": changed})
+    return rows
 
 
 def _check_references(prompts: dict, references: dict) -> None:
@@ -116,12 +133,13 @@ def generate_outputs(model_path: str, label: str, prompts: dict[str, list[dict]]
         for lang, key in todo:
             rows = prompts[lang]
             samples = backend.generate([[{"role": "user", "content": p["instruction"]}] for p in rows], params)
-            texts = [s[0].text for s in samples]
+            texts = [s[0].text.strip() for s in samples]  # OUTPUT_FORM: judged as the authors judge them
             outputs[lang] = to_model_outputs(rows, texts, generator=generator or label)
             lang_dir = out_dir / label / lang
             write_model_outputs(lang_dir / "model_outputs.json", outputs[lang])
             write_json(lang_dir / "generation.json", {
                 "key": key, "n": len(rows), "unfinished": sum(not s[0].finished for s in samples),
+                "stripped": sum(s[0].text != t for s, t in zip(samples, texts)),
                 "mean_tokens": sum(s[0].n_tokens for s in samples) / max(len(samples), 1)})
             progress.update(advance=len(rows), tokens=sum(s[0].n_tokens for s in samples))
         progress.close()  # after an error: closed as failed by icr.progress.watch, or with its process
