@@ -166,11 +166,18 @@ def _add_sandbox(sub) -> None:
 
 def _add_report(sub) -> None:
     """`icr report RUN_DIR`."""
-    p = sub.add_parser("report", help="write report.md and plots for a run folder",
-                       description="Render runs/<name>/report.md and PNGs from results.json and stage files.\n\n"
+    p = sub.add_parser("report", help="write report.md, plots and report.html for a run folder",
+                       description="Render runs/<name>/report.md and PNGs from results.json and stage files, and\n"
+                                   "report.html: the same overview plus a pair browser and an evaluation browser\n"
+                                   "(one self-contained file; open it from disk).\n\n"
                                    "example:\n  icr report runs/tiny",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
+    p.add_argument("--max-pair-prompts", type=int, default=50, metavar="N",
+                   help="prompts per run, iteration and language embedded in the pair browser (a fixed sample; "
+                        "0 = all; default 50)")
+    p.add_argument("--max-eval-prompts", type=int, default=100, metavar="N",
+                   help="prompts per language embedded in the evaluation browser (0 = all; default 100)")
     _common(p)
 
 
@@ -339,6 +346,7 @@ def _dispatch(args) -> None:
         if table:
             print(table + "\n")
         print(f"icr: run finished: {run_dir}" + (f" (report: {run_dir / 'report.md'})" if table else ""))
+        _browse_line(run_dir)
     elif args.command == "status":
         from .progress import run_status
 
@@ -365,11 +373,27 @@ def _dispatch(args) -> None:
         _sandbox(args)
     elif args.command == "report":
         from .report import write_report
+        from .report_html import write_html_report
 
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():
             raise IcrError(f"{run_dir}: run folder not found")
+        if min(args.max_pair_prompts, args.max_eval_prompts) < 0:
+            raise IcrError("--max-pair-prompts / --max-eval-prompts: a number of prompts, 0 for all")
         print(write_report(run_dir))
+        print(write_html_report(run_dir, args.max_pair_prompts or None, args.max_eval_prompts or None))
+
+
+def _browse_line(run_dir: Path) -> None:
+    """The end of `icr run`: report.html written, its path the last line (a failure here is one line,
+    never the run's: `icr report RUN_DIR` writes it again)."""
+    from .report_html import write_html_report
+
+    try:
+        print(f"icr: browse the run: {write_html_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - the run itself finished
+        print(f"icr: report.html not written ({type(e).__name__}: {e}); `icr report {run_dir}` retries",
+              file=sys.stderr)
 
 
 def _sandbox(args) -> None:
