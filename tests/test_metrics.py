@@ -159,7 +159,7 @@ def test_alpaca_eval_lc_through_icr_equals_the_library(tmp_path, monkeypatch):
     y = (rng.random(n) < 1 / (1 + np.exp(-np.tanh((out - ref) / 1000)))).astype(float)
     y[rng.random(n) < 0.1] = 0.5
     outputs, refs = ["o" * int(v) for v in out], ["r" * int(v) for v in ref]
-    ours = alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(n), data_dir=str(tmp_path))
+    ours = alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(1, n + 1), data_dir=str(tmp_path))
 
     monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kw: str(tmp_path / kw["filename"]))
     df = pd.DataFrame({"preference": y + 1, "output_1": refs, "output_2": outputs, "generator_1": "gpt4_turbo",
@@ -169,7 +169,7 @@ def test_alpaca_eval_lc_through_icr_equals_the_library(tmp_path, monkeypatch):
     assert abs(ours - length_controlled_win_rate(y, out, ref)) > 0.1  # the instruction term does matter here
     monkeypatch.undo()
     with pytest.raises(IcrError, match="df_gamed.csv not found"):
-        alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(n), data_dir=str(tmp_path / "nowhere"))
+        alpaca_eval_length_controlled_win_rate(y, outputs, refs, range(1, n + 1), data_dir=str(tmp_path / "nowhere"))
 
 
 def test_evaluation_rows_say_which_lc(tmp_path):

@@ -203,10 +203,10 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
 
 
 def _length_controlled(cfg, prefs: list[float], items: list[JudgeItem]) -> tuple[float, str]:
-    """(LC in %, which LC) as `cfg.lc_method` asks; items are in the evaluation file's order."""
+    """(LC in %, which LC) as `cfg.lc_method` asks; alpaca_eval's finds each instruction by its id."""
     if getattr(cfg, "lc_method", "minimal") == "alpaca_eval":
         lc = alpaca_eval_length_controlled_win_rate(prefs, [it.output for it in items],
-                                                    [it.reference for it in items], range(len(items)),
+                                                    [it.reference for it in items], [it.id for it in items],
                                                     data_dir=getattr(cfg, "lc_data_dir", None))
         return lc, "alpaca_eval:length_controlled_v1"
     return (length_controlled_win_rate(prefs, [len(it.output) for it in items], [len(it.reference) for it in items]),

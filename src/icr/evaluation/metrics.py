@@ -148,19 +148,20 @@ def mean_length(outputs: Sequence[str]) -> float:
 
 
 def alpaca_eval_length_controlled_win_rate(prefs, outputs: Sequence[str], references: Sequence[str],
-                                           positions: Sequence[int], data_dir: str | None = None) -> float:
+                                           ids: Sequence, data_dir: str | None = None) -> float:
     """AlpacaEval 2's length-controlled win rate, computed by alpaca_eval itself, in percent.
 
     `alpaca_eval.metrics.get_length_controlled_winrate` with `length_controlled_v1` (the paper's and
     the leaderboard's LC): the GLM with the per-instruction difficulty and the regularisation toward
-    alpaca_eval's gamed baselines. `positions[i]` is item i's row in AlpacaEval's 805 instructions
-    (X-AlpacaEval keeps AlpacaEval's order, so: its position in the evaluation file). alpaca_eval
-    reads its per-instruction data (`df_gamed.csv`) from the hub; `data_dir` names a local folder
-    holding that file instead (machines without network), handed to alpaca_eval in place of its
-    download (the one line of alpaca_eval this touches: `glm_winrate.hf_hub_download`).
+    alpaca_eval's gamed baselines. alpaca_eval finds an answer's difficulty by its `index`, the row of
+    its instruction among AlpacaEval's 805; `ids[i]` is item i's prompt id, and X-AlpacaEval's id k
+    (1..805, AlpacaEval's order) is row k - 1 (`alpaca_eval_rows`), so a reordered or filtered
+    evaluation set still lines up, and an id alpaca_eval's data does not know is an error, not a
+    silent mismatch. alpaca_eval reads its per-instruction data (`df_gamed.csv`) from the hub;
+    `data_dir` names a local folder holding that file instead (machines without network), handed to
+    alpaca_eval in place of its download (the one line of alpaca_eval this touches:
+    `glm_winrate.hf_hub_download`).
     """
-    import contextlib
-    from pathlib import Path
     from unittest import mock
 
     try:
@@ -172,26 +173,56 @@ def alpaca_eval_length_controlled_win_rate(prefs, outputs: Sequence[str], refere
         raise IcrError("evaluation.lc_method alpaca_eval needs the alpaca-eval package (pip install 'icr[eval]'); "
                        f"import failed: {type(e).__name__}: {e}") from None
     p = _prefs(prefs)
+    gamed = _df_gamed_path(glm_winrate, data_dir)
     annotations = pd.DataFrame({
-        "index": list(positions), "output_1": list(references), "output_2": list(outputs),
+        "index": alpaca_eval_rows(ids, gamed), "output_1": list(references), "output_2": list(outputs),
         "generator_1": "reference", "generator_2": "model", "annotator": "icr",
         "preference": 1.0 + p,  # alpaca_eval: 1 = output_1 (the reference) wins, 2 = output_2 (the model)
     })
-    patch = contextlib.nullcontext()
-    if data_dir is not None:
-        folder = Path(data_dir)
-
-        def local_file(*, filename, **_):
-            path = folder / filename
-            if not path.is_file():
-                from ..errors import IcrError
-
-                raise IcrError(f"evaluation.lc_data_dir: {path} not found (alpaca_eval's {filename})")
-            return str(path)
-
-        patch = mock.patch.object(glm_winrate, "hf_hub_download", local_file)
-    with patch:
+    with mock.patch.object(glm_winrate, "hf_hub_download", lambda **_: gamed):  # the file checked above
         metrics = glm_winrate.get_length_controlled_winrate(
             annotations, glm_name="length_controlled_v1", save_weights_dir=None,
             is_add_glm_preference_inplace=False, is_warn_extreme_changes=False)
     return float(metrics["length_controlled_winrate"])
+
+
+def _df_gamed_path(glm_winrate, data_dir: str | None) -> str:
+    """alpaca_eval's per-instruction data: `data_dir`/df_gamed.csv, or the hub file alpaca_eval
+    itself downloads (same call as its `_get_featurized_data`)."""
+    from pathlib import Path
+
+    if data_dir is None:
+        from alpaca_eval import constants
+
+        return glm_winrate.hf_hub_download(
+            repo_id="tatsu-lab/alpaca_eval", filename="df_gamed.csv", repo_type="dataset",
+            token=constants.DATASETS_TOKEN, force_download=constants.DATASETS_FORCE_DOWNLOAD,
+            cache_dir=constants.DEFAULT_CACHE_DIR)
+    path = Path(data_dir) / "df_gamed.csv"
+    if not path.is_file():
+        from ..errors import IcrError
+
+        raise IcrError(f"evaluation.lc_data_dir: {path} not found (alpaca_eval's df_gamed.csv)")
+    return str(path)
+
+
+def alpaca_eval_rows(ids: Sequence, df_gamed: str) -> list[int]:
+    """The AlpacaEval row of each prompt id: X-AlpacaEval's id k (1..805, in AlpacaEval's order:
+    the authors' data/x-alpacaeval/data/*.json) is alpaca_eval's `index` k - 1. An id that is not a
+    whole number, or whose row alpaca_eval's per-instruction data (`df_gamed`, a path) lacks, is an
+    IcrError naming it."""
+    import pandas as pd
+
+    known = set(pd.read_csv(df_gamed, usecols=["index"])["index"].astype(int))
+    rows = []
+    for pid in ids:
+        text = str(pid).strip()
+        row = int(text) - 1 if text.isdigit() and not isinstance(pid, (bool, float)) else None
+        if row is None or row not in known:
+            from ..errors import IcrError
+
+            raise IcrError(f"evaluation.lc_method alpaca_eval: prompt id {pid!r} is not one of AlpacaEval's "
+                           f"instruction ids 1..{max(known, default=-1) + 1} that alpaca_eval's per-instruction data "
+                           "knows (X-AlpacaEval's ids); use lc_method: minimal for another evaluation set")
+        rows.append(row)
+    return rows
