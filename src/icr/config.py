@@ -245,6 +245,52 @@ class HarnessConfig:
 
 
 @dataclass
+class JudgeEndpointConfig:
+    """An LLM judge behind any OpenAI-compatible server (OpenAI, vLLM's or SGLang's server, llama.cpp's)."""
+
+    base_url: str = _f("", "The server's OpenAI API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    model: str = _f("", "The judge model's name on that server (the paper: gpt-4o).")
+    api_key_env: str = _f("OPENAI_API_KEY", "The environment variable holding the API key (the key itself is never "
+                          "written to any file, log or result); '' for a server without a key.")
+    max_concurrency: int = _f(4, "Requests in flight at once.", min=1)
+    timeout_s: float = _f(120.0, "Seconds per request before it counts as failed (and is retried).",
+                          min=0.0, exclusive_min=True)
+    max_retries: int = _f(6, "Retries of a request after 429, 5xx, a timeout or a connection error, with "
+                          "exponential backoff from backoff_s.", min=0)
+    backoff_s: float = _f(1.0, "First backoff in seconds (doubled per retry, at most 60 s).", min=0.0)
+    verdict_retries: int = _f(2, "Times a reply without a parsable verdict is asked again; after that the "
+                              "judgement is recorded as missing and counted (never scored).", min=0)
+    temperature: float = _f(0.0, "Judge decoding temperature (MT-Bench's judge: 0).", min=0.0, max=2.0)
+    max_tokens: int = _f(2048, "Token limit of a judge reply (MT-Bench's judge: 2048).", min=1)
+    price_per_input_token: float | None = _f(None, "Price per prompt token (any currency); with it, results carry "
+                                             "the cost.", min=0.0)
+    price_per_output_token: float | None = _f(None, "Price per completion token (default: the input price).",
+                                              min=0.0)
+
+
+@dataclass
+class MTBenchConfig:
+    """Multilingual MT-Bench (the paper's Table 3): two-turn questions per language, each answer graded
+    1-10 by an LLM judge (icr.evaluation.mt_bench). Off unless `questions` is set; the files are the
+    user's (docs/results-schema.md, README)."""
+
+    questions: str = _f("", "MT-Bench questions per language, a path with {lang}: JSONL rows question_id, category, "
+                        "turns (2 user turns), optional reference (answers per turn; used for math, reasoning, "
+                        "coding). Empty: off.")
+    judge_prompts: str = _f("", "FastChat's judge_prompts.jsonl format: rows name, type (single), system_prompt, "
+                            "prompt_template, output_format [[rating]]; names single-v1, single-math-v1, "
+                            "single-v1-multi-turn, single-math-v1-multi-turn.")
+    judge: JudgeEndpointConfig = field(default_factory=JudgeEndpointConfig, metadata={
+        "help": "The grading judge's server."})
+    turns: list = _f([1, 2], "Turns graded: [1], [2] or [1, 2] (both turns are answered either way).")
+    temperature: float | None = _f(None, "Answer decoding: null = MT-Bench's own per-category temperatures (FastChat "
+                                   "gen_model_answer: writing, roleplay 0.7; stem, humanities 0.1; extraction, math, "
+                                   "coding, reasoning 0; others 0.7), so that scores compare with published MT-Bench "
+                                   "numbers; a number = that temperature for every category.", min=0.0, max=5.0)
+    max_new_tokens: int = _f(1024, "Token limit per answer turn (MT-Bench: 1024).", min=1)
+
+
+@dataclass
 class EvaluationConfig:
     enabled: bool = _f(False, "Evaluate after each iteration (and pi_SFT, pi0 before the first).")
     prompts: PromptSource = field(default_factory=PromptSource, metadata={"help": "Evaluation prompts."})
@@ -271,6 +317,9 @@ class EvaluationConfig:
                                 "does, per language and pair kind (needs a judge that scores single answers).")
     harness: HarnessConfig = field(default_factory=HarnessConfig, metadata={
         "help": "Alignment-tax benchmarks through lm-evaluation-harness (off unless tasks are named)."})
+    mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig, metadata={
+        "help": "Multilingual MT-Bench (the paper's Table 3), graded over an OpenAI-compatible server (off unless "
+                "questions is set)."})
 
 
 @dataclass
@@ -537,6 +586,7 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     for name in cfg.evaluation.models:
         if name not in ("sft", "M0"):
             errors.append(f"evaluation.models: unknown model {name!r} (sft, M0; each M_t is evaluated anyway)")
+    errors += _mt_bench_problems(cfg.evaluation.mt_bench)
     if not cfg.evaluation.judge and uses_judge(cfg):
         errors.append("evaluation.judge: required when evaluation.enabled, pairs.selection: judge or "
                       "evaluation.reward_agreement is on (alpaca_eval, reward_model, or module:factory)")
@@ -590,6 +640,22 @@ def _bound_problems(pairs: PairsConfig) -> list[str]:
         clean[int(text)] = conv
     if not errors:
         pairs.max_chosen_reward = clean
+    return errors
+
+
+def _mt_bench_problems(mt) -> list[str]:
+    """What is wrong with evaluation.mt_bench on its own (the files and the server: icr validate)."""
+    if not mt.questions:
+        return []
+    errors = []
+    if "{lang}" not in mt.questions:
+        errors.append("evaluation.mt_bench.questions: the path must contain {lang} (one file per language)")
+    if not mt.judge_prompts:
+        errors.append("evaluation.mt_bench.judge_prompts: required when questions is set")
+    if not mt.judge.base_url or not mt.judge.model:
+        errors.append("evaluation.mt_bench.judge: base_url and model are required when questions is set")
+    if not mt.turns or any(t not in (1, 2) or isinstance(t, bool) for t in mt.turns) or len(set(mt.turns)) < len(mt.turns):
+        errors.append(f"evaluation.mt_bench.turns: [1], [2] or [1, 2], got {mt.turns!r}")
     return errors
 
 

@@ -370,9 +370,11 @@ def preflight(cfg: ExperimentConfig):
     if cfg.evaluation.enabled:
         from .evaluation.evaluate import load_evaluation_data
         from .evaluation.harness import check_harness
+        from .evaluation.mt_bench import check_mt_bench
 
         load_evaluation_data(cfg, judge)
         check_harness(cfg.evaluation.harness, cfg.languages)
+        check_mt_bench(cfg)  # the question and judge-prompt files, and the grading server answers
     return judge
 
 

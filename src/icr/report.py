@@ -454,8 +454,11 @@ def report_blocks(run_dir: Path) -> tuple[list[dict], list[str]]:
     rows = read_results(run_dir / "results.json")
     judged = [r for r in rows if row_kind(r) == "judge"]
     harness = [r for r in rows if row_kind(r) == "harness"]
-    other = [r for r in rows if row_kind(r) not in ("judge", "harness")]
-    body = _results_section(judged, plt) + _harness_section(harness) + _other_rows_section(other) \
+    other = [r for r in rows if row_kind(r) not in ("judge", "harness", "mt_bench")]
+    from .evaluation.mt_bench import mt_bench_section  # the paper's Table 3 (rows of kind mt_bench)
+
+    body = _results_section(judged, plt) + _harness_section(harness) + mt_bench_section(rows) \
+        + _other_rows_section(other) \
         + _agreement_section(run_dir) + _pairs_section(run_dir, plt) + _training_section(run_dir) \
         + _timing_section(run_dir)
     notes = []

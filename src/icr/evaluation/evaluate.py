@@ -245,12 +245,35 @@ def sample_outputs(cfg, model_path: str, label: str, out_dir: Path, prompts: dic
     from ..data import load_prompt_set
     from ..generation import policy_backend
 
+    from .mt_bench import generate_answers
+
     if prompts is None:
         prompts = load_prompt_set(cfg.evaluation.prompts, cfg.languages, field="evaluation.prompts").as_rows()
-    generate_outputs(model_path, label, prompts, cfg.evaluation, out_dir, seed=cfg.seed,
-                     chat_template=cfg.models.chat_template,
-                     load_backend=lambda path: policy_backend(cfg, path, batch_size=cfg.evaluation.batch_size),
-                     generator=f"{cfg.name}/{label}")
+    backend = _LazyBackend(lambda: policy_backend(cfg, model_path, batch_size=cfg.evaluation.batch_size))
+    try:
+        generate_outputs(model_path, label, prompts, cfg.evaluation, out_dir, seed=cfg.seed,
+                         chat_template=cfg.models.chat_template, backend=backend, generator=f"{cfg.name}/{label}")
+        generate_answers(cfg, model_path, label, out_dir, backend)  # MT-Bench's two turns, when configured
+    finally:
+        backend.close()
+
+
+class _LazyBackend:
+    """A sampling backend loaded on the first `generate`, so that the X-AlpacaEval answers and the
+    MT-Bench answers share one load and nothing is loaded when both are saved."""
+
+    def __init__(self, load):
+        self._load, self._backend = load, None
+
+    def generate(self, conversations, params, desc=None):
+        if self._backend is None:
+            self._backend = self._load()
+        return self._backend.generate(conversations, params)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
 
 class Evaluator:
@@ -275,6 +298,7 @@ class Evaluator:
     def _evaluate(self, model_path: str, label: str, t: int) -> list[dict]:
         from ..launch import isolate_stages, run_in_child
         from .harness import evaluate_harness
+        from .mt_bench import evaluate_mt_bench, missing_answers
         from .results import append_results
 
         from ..runs import check_trained_model
@@ -282,7 +306,8 @@ class Evaluator:
         cfg = self.cfg
         check_trained_model(model_path)
         if missing_outputs(model_path, label, self.prompts, cfg.evaluation, self.out_dir, seed=cfg.seed,
-                           chat_template=cfg.models.chat_template):
+                           chat_template=cfg.models.chat_template) \
+                or missing_answers(cfg, model_path, label, self.out_dir):
             if isolate_stages(cfg):
                 run_in_child("eval_outputs", cfg, {"model_path": model_path, "label": label,
                                                    "out_dir": str(self.out_dir)}, self.out_dir / f"{label}.workers")
@@ -295,5 +320,7 @@ class Evaluator:
         # The alignment-tax benchmarks (lm-evaluation-harness), when configured.
         rows += evaluate_harness(model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device,
                                  dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
+        # Multilingual MT-Bench (the paper's Table 3), when configured: its answers were sampled above.
+        rows += evaluate_mt_bench(cfg, label, t, self.out_dir)
         append_results(self.results_path, rows)
         return rows

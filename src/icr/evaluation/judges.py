@@ -190,9 +190,11 @@ class AlpacaEvalJudge:
 
     `annotators_config` names a config shipped with icr (`SHIPPED_JUDGE_CONFIGS`; the default is the
     authors' `weighted_alpaca_eval_gpt4_turbo_multilingual`), one of alpaca_eval's own evaluator
-    configs, or a path to your own config, for example one
-    pointing at a local vLLM server. The endpoint and key come from alpaca_eval's usual environment
-    (`OPENAI_API_KEY`, `OPENAI_API_BASE` or `OPENAI_CLIENT_CONFIG_PATH`).
+    configs, or a path to your own config. The endpoint and key come from alpaca_eval's usual environment
+    (`OPENAI_API_KEY`, `OPENAI_API_BASE` or `OPENAI_CLIENT_CONFIG_PATH`), or, with judge_args `base_url`
+    (+ `model`, `api_key_env`, `max_concurrency`), from the config: any OpenAI-compatible server (a
+    local vLLM server), the annotator and its template unchanged. The weighted judges need the server's
+    logprobs (`top_logprobs: 5`): checked when the judge is built.
 
     The reference is alpaca_eval's `output_1` (the baseline) and the model's answer `output_2`,
     so alpaca_eval's preference (1 = baseline wins, 2 = model wins, fractions for weighted judges)
@@ -202,7 +204,9 @@ class AlpacaEvalJudge:
     scores_single_answers = False  # pairwise only
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo_multilingual",
-                 caching_path: str | None = None, seed: int = 0, **annotator_kwargs):
+                 caching_path: str | None = None, seed: int = 0, base_url: str | None = None,
+                 model: str | None = None, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int | None = None,
+                 timeout_s: float = 120.0, **annotator_kwargs):
         pairwise_annotator = _import_alpaca_eval_annotator()
         annotators_config = resolve_annotators_config(annotators_config)
         self.annotator = pairwise_annotator(annotators_config=annotators_config, caching_path=caching_path,
@@ -211,7 +215,35 @@ class AlpacaEvalJudge:
         self.name = f"alpaca_eval:{config.parent.name if config.name == 'configs.yaml' else config.stem}"
         # "/2": the instruction is shown as it is; icr's judgements before that had a sentence appended
         # to non-English instructions and must not be reused from a cache
-        self.cache_id = f"{self.name}/2"
+        self.cache_id = f"{self.name}/2" + (f"@{model}" if model else "")
+        self._decoding_kwargs = {} if base_url is None else self._point_at(base_url, model, api_key_env,
+                                                                            max_concurrency, timeout_s)
+
+    def _point_at(self, base_url: str, model: str | None, api_key_env: str, max_concurrency: int | None,
+                  timeout_s: float) -> dict:
+        """judge_args base_url (+ model, api_key_env): alpaca_eval's annotators sent to that
+        OpenAI-compatible server instead of what its environment names. Checked now, before anything
+        is sampled: the server answers, and returns logprobs when the config asks for them."""
+        from ..config import JudgeEndpointConfig
+        from .openai_judge import OpenAIJudgeClient, resolve_api_key
+
+        annotators = list(self.annotator.annotators.values())
+        model = model or annotators[0].completions_kwargs.get("model_name", "")
+        endpoint = JudgeEndpointConfig(base_url=base_url, model=model, api_key_env=api_key_env, timeout_s=timeout_s,
+                                       max_retries=2)
+        client = OpenAIJudgeClient(endpoint, "evaluation.judge_args")
+        client.check_server()
+        for a in annotators:
+            a.completions_kwargs["model_name"] = model
+            if a.completions_kwargs.get("logprobs"):
+                client.check_logprobs(int(a.completions_kwargs.get("top_logprobs") or 1))
+        # alpaca_eval's openai_completions -> _openai_completion_helper: a client config file that does not
+        # exist makes it build the client from these (its "backward compatibility" path)
+        kwargs = {"client_config_path": "/nonexistent/icr-uses-judge_args", "openai_api_base": base_url,
+                  "openai_api_keys": [resolve_api_key(api_key_env, "evaluation.judge_args")], "timeout": timeout_s}
+        if max_concurrency:
+            kwargs["num_procs"] = max_concurrency
+        return kwargs
 
     @staticmethod
     def head2head_inputs(items: list[JudgeItem]) -> tuple[list[dict], list[dict]]:
@@ -225,7 +257,8 @@ class AlpacaEvalJudge:
         if not items:
             return []
         baseline, model = self.head2head_inputs(items)
-        annotated = self.annotator.annotate_head2head(outputs_1=baseline, outputs_2=model, is_ordered=True)
+        annotated = self.annotator.annotate_head2head(outputs_1=baseline, outputs_2=model, is_ordered=True,
+                                                      **self._decoding_kwargs)
         by_key = {(a["instruction"], a["output_1"], a["output_2"]): a.get("preference") for a in annotated}
         prefs = []
         for b, m in zip(baseline, model):

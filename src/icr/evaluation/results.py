@@ -1,5 +1,6 @@
-"""`runs/<name>/results.json`: one row per (model, language, judge), and, for the alignment-tax
-check (`evaluation.harness`), one row of kind "harness" per (model, language, task, metric).
+"""`runs/<name>/results.json`: one row per (model, language, judge); for the alignment-tax
+check (`evaluation.harness`), one row of kind "harness" per (model, language, task, metric); for
+MT-Bench (`evaluation.mt_bench`), rows of kind "mt_bench" per (model, language, judge, turn, category).
 Schema: docs/results-schema.md.
 
 Other tools read this file, so the schema is checked on every write and every read: a row with a
@@ -52,14 +53,34 @@ HARNESS_SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
 }
 HARNESS_KEY = ("model", "lang", "task", "metric")
 
+# kind "mt_bench": multilingual MT-Bench (icr.evaluation.mt_bench), per (model, language, judge, turn, category)
+MT_BENCH_SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
+    "kind": ((str,), False, lambda v: v == "mt_bench", '"mt_bench"'),
+    "model": SCHEMA["model"],
+    "iteration": SCHEMA["iteration"],
+    "lang": SCHEMA["lang"],
+    "judge": SCHEMA["judge"],
+    "turn": ((int,), False, lambda v: v in (1, 2), "1 or 2"),
+    "category": ((str,), False, lambda v: v != "", 'non-empty MT-Bench category, or "all"'),
+    "mean": ((int, float), True, lambda v: 1 <= v <= 10, "number in [1, 10], or null (no verdict)"),
+    "se": ((int, float), True, lambda v: v >= 0, "number >= 0, or null"),
+    "n": ((int,), False, lambda v: v >= 0, "integer >= 0 (judgements with a verdict)"),
+    "missing": ((int,), False, lambda v: v >= 0, "integer >= 0 (judge replies without a verdict)"),
+    "prompt_tokens": ((int,), False, lambda v: v >= 0, "integer >= 0"),
+    "completion_tokens": ((int,), False, lambda v: v >= 0, "integer >= 0"),
+    "cost": ((int, float), True, lambda v: v >= 0, "number >= 0, or null (no price given)"),
+}
+MT_BENCH_KEY = ("model", "lang", "judge", "turn", "category")
+KINDS = {"harness": (HARNESS_SCHEMA, HARNESS_KEY), "mt_bench": (MT_BENCH_SCHEMA, MT_BENCH_KEY)}
+
 
 def row_kind(row) -> str:
-    """"judge" (a win-rate row, no `kind` field) or "harness"."""
+    """"judge" (a win-rate row, no `kind` field), "harness" or "mt_bench"."""
     return row.get("kind", "judge") if isinstance(row, dict) else "judge"
 
 
 def _schema_and_key(row) -> tuple[dict, tuple[str, ...]]:
-    return (HARNESS_SCHEMA, HARNESS_KEY) if row_kind(row) == "harness" else (SCHEMA, KEY)
+    return KINDS.get(row_kind(row), (SCHEMA, KEY))
 
 
 def row_key(row: dict) -> tuple:
@@ -70,8 +91,8 @@ def row_key(row: dict) -> tuple:
 
 def _describe(row, index) -> str:
     _, key = _schema_and_key(row)
-    if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in key):
-        return f"results row {index} ({', '.join(row[k] for k in key)})"
+    if isinstance(row, dict) and all(isinstance(row.get(k), (str, int)) for k in key):
+        return f"results row {index} ({', '.join(str(row[k]) for k in key)})"
     return f"results row {index}"
 
 
@@ -84,8 +105,9 @@ def validate_results(rows) -> None:
         where = _describe(row, i)
         if not isinstance(row, dict):
             raise IcrError(f"{where}: expected an object, got {type(row).__name__}")
-        if "kind" in row and row["kind"] != "harness":
-            raise IcrError(f"{where}: field 'kind' is {row['kind']!r}; expected \"harness\" or no kind (a judge row)")
+        if "kind" in row and row["kind"] not in KINDS:
+            raise IcrError(f"{where}: field 'kind' is {row['kind']!r}; expected one of {', '.join(map(repr, KINDS))} "
+                           "or no kind (a judge row)")
         schema, key_fields = _schema_and_key(row)
         extra = sorted(set(row) - set(schema))
         if extra:
