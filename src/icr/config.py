@@ -308,7 +308,8 @@ class EvaluationConfig:
     models: list = _f(["sft", "M0"], "Models evaluated before iterating (besides each M_t).")
     lc_method: str = _f("minimal", "Length-controlled win rate: alpaca_eval (alpaca_eval's own "
                         "get_length_controlled_winrate, length_controlled_v1, with its per-instruction difficulty: "
-                        "for X-AlpacaEval / AlpacaEval's 805 prompts in AlpacaEval's order; needs the eval extra) | "
+                        "for X-AlpacaEval / AlpacaEval's 805 prompts, found by id 1..805, in any order or subset; "
+                        "needs the eval extra) | "
                         "minimal (icr's offline GLM without the instruction term: other sets, no alpaca_eval).",
                         choices=("minimal", "alpaca_eval"))
     lc_data_dir: str | None = _f(None, "lc_method alpaca_eval: a local folder holding alpaca_eval's df_gamed.csv "
