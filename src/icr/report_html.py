@@ -622,7 +622,7 @@ function pairCard(p) {
     return tr;
   });
   return el("article", {class: "card pair"},
-    el("div", {class: "meta"}, `${p.run} · iteration ${p.iteration} · ${p.lang} · prompt ${p.id} · α ${num(p.alpha, 3)}`, badge),
+    el("div", {class: "meta card-head"}, `${p.run} · iteration ${p.iteration} · ${p.lang} · prompt ${p.id} · α ${num(p.alpha, 3)}`, badge),
     el("div", {class: "two"},
       el("div", {class: "box"}, el("h4", {}, `Prompt x (${p.lang})`), el("pre", {}, p.prompt)),
       el("div", {class: "box"}, el("h4", {}, "G(x): the English instruction the reward saw"),
@@ -691,7 +691,7 @@ function evalCard(p) {
       el("td", {}, el("pre", {}, p.answers[m].text)));
   });
   return el("article", {class: "card"},
-    el("div", {class: "meta"}, `${p.lang} · prompt ${p.id}`),
+    el("div", {class: "meta card-head"}, `${p.lang} · prompt ${p.id}`),
     el("div", {class: "two"},
       el("div", {class: "box"}, el("h4", {}, "Instruction"), el("pre", {}, p.instruction)),
       el("div", {class: "box"}, el("h4", {}, "Reference"),
