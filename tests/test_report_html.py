@@ -221,7 +221,10 @@ class Browser:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+        reason = "chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)"
+        if os.environ.get("ICR_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(reason + " and ICR_REQUIRE_CHROMIUM=1")
+        pytest.skip(reason)
     pytest.importorskip("websocket", reason="websocket-client (the dev extra) drives chromium's DevTools protocol")
     b = Browser(tmp_path_factory.mktemp("chromium-profile"))
     yield b
