@@ -4,7 +4,7 @@
 It serves GET /v1/models and POST /v1/chat/completions. By default every completion is a short
 reason and a grade `[[n]]` derived from the prompt (deterministic); a request asking for logprobs
 gets `top_logprobs` alternatives "m" / "M" (what alpaca_eval's weighted judge parses). Tests steer it
-through `script`: a list of what the next chat requests get ("429", "500", "noverdict", "drop": close
+through `script`: a list of what the next chat requests get ("400", "429", "500", "noverdict", "drop": close
 the connection without a reply), consumed in order; and `logprobs=False` (a server that gives none),
 `stop_after` (shut down after that many chat requests: a server killed mid-evaluation).
 Every request is recorded (`requests`: path, headers, JSON body).
@@ -55,7 +55,7 @@ class StandIn:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if action in ("429", "500"):
+                if action in ("400", "429", "500"):
                     return self._send(int(action), {"error": {"message": f"stand-in {action}", "type": "x"}})
                 if standin._maybe_stop():
                     self.close_connection = True

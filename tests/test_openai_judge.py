@@ -123,6 +123,14 @@ def test_reply_without_verdict_is_retried_then_missing(server):
     assert r.completion_tokens == 21  # every try's tokens counted
 
 
+def test_a_refused_request_is_recorded_missing_not_fatal(server):
+    from icr.evaluation.mt_bench import parse_verdict
+
+    server.script = ["400"]
+    r = client(server.base_url).judge([{"role": "user", "content": "too long"}], parse_verdict)
+    assert r.verdict is None and r.error.startswith("400: ") and len(server.chats) == 1
+
+
 def test_429_and_5xx_are_retried_with_backoff(server):
     from icr.evaluation.mt_bench import parse_verdict
 

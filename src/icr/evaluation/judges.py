@@ -202,6 +202,7 @@ class AlpacaEvalJudge:
     """
 
     scores_single_answers = False  # pairwise only
+    _decoding_kwargs: dict = {}  # judge_args base_url: where alpaca_eval sends requests (see _point_at); never mutated
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo_multilingual",
                  caching_path: str | None = None, seed: int = 0, base_url: str | None = None,

@@ -322,14 +322,15 @@ def grade(cfg, label: str, out_dir: Path, questions: dict, prompts: dict, client
             cache.add({"key": item["key"], "judge": judge_name(mt), "question_id": item["question_id"],
                        "turn": item["turn"], "verdict": reply.verdict, "missing": reply.verdict is None,
                        "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                       "requests": reply.requests, "reply": reply.text})
+                       "requests": reply.requests, "reply": reply.text, "error": reply.error})
 
         client.judge_many([m for _, m in todo], parse_verdict, on_reply=keep)
     for lang, items in graded.items():
         for item in items:
             rec = cache.records[item["key"]]
             item.update(verdict=rec["verdict"], prompt_tokens=rec["prompt_tokens"],
-                        completion_tokens=rec["completion_tokens"], reply=rec.get("reply", ""))
+                        completion_tokens=rec["completion_tokens"], reply=rec.get("reply", ""),
+                        error=rec.get("error", ""))
         write_json(out_dir / label / "mt_bench" / lang / "judgements.json",
                    [{k: v for k, v in it.items() if k != "key"} for it in items])
     return graded

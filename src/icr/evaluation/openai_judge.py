@@ -31,6 +31,15 @@ from typing import Callable
 from ..errors import IcrError
 
 
+# statuses that refuse one request (too long, malformed for this model), not the whole evaluation:
+# that judgement is recorded as missing; 401/403/404 and others stop the run with one line
+REFUSED = (400, 413, 422)
+
+
+class Refused(Exception):
+    """The server refused this request (REFUSED)."""
+
+
 @dataclass
 class Reply:
     """One judgement request's outcome: the last reply's text, its verdict (None = no parsable verdict
@@ -140,6 +149,8 @@ class OpenAIJudgeClient:
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
                 last = e
             except openai.APIStatusError as e:
+                if e.status_code in REFUSED:
+                    raise Refused(f"{e.status_code}: {_first_line(e)}") from None
                 if e.status_code < 500:
                     raise IcrError(f"{self.where}: the server at {ep.base_url} answered {e.status_code} "
                                    f"({_first_line(e)})") from None
@@ -156,7 +167,12 @@ class OpenAIJudgeClient:
         reply = Reply()
         ep = self.endpoint
         for _ in range(ep.verdict_retries + 1):
-            resp = self._create(messages, temperature=ep.temperature, max_tokens=ep.max_tokens)
+            try:
+                resp = self._create(messages, temperature=ep.temperature, max_tokens=ep.max_tokens)
+            except Refused as e:  # this request cannot be judged (too long for the judge): missing, counted
+                reply.requests += 1
+                reply.error = str(e)
+                return reply
             usage = getattr(resp, "usage", None)
             pt, ct = (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
             self.usage.add(prompt_tokens=pt, completion_tokens=ct)
