@@ -327,3 +327,21 @@ def test_html_in_answers_is_shown_as_text_and_model_filters_work(tiny_run, brows
     assert HOSTILE in texts and browser.js("window.__pwned === undefined")
     _select(browser, "eval-outcome-a", "won")  # won by both: every other prompt (the fake judge prefers any answer)
     assert browser.js("document.getElementById('eval-count').textContent").startswith("17 prompts match.")
+
+
+def test_wr_plot_data_has_errors_controls_and_the_lc_rule():
+    from icr.report import lc_meaningful, wr_series
+
+    def r(model, t, lang, wr, se, lc):
+        return {"model": model, "iteration": t, "lang": lang, "wr": wr, "wr_se": se, "lc": lc}
+
+    rows = [r("M0", 0, "es", 40.0, 3.0, 100.0), r("M0", 0, "de", 60.0, 4.0, 0.0), r("M1", 1, "es", 50.0, 3.0, 45.0),
+            r("M1", 1, "de", 70.0, 4.0, 55.0), r("M1-random-pairs", 1, "es", 30.0, 3.0, 100.0),
+            r("M1-random-pairs", 1, "de", 50.0, 4.0, 100.0)]
+    wr = wr_series(rows)
+    assert wr[("ICR", "es")] == [(0, 40.0, 3.0), (1, 50.0, 3.0)]
+    assert wr[("random-pairs", "es")] == [(0, 40.0, 3.0), (1, 30.0, 3.0)]  # a control's line starts at M0
+    assert wr[("ICR", "avg")][1] == pytest.approx((1, 60.0, 2.5))  # SE: sqrt(3^2 + 4^2) / 2
+    assert wr_series(rows, "lc")[("ICR", "es")] == [(1, 45.0, 0.0)]  # LC at 0 / 100 left out
+    assert not lc_meaningful(rows)  # 2 of 6 LC values inside (0.5, 99.5): no LC panel
+    assert lc_meaningful(rows[:4]) and not lc_meaningful([r("M0", 0, "es", 1.0, 1.0, None)])

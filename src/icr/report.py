@@ -232,14 +232,19 @@ def _detail(row: dict | None) -> str:
 
 LC_BOUND = 0.5  # an LC within this many points of 0 or 100: the length term separated the data
 WR_PLOT_NOTE = (f"Plot: error bars ± 1 standard error; the average over languages (middle) of ICR and each control "
-                f"(SE of the mean assuming independent languages); the LC panel is drawn only when some LC lies "
-                f"more than {LC_BOUND} points from 0 and 100 (LC at 0 or 100 means the length fit separated the "
-                f"data: not meaningful).")
+                f"(SE of the mean assuming independent languages). LC within {LC_BOUND} points of 0 or 100 means "
+                f"the length fit separated the data (not meaningful): such points are left out, and the LC panel is "
+                f"drawn only when at least half of the judge's LC values remain.")
+
+
+def _lc_inside(value) -> bool:
+    return value is not None and LC_BOUND < value < 100 - LC_BOUND
 
 
 def lc_meaningful(rows: list[dict]) -> bool:
-    """The rule for plotting LC: some row's LC lies strictly inside (LC_BOUND, 100 - LC_BOUND)."""
-    return any(r["lc"] is not None and LC_BOUND < r["lc"] < 100 - LC_BOUND for r in rows)
+    """The rule for plotting LC: at least half of the rows' LC values lie inside (LC_BOUND, 100 - LC_BOUND)."""
+    values = [r["lc"] for r in rows if r["lc"] is not None]
+    return bool(values) and 2 * sum(map(_lc_inside, values)) >= len(values)
 
 
 def model_family(model: str) -> str:
@@ -249,12 +254,13 @@ def model_family(model: str) -> str:
 
 
 def wr_series(rows: list[dict], key: str = "wr") -> dict[tuple[str, str], list[tuple[int, float, float]]]:
-    """{(family, lang): [(iteration, value, se), ...]} of `key` ("wr" or "lc"; LC has no SE: 0); a control's
+    """{(family, lang): [(iteration, value, se), ...]} of `key` ("wr" or "lc": LC has no SE (0), values at
+    the bounds are left out); a control's
     line starts at the M0 point it was trained from. Also (family, "avg"): the mean over the languages
     present at every iteration of that family, SE = sqrt(sum se^2) / k."""
     series: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
     for r in rows:
-        if r[key] is not None:
+        if r[key] is not None and (key == "wr" or _lc_inside(r[key])):
             se = (r["wr_se"] or 0.0) if key == "wr" else 0.0
             series.setdefault((model_family(r["model"]), r["lang"]), {})[r["iteration"]] = (float(r[key]), float(se))
     for (family, lang), pts in list(series.items()):
