@@ -242,7 +242,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["run", str(REPO / "configs" / "tiny.yaml"), "-q", "--set", f"run_root={root}",
+        code = main(["run", str(REPO / "configs" / "tiny.yaml"), "--set", f"run_root={root}",
                      "--set", "evaluation.enabled=true", "--set", "evaluation.judge=fake",
                      "--set", "evaluation.prompts.path={prepared}/prompts/eval/{lang}.jsonl",
                      "--set", "evaluation.max_new_tokens=16", "--set", "evaluation.reward_agreement=true",
