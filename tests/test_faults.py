@@ -143,7 +143,8 @@ def test_quiet_prints_nothing_but_the_result_line(tmp_path, built):
                            "--set", "isolate_stages=true"], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr == "" and done.stdout.strip() == f"icr: run finished: {tmp_path}/tiny"
+    assert done.stderr == "" and done.stdout.splitlines() == [f"icr: run finished: {tmp_path}/tiny",
+                                                              f"icr: browse the run: {tmp_path}/tiny/report.html"]
     loud = subprocess.run([ICR, "train", TINY, "--set", f"run_root={tmp_path / 'loud'}", "--iteration", "1"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert "{'loss'" not in loud.stdout + loud.stderr  # TRL's metric dicts are not printed even without -q
