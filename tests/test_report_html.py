@@ -16,9 +16,18 @@ import pytest
 
 from icr.evaluation.results import append_results
 from icr.report import write_report
-from icr.report_html import (MAX_TEXT_CHARS, clip_text, embed_json, page_data, render_page, sample_ids,
-                             write_html_report)
+from icr.report_html import (
+    MAX_TEXT_CHARS,
+    clip_text,
+    embed_json,
+    page_data,
+    render_page,
+    sample_ids,
+    write_html_report,
+)
 from icr.runs import text_hash, write_jsonl
+
+from .test_report_html_mt_bench import add_mt_bench
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"><b>bold</b> & <!--'
@@ -292,6 +301,9 @@ def test_tiny_run_page_in_chromium(tiny_run, browser, tmp_path):
     assert [c.split(" · ")[3] for c in _cards(browser, "pair-list")] == ["prompt tiny-0005"]
     gx = browser.js("[...document.querySelectorAll('#pair-list article .two .box pre')][1].textContent")
     assert gx.startswith("Please answer the following instruction using only Spanish") and "(#5)" in gx
+    browser.js("document.querySelector('nav button[data-tab=mtbench]').click()")  # a run without MT-Bench
+    assert browser.js("document.getElementById('mt-count').textContent").startswith("No MT-Bench answers in this run")
+    assert browser.js("document.querySelectorAll('#mt-list article').length") == 0
 
 
 @pytest.mark.slow
@@ -311,6 +323,7 @@ def test_html_in_answers_is_shown_as_text_and_model_filters_work(tiny_run, brows
     first = json.loads(lines[0])
     first["response"] = HOSTILE
     shard.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    add_mt_bench(run, models=("M0", "M1"), langs=("en", "es"))  # M1's turn-1 answer to question 102: HOSTILE
     write_html_report(run)
     browser.open(run / "report.html")
     assert browser.js("window.__pwned === undefined && document.querySelectorAll('main script, main img:not(.figure), main b').length === 0")
@@ -327,6 +340,38 @@ def test_html_in_answers_is_shown_as_text_and_model_filters_work(tiny_run, brows
     assert HOSTILE in texts and browser.js("window.__pwned === undefined")
     _select(browser, "eval-outcome-a", "won")  # won by both: every other prompt (the fake judge prefers any answer)
     assert browser.js("document.getElementById('eval-count').textContent").startswith("17 prompts match.")
+    _mt_bench_view_in_chromium(browser)
+
+
+def _mt_bench_view_in_chromium(browser: Browser):
+    """The MT-Bench view of the page opened above (add_mt_bench: M0 graded 4, M1 7; M0's answers to
+    question 103 refused by the judge server, M1's Spanish answers to 104 without a verdict)."""
+    browser.js("document.querySelector('nav button[data-tab=mtbench]').click()")
+    assert browser.js("document.getElementById('tab-mtbench').hidden") is False
+    assert browser.js("document.getElementById('mt-count').textContent").startswith(
+        "8 questions match. Embedded in this page: 8 of 8 MT-Bench questions")
+    grades = browser.js("[...document.querySelectorAll('#mt-list .mt-row')].map(r => "
+                        "[r.cells[0].textContent, r.cells[1].textContent])")
+    assert len(grades) == 8 * 2 * 2 and {g for m, g in grades if m == "M1"} >= {"7.0"}
+    refused = "missing: the judge server refused the request (413: prompt too long for the judge)"
+    assert {g for m, g in grades if m == "M0"} == {"4.0", refused}
+    _select(browser, "mt-model-a", "M0")  # grade of M0 below M1's (on either turn): both graded
+    _select(browser, "mt-model-b", "M1")
+    assert _cards(browser, "mt-list") == ["en · question 101 · writing", "en · question 102 · math",
+                                          "en · question 104 · humanities", "es · question 101 · writing",
+                                          "es · question 102 · math"]
+    for element_id, value in (("mt-lang", "es"), ("mt-category", "math"), ("mt-turn", "1")):
+        _select(browser, element_id, value)
+    assert _cards(browser, "mt-list") == ["es · question 102 · math"]
+    assert browser.js("[...document.querySelectorAll('#mt-list .mt-turn h4')].map(h => h.textContent)") == [
+        "Turn 1: user", "Reference (shown to the judge)"]
+    answers = browser.js("[...document.querySelectorAll('#mt-list .mt-row pre')].map(p => p.textContent)")
+    assert f"M1 says {HOSTILE}" in answers and browser.js("window.__pwned === undefined")
+    _select(browser, "mt-model-b", "")
+    _select(browser, "mt-category", "humanities")
+    _select(browser, "mt-model", "M1")
+    cells = browser.js("[...document.querySelectorAll('#mt-list .mt-grade')].map(c => c.textContent)")
+    assert cells == ["missing: the judge's reply had no verdict [[1-10]] (after every retry)"]
 
 
 def test_wr_plot_data_has_errors_controls_and_the_lc_rule():

@@ -1,5 +1,5 @@
 """`report.html`: one self-contained page to browse a run — overview, the pairs the reward chose, the
-answers the judge compared.
+answers the judge compared, the MT-Bench answers and their grades.
 
 Hand-written (Python builds the data, a small inline script renders it) rather than templated: no
 templating dependency, and the result is one file that opens from disk and can be mailed (no network,
@@ -12,7 +12,8 @@ puts it into the document with `textContent` only (never `innerHTML`), so an ans
 
 Size: the paper's 150k samples per iteration cannot all go into one page. The pair browser embeds at
 most `max_pair_prompts` prompts per (run, iteration, language), the evaluation browser at most
-`max_eval_prompts` per language, and each text at most `MAX_TEXT_CHARS` characters; the prompts are a
+`max_eval_prompts` per language, the MT-Bench browser at most `max_mt_bench_questions` questions per
+language, and each text at most `MAX_TEXT_CHARS` characters; the prompts are a
 deterministic sample (ordered by a hash of their id, so the same prompts appear in every language and
 iteration) and the page says how many are shown of how many. The same run folder gives the same bytes
 (no timestamps; sorted keys).
@@ -37,7 +38,9 @@ log = logging.getLogger("icr")
 
 DEFAULT_MAX_PAIR_PROMPTS = 50  # per (run, iteration, language)
 DEFAULT_MAX_EVAL_PROMPTS = 100  # per language
+DEFAULT_MAX_MT_BENCH_QUESTIONS = 80  # per language (MT-Bench has 80 questions)
 MAX_TEXT_CHARS = 4000  # per embedded text; the rest is cut with a note
+MAX_JUDGE_REPLY_CHARS = 1000  # per MT-Bench judge reply shown beside a grade
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +403,112 @@ def evaluation_browser_data(run_dir: Path, settings: RunSettings, max_prompts: i
 
 
 # ---------------------------------------------------------------------------------------------
+# MT-Bench browser: per language, each sampled question's two turns, every model's answers and grades
+# ---------------------------------------------------------------------------------------------
+
+def _mt_bench_files(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """{lang: {model: {"answers": {question id: row}, "key": answers.json's key, "judged": {(id, turn):
+    judgement}}}} from each `eval/<model>/mt_bench/<lang>/` (icr.evaluation.mt_bench's files)."""
+    found: dict[str, dict[str, dict]] = defaultdict(dict)
+    for _, base in _runs(run_dir):
+        for lang_dir in sorted((base / "eval").glob("*/mt_bench/*")):
+            saved = _read_json(lang_dir / "answers.json")
+            if not isinstance(saved, dict) or not isinstance(saved.get("answers"), list):
+                continue
+            judged = _read_json(lang_dir / "judgements.json")
+            found[lang_dir.name][lang_dir.parent.parent.name] = {
+                "answers": {str(a.get("question_id")): a for a in saved["answers"] if isinstance(a, dict)},
+                "key": saved.get("key") if isinstance(saved.get("key"), dict) else {},
+                "judged": {(str(j.get("question_id")), j.get("turn")): j
+                           for j in (judged if isinstance(judged, list) else []) if isinstance(j, dict)}}
+    return found
+
+
+def _mt_bench_questions(settings: RunSettings, langs: list[str]) -> tuple[dict[str, list[dict]], list[str]]:
+    """({lang: the question file's rows}, notes) through icr.evaluation.mt_bench's reader, as evaluated."""
+    from .evaluation.mt_bench import load_questions
+
+    ev = settings.data.get("evaluation") if isinstance(settings.data.get("evaluation"), dict) else {}
+    mt = ev.get("mt_bench") if isinstance(ev.get("mt_bench"), dict) else {}
+    template = str(mt.get("questions") or "")
+    if not template:
+        return {}, ["MT-Bench questions not shown: config.yaml names no evaluation.mt_bench.questions"]
+    questions, notes = {}, []
+    for lang in langs:
+        try:
+            questions[lang] = load_questions(template, lang)
+        except (IcrError, OSError, UnicodeDecodeError) as e:
+            notes.append(f"MT-Bench questions in {lang} not shown: {e}")
+    return questions, notes
+
+
+def _questions_hash(questions: list[dict]) -> str:
+    """What icr.evaluation.mt_bench's answer key records of the questions the answers were made for."""
+    return text_hash(*(json.dumps(q, sort_keys=True, ensure_ascii=False) for q in questions))
+
+
+def _mt_bench_turn(answer: dict, judged: dict, qid: str, turn: int) -> dict:
+    """One model's answer to one turn: text, grade (None unless the judge gave a verdict), and why not."""
+    turns = answer.get("turns") if isinstance(answer.get("turns"), list) else []
+    rec = judged.get((qid, turn))
+    grade = _number(rec.get("verdict"), 2) if rec else None
+    if rec is None:
+        status, reason = "not graded", "no judgement of this turn (evaluation.mt_bench.turns, or not graded yet)"
+    elif grade is not None:
+        status, reason = "graded", None
+    elif rec.get("error"):
+        status, reason = "missing", f"the judge server refused the request ({rec['error']})"
+    else:
+        status, reason = "missing", "the judge's reply had no verdict [[1-10]] (after every retry)"
+    return {"text": clip_text(turns[turn - 1]) if len(turns) >= turn else None, "grade": grade, "status": status,
+            "reason": reason,
+            "judge_reply": clip_text(rec["reply"], MAX_JUDGE_REPLY_CHARS) if rec and rec.get("reply") else None}
+
+
+def _mt_bench_entry(lang: str, qid: str, question: dict | None, per_model: dict, models: list[str]) -> dict:
+    """One question of the MT-Bench browser: its turns, reference, and each model's two turns."""
+    from .evaluation.mt_bench import NEED_REF_CATS
+
+    have = [m for m in models if qid in per_model.get(m, {}).get("answers", {})]
+    category = (question or {}).get("category") or next(
+        (str(per_model[m]["answers"][qid].get("category")) for m in have), "")
+    reference = (question or {}).get("reference")
+    return {"lang": lang, "id": qid, "category": category,
+            "turns": [clip_text(t) for t in question["turns"]] if question else None,
+            "reference": [clip_text(r) for r in reference] if reference else None,
+            "reference_judged": category in NEED_REF_CATS,
+            "answers": {m: [_mt_bench_turn(per_model[m]["answers"][qid], per_model[m]["judged"], qid, turn)
+                            for turn in (1, 2)] for m in have}}
+
+
+def mt_bench_browser_data(run_dir: Path, settings: RunSettings, rows: list[dict], max_questions: int | None) -> dict:
+    """{"models", "langs", "categories", "judges", "questions": [{lang, id, category, turns, reference,
+    reference_judged, answers: {model: [turn 1, turn 2]}}], "counts": [{lang, shown, total}], "notes"}."""
+    files = _mt_bench_files(run_dir)
+    langs = sorted(files, key=lambda x: (x != "en", x))
+    models = sorted({m for per in files.values() for m in per}, key=_model_order)
+    questions, notes = _mt_bench_questions(settings, langs) if langs else ({}, [])
+    entries, counts = [], []
+    for lang in langs:
+        per_model, rows_of_file = files[lang], questions.get(lang, [])
+        by_id = {q["question_id"]: q for q in rows_of_file}
+        answered = [qid for m in models for qid in per_model.get(m, {}).get("answers", {})]
+        have = set(answered)
+        ids = [q for q in by_id if q in have] + [q for q in dict.fromkeys(answered) if q not in by_id]
+        stale = [m for m in models if m in per_model and rows_of_file
+                 and per_model[m]["key"].get("questions") not in (None, _questions_hash(rows_of_file))]
+        if stale:
+            notes.append(f"MT-Bench {lang}: the answers of {', '.join(stale)} were made for other questions than "
+                         "the question file holds now (the questions shown may not be the ones answered)")
+        shown = sample_ids(ids, max_questions)
+        counts.append({"lang": lang, "shown": len(shown), "total": len(ids)})
+        entries += [_mt_bench_entry(lang, qid, by_id.get(qid), per_model, models) for qid in shown]
+    judges = sorted({str(r.get("judge")) for r in rows if r.get("kind") == "mt_bench" and r.get("judge")})
+    return {"models": models, "langs": langs, "categories": sorted({e["category"] for e in entries}),
+            "judges": judges, "questions": entries, "counts": counts, "notes": notes}
+
+
+# ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
 
@@ -416,20 +525,23 @@ def _overview(blocks: list[dict]) -> list[dict]:
 
 
 def page_data(run_dir: Path, max_pair_prompts: int | None = DEFAULT_MAX_PAIR_PROMPTS,
-              max_eval_prompts: int | None = DEFAULT_MAX_EVAL_PROMPTS) -> dict:
+              max_eval_prompts: int | None = DEFAULT_MAX_EVAL_PROMPTS,
+              max_mt_bench_questions: int | None = DEFAULT_MAX_MT_BENCH_QUESTIONS) -> dict:
     """Everything the page shows, as one JSON-able dict."""
     from .evaluation.results import read_results, row_kind
 
     run_dir = Path(run_dir)
     blocks, notes = report_blocks(run_dir)
-    judges = list(dict.fromkeys(r["judge"] for r in read_results(run_dir / "results.json") if row_kind(r) == "judge"))
+    rows = read_results(run_dir / "results.json")
+    judges = list(dict.fromkeys(r["judge"] for r in rows if row_kind(r) == "judge"))
     settings = RunSettings(run_dir)
     pairs = pair_browser_data(run_dir, settings, judges, max_pair_prompts)
     evaluation = evaluation_browser_data(run_dir, settings, max_eval_prompts)
+    mt_bench = mt_bench_browser_data(run_dir, settings, rows, max_mt_bench_questions)
     return {"run": run_dir.name, "overview": _overview(blocks), "notes": notes + settings.notes,
-            "pairs": pairs, "evaluation": evaluation,
+            "pairs": pairs, "evaluation": evaluation, "mt_bench": mt_bench,
             "limits": {"max_pair_prompts": max_pair_prompts, "max_eval_prompts": max_eval_prompts,
-                       "max_text_chars": MAX_TEXT_CHARS}}
+                       "max_mt_bench_questions": max_mt_bench_questions, "max_text_chars": MAX_TEXT_CHARS}}
 
 
 def render_page(data: dict) -> str:
@@ -440,13 +552,15 @@ def render_page(data: dict) -> str:
 
 
 def write_html_report(run_dir: Path, max_pair_prompts: int | None = DEFAULT_MAX_PAIR_PROMPTS,
-                      max_eval_prompts: int | None = DEFAULT_MAX_EVAL_PROMPTS) -> Path:
+                      max_eval_prompts: int | None = DEFAULT_MAX_EVAL_PROMPTS,
+                      max_mt_bench_questions: int | None = DEFAULT_MAX_MT_BENCH_QUESTIONS) -> Path:
     """Write `<run_dir>/report.html`; returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise IcrError(f"{run_dir}: no such run folder")
     path = run_dir / "report.html"
-    atomic_write_text(path, render_page(page_data(run_dir, max_pair_prompts, max_eval_prompts)))
+    atomic_write_text(path, render_page(page_data(run_dir, max_pair_prompts, max_eval_prompts,
+                                                  max_mt_bench_questions)))
     return path
 
 
@@ -486,9 +600,10 @@ pre { white-space: pre-wrap; word-break: break-word; margin: 0; font: 13px/1.4 u
 tr.chosen-row td { background: #eaf6ee; }
 tr.rejected-row td { background: #fbecea; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 12px; margin-left: 6px; }
-.agrees, .won { background: #d5f0dd; color: #1b5e34; }
+.agrees, .won, .grade { background: #d5f0dd; color: #1b5e34; }
 .disagrees, .lost { background: #f7d7d3; color: #8a1f12; }
 .tie, .none { background: #e6e8ec; color: #444; }
+.missing { background: #fbe3c4; color: #7a4100; }
 .pager button { margin-right: 8px; }
 .note { color: #6b4e00; background: #fff6db; border: 1px solid #f0dd9c; padding: 4px 8px; border-radius: 4px; }
 </style>
@@ -496,7 +611,7 @@ tr.rejected-row td { background: #fbecea; }
 <body>
 <header><h1 id="title"></h1><nav>
 <button data-tab="overview" class="active">Overview</button><button data-tab="pairs">Pair browser</button><button
- data-tab="evaluation">Evaluation browser</button></nav></header>
+ data-tab="evaluation">Evaluation browser</button><button data-tab="mtbench">MT-Bench</button></nav></header>
 <main>
 <section id="tab-overview"></section>
 <section id="tab-pairs" hidden>
@@ -522,6 +637,19 @@ tr.rejected-row td { background: #fbecea; }
 <p class="count" id="eval-count"></p>
 <div id="eval-list"></div>
 <div class="pager" id="eval-pager"></div>
+</section>
+<section id="tab-mtbench" hidden>
+<div class="filters">
+<label>Model <select id="mt-model"></select></label>
+<label>Language <select id="mt-lang"></select></label>
+<label>Category <select id="mt-category"></select></label>
+<label>Turn <select id="mt-turn"></select></label>
+<label>Grade of <select id="mt-model-a"></select> below <select id="mt-model-b"></select></label>
+<label>Text <input type="search" id="mt-text" placeholder="question, answers, id"></label>
+</div>
+<p class="count" id="mt-count"></p>
+<div id="mt-list"></div>
+<div class="pager" id="mt-pager"></div>
 </section>
 </main>
 """
@@ -564,7 +692,7 @@ function pager(holder, total, page, go) {
 // ---- overview
 function renderOverview() {
   const root = document.getElementById("tab-overview");
-  const notes = DATA.notes.concat(DATA.pairs.notes, DATA.evaluation.notes);
+  const notes = DATA.notes.concat(DATA.pairs.notes, DATA.evaluation.notes, (DATA.mt_bench || {notes: []}).notes);
   for (const n of notes) root.appendChild(el("p", {class: "note"}, n));
   for (const b of DATA.overview) {
     if (b.kind === "heading") root.appendChild(el("h2", {}, b.text));
@@ -714,13 +842,96 @@ function renderEval() {
   pager(document.getElementById("eval-pager"), shown.length, evalState.page, n => { evalState.page = n; renderEval(); });
 }
 
+// ---- MT-Bench browser
+const MT = DATA.mt_bench || {models: [], langs: [], categories: [], judges: [], questions: [], counts: [], notes: []};
+const mtState = {page: 0};
+function mtFilters() {
+  const ids = ["mt-model", "mt-lang", "mt-category", "mt-turn", "mt-model-a", "mt-model-b", "mt-text"];
+  options(document.getElementById("mt-model"), MT.models.map(v => [v, v]), "all");
+  options(document.getElementById("mt-lang"), MT.langs.map(v => [v, v]), "all");
+  options(document.getElementById("mt-category"), MT.categories.map(v => [v, v]), "all");
+  options(document.getElementById("mt-turn"), [["1", "turn 1"], ["2", "turn 2"]], "both");
+  options(document.getElementById("mt-model-a"), MT.models.map(v => [v, v]), "—");
+  options(document.getElementById("mt-model-b"), MT.models.map(v => [v, v]), "—");
+  for (const id of ids) {
+    document.getElementById(id).addEventListener(id === "mt-text" ? "input" : "change", () => { mtState.page = 0; renderMt(); });
+  }
+}
+function mtTurns() { const t = document.getElementById("mt-turn").value; return t ? [Number(t)] : [1, 2]; }
+function mtBelow(q, a, b, turns) {  // model a's grade below model b's on a shown turn
+  const ga = q.answers[a], gb = q.answers[b];
+  if (!ga || !gb) return false;
+  return turns.some(t => ga[t - 1].grade !== null && gb[t - 1].grade !== null && ga[t - 1].grade < gb[t - 1].grade);
+}
+function mtMatches(q) {
+  const v = id => document.getElementById(id).value, turns = mtTurns();
+  if (v("mt-model") && !q.answers[v("mt-model")]) return false;
+  if (v("mt-lang") && q.lang !== v("mt-lang")) return false;
+  if (v("mt-category") && q.category !== v("mt-category")) return false;
+  if (v("mt-model-a") && v("mt-model-b") && !mtBelow(q, v("mt-model-a"), v("mt-model-b"), turns)) return false;
+  const text = v("mt-text").trim().toLowerCase();
+  if (text) {
+    const hay = [q.id, q.category].concat(q.turns || [], q.reference || [],
+      Object.values(q.answers).flatMap(a => a.map(t => t.text || ""))).join("\n").toLowerCase();
+    if (!hay.includes(text)) return false;
+  }
+  return true;
+}
+function mtGrade(t) {
+  if (t.status === "graded") return el("span", {class: "badge grade"}, num(t.grade, 1));
+  return el("span", {class: "badge " + (t.status === "missing" ? "missing" : "none")}, `${t.status}: ${t.reason}`);
+}
+function mtTurn(q, turn, models) {
+  const i = turn - 1, ref = q.reference && q.reference[i] !== undefined ? q.reference[i] : null;
+  const rows = models.map(m => {
+    const t = q.answers[m][i];
+    return el("tr", {class: "mt-row"}, el("td", {}, m), el("td", {class: "mt-grade"}, mtGrade(t)),
+      el("td", {}, el("pre", {}, t.text === null ? "(no answer)" : t.text)),
+      el("td", {}, t.judge_reply === null ? "–" : el("details", {}, el("summary", {}, "judge's reply"), el("pre", {}, t.judge_reply))));
+  });
+  return el("div", {class: "mt-turn"},
+    el("div", {class: "two"},
+      el("div", {class: "box"}, el("h4", {}, `Turn ${turn}: user`),
+         el("pre", {}, q.turns ? q.turns[i] : "(question text not available: see the notes on the overview)")),
+      ref === null ? el("div", {class: "box"}) : el("div", {class: "box"},
+        el("h4", {}, q.reference_judged ? "Reference (shown to the judge)" : "Reference (not used by the judge for this category)"),
+        el("pre", {}, ref))),
+    el("table", {}, el("thead", {}, el("tr", {}, ...["model", `grade turn ${turn}`, "answer", "judge"].map(h => el("th", {}, h)))),
+      el("tbody", {}, ...rows)));
+}
+function mtCard(q) {
+  const m = document.getElementById("mt-model").value;
+  const models = MT.models.filter(x => q.answers[x] && (!m || x === m));
+  return el("article", {class: "card mt"},
+    el("div", {class: "meta card-head"}, `${q.lang} · question ${q.id} · ${q.category}`),
+    ...mtTurns().map(t => mtTurn(q, t, models)));
+}
+function renderMt() {
+  const v = id => document.getElementById(id).value;
+  const shown = MT.questions.filter(mtMatches);
+  const counts = MT.counts.filter(c => !v("mt-lang") || c.lang === v("mt-lang"));
+  const embedded = counts.reduce((a, c) => a + c.shown, 0), total = counts.reduce((a, c) => a + c.total, 0);
+  const cap = DATA.limits.max_mt_bench_questions;
+  document.getElementById("mt-count").textContent = !MT.questions.length && !total
+    ? "No MT-Bench answers in this run (evaluation.mt_bench.questions not set, or not evaluated yet)."
+    : `${shown.length} questions match. Embedded in this page: ${embedded} of ${total} MT-Bench questions`
+      + (cap === null || cap === undefined ? "." : ` (a fixed sample of at most ${cap} per language).`)
+      + ` Grades 1-10 by ${MT.judges.length ? MT.judges.join(", ") : "the MT-Bench judge"}; missing = the judge gave no verdict.`
+      + (v("mt-model-a") && v("mt-model-b") ? ` Shown: ${v("mt-model-a")} graded below ${v("mt-model-b")} on `
+         + (v("mt-turn") ? `turn ${v("mt-turn")}.` : "either turn.") : "");
+  const list = document.getElementById("mt-list");
+  list.textContent = "";
+  for (const q of shown.slice(mtState.page * PAGE_SIZE, (mtState.page + 1) * PAGE_SIZE)) list.appendChild(mtCard(q));
+  pager(document.getElementById("mt-pager"), shown.length, mtState.page, n => { mtState.page = n; renderMt(); });
+}
+
 function showTab(name) {
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === name);
-  for (const t of ["overview", "pairs", "evaluation"]) document.getElementById("tab-" + t).hidden = t !== name;
+  for (const t of ["overview", "pairs", "evaluation", "mtbench"]) document.getElementById("tab-" + t).hidden = t !== name;
 }
 document.getElementById("title").textContent = "ICR run report: " + DATA.run;
 for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => showTab(b.dataset.tab));
-renderOverview(); pairFilters(); renderPairs(); evalFilters(); renderEval();
-if (location.hash === "#pairs" || location.hash === "#evaluation") showTab(location.hash.slice(1));
+renderOverview(); pairFilters(); renderPairs(); evalFilters(); renderEval(); mtFilters(); renderMt();
+if (["#pairs", "#evaluation", "#mtbench"].includes(location.hash)) showTab(location.hash.slice(1));
 document.body.dataset.ready = "1";
 """
