@@ -182,6 +182,7 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
         rows = outputs[lang]
         items = [JudgeItem(id=str(r["id"]), lang=lang, instruction=r["instruction"], output=r["output"],
                            reference=references.get(lang, {}).get(str(r["id"]), "")) for r in rows]
+        mark = judge.mark()
         prefs = judge.compare(items)
         judged.update(advance=len(items))
         failed = sum(math.isnan(p) for p in prefs)
@@ -197,7 +198,8 @@ def evaluate_model(model_path: str, label: str, iteration: int, prompts: dict[st
         results.append({
             "model": label, "iteration": iteration, "lang": lang, "judge": judge.name, "n": len(items),
             "wr": wr, "wr_se": None if math.isnan(wr_se) else wr_se, "lc": lc, "lc_method": lc_method,
-            "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts)})
+            "fidelity": fidelity(texts, lang, identifier), "mean_len": mean_length(texts),
+            **judge.spent(mark)})  # judgements from the cache, and what those sent now used
     judged.close()
     return results
 

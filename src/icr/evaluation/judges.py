@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 from ..errors import IcrError
 from ..runs import text_hash
+from .openai_judge import Usage, cost_of
 
 # alpaca_eval annotator configs shipped with icr (package data), usable by name as `annotators_config`.
 # weighted_alpaca_eval_gpt4_turbo_multilingual: the authors' X-AlpacaEval judge, copied unchanged from
@@ -46,7 +47,10 @@ class Judge(Protocol):
     failed). One that also grades single answers (`score`: higher is better) says so with
     `scores_single_answers = True`; reward agreement, `pairs.selection: judge` and references
     without answers need that (`can_score`). A judge that can name the quality two answers differ
-    in has `pair_kind(a, b, id)` (diagnostics split the reward's agreement by it)."""
+    in has `pair_kind(a, b, id)` (diagnostics split the reward's agreement by it). One that sends
+    requests somewhere can count them: `usage` (cumulative `requests`, `prompt_tokens`,
+    `completion_tokens`, optionally `unmetered`) and `cost(prompt_tokens, completion_tokens)`; the
+    results rows then carry them (`CachedJudge.spent`)."""
 
     name: str
 
@@ -199,15 +203,35 @@ class AlpacaEvalJudge:
     The reference is alpaca_eval's `output_1` (the baseline) and the model's answer `output_2`,
     so alpaca_eval's preference (1 = baseline wins, 2 = model wins, fractions for weighted judges)
     minus one is ours. Failed annotations come back as NaN.
+
+    Tokens and cost (`usage`, `cost`): what alpaca_eval itself gives is not enough. Its
+    `openai_completions` keeps only the reply's `usage.total_tokens` (on each choice, divided over the
+    prompt batch) and turns it into `price_per_example` = total tokens x a price per token guessed from
+    the model name (NaN for a model it does not know); the prompt / completion split is dropped before
+    the annotation, and an annotation from alpaca_eval's own cache carries its old price as if paid
+    again. So icr counts at the HTTP client instead, through a configuration alpaca_eval accepts: its
+    completion helper takes `client_kwargs` (passed to the `openai.OpenAI` client it builds), and icr
+    hands it an `http_client` (the openai package's `DefaultHttpxClient`) with an httpx response event
+    hook that reads each completion reply's `usage` (`_UsageMeter`). Nothing of alpaca_eval is
+    patched; it only works for annotators whose `fn_completions` is `openai_completions` (others:
+    `usage` None). Counted: every chat/completions request that reached the server (retries included),
+    its prompt and completion tokens; a 200 reply without both counts is `unmetered`. Cost: judge_args
+    `price_per_input_token` / `price_per_output_token` (none given: no cost). The logprobs check at
+    build time goes through icr's own client and is not counted.
     """
 
     scores_single_answers = False  # pairwise only
     _decoding_kwargs: dict = {}  # judge_args base_url: where alpaca_eval sends requests (see _point_at); never mutated
+    _metering_kwargs: dict = {}  # client_kwargs carrying the usage-counting http client (see _UsageMeter)
+    usage = None  # a _UsageMeter's counters when alpaca_eval's requests are counted
+    price_per_input_token: float | None = None
+    price_per_output_token: float | None = None
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo_multilingual",
                  caching_path: str | None = None, seed: int = 0, base_url: str | None = None,
                  model: str | None = None, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int | None = None,
-                 timeout_s: float = 120.0, **annotator_kwargs):
+                 timeout_s: float = 120.0, price_per_input_token: float | None = None,
+                 price_per_output_token: float | None = None, **annotator_kwargs):
         pairwise_annotator = _import_alpaca_eval_annotator()
         annotators_config = resolve_annotators_config(annotators_config)
         self.annotator = pairwise_annotator(annotators_config=annotators_config, caching_path=caching_path,
@@ -219,6 +243,15 @@ class AlpacaEvalJudge:
         self.cache_id = f"{self.name}/2" + (f"@{model}" if model else "")
         self._decoding_kwargs = {} if base_url is None else self._point_at(base_url, model, api_key_env,
                                                                             max_concurrency, timeout_s)
+        self.price_per_input_token, self.price_per_output_token = price_per_input_token, price_per_output_token
+        if all(getattr(a.fn_completions, "__name__", "") == "openai_completions"
+               for a in self.annotator.annotators.values()):
+            meter = _UsageMeter()
+            self.usage, self._metering_kwargs = meter.usage, {"client_kwargs": {"http_client": meter.http_client()}}
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """Those tokens at judge_args' prices per token (None when no price is given)."""
+        return cost_of(prompt_tokens, completion_tokens, self)
 
     def _point_at(self, base_url: str, model: str | None, api_key_env: str, max_concurrency: int | None,
                   timeout_s: float) -> dict:
@@ -259,7 +292,7 @@ class AlpacaEvalJudge:
             return []
         baseline, model = self.head2head_inputs(items)
         annotated = self.annotator.annotate_head2head(outputs_1=baseline, outputs_2=model, is_ordered=True,
-                                                      **self._decoding_kwargs)
+                                                      **self._decoding_kwargs, **self._metering_kwargs)
         by_key = {(a["instruction"], a["output_1"], a["output_2"]): a.get("preference") for a in annotated}
         prefs = []
         for b, m in zip(baseline, model):
@@ -268,9 +301,49 @@ class AlpacaEvalJudge:
         return prefs
 
 
+@dataclass
+class MeteredUsage(Usage):
+    """`Usage` (requests, prompt / completion tokens) and the 200 replies that carried no token counts."""
+
+    unmetered: int = 0
+
+
+class _UsageMeter:
+    """Counts what an OpenAI client sends, from the replies themselves: an httpx response event hook
+    (httpx's documented way to see responses; it reads the body, which httpx would read next anyway)
+    on the `http_client` handed to alpaca_eval's client. Thread-safe (alpaca_eval sends from a pool)."""
+
+    def __init__(self):
+        self.usage = MeteredUsage()
+
+    def http_client(self):
+        import openai
+
+        return openai.DefaultHttpxClient(event_hooks={"response": [self.count]})
+
+    def count(self, response) -> None:
+        request = response.request
+        if request.method != "POST" or not request.url.path.rstrip("/").endswith("completions"):
+            return
+        self.usage.add(requests=1)
+        if response.status_code != 200:
+            return
+        response.read()
+        try:
+            usage = response.json()["usage"]
+            pt, ct = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            self.usage.add(unmetered=1)
+            return
+        self.usage.add(prompt_tokens=pt, completion_tokens=ct)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
+
+USAGE_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "unmetered")
+
 
 class CachedJudge:
     """Caches a judge's answers in a JSONL file keyed by content.
@@ -329,6 +402,30 @@ class CachedJudge:
 
     def compare(self, items: list[JudgeItem]) -> list[float]:
         return self._run("compare", self.judge.compare, items)
+
+    def mark(self) -> tuple:
+        """Where the counters stand now; `spent(mark)` is what was used since."""
+        usage = getattr(self.judge, "usage", None)
+        counts = None if usage is None else tuple(getattr(usage, k, 0) for k in USAGE_COUNTS)
+        return self.hits, counts
+
+    def spent(self, mark: tuple) -> dict:
+        """The results row's usage fields since `mark`, for a judge that counts what it sends (`usage`:
+        the alpaca_eval judge): `cached` (judgements taken from this cache: nothing sent, nothing paid
+        now), `requests`, `prompt_tokens`, `completion_tokens` and `cost` (None without a price); tokens
+        and cost None when some reply carried no counts. All five None for a judge without such a notion
+        (fake, reward_model, the sandbox oracle): its rows stay the same on a rerun."""
+        hits, before = mark
+        out = {"cached": None, "requests": None, "prompt_tokens": None, "completion_tokens": None, "cost": None}
+        usage = getattr(self.judge, "usage", None)
+        if usage is None or before is None:
+            return out
+        requests, pt, ct, unmetered = (getattr(usage, k, 0) - b for k, b in zip(USAGE_COUNTS, before))
+        out.update(cached=self.hits - hits, requests=requests)
+        if not unmetered:
+            cost = getattr(self.judge, "cost", None)
+            out.update(prompt_tokens=pt, completion_tokens=ct, cost=cost(pt, ct) if callable(cost) else None)
+        return out
 
     @property
     def scores_single_answers(self) -> bool:

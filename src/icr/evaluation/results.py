@@ -19,7 +19,7 @@ from ..runs import atomic_write_text
 # which length-controlled win rate `lc` is: alpaca_eval's own (length_controlled_v1) or icr's minimal GLM
 LC_METHODS = ("alpaca_eval:length_controlled_v1", "icr:minimal")
 # fields added after the first release: absent in older files means null
-ADDED_FIELDS = {"lc_method"}
+ADDED_FIELDS = {"lc_method", "cached", "requests", "prompt_tokens", "completion_tokens", "cost"}
 
 # field -> (allowed types, may be null, check, description)
 SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
@@ -34,6 +34,12 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, object, str]] = {
     "lc_method": ((str,), True, lambda v: v in LC_METHODS, f"one of {', '.join(LC_METHODS)}, or null"),
     "fidelity": ((int, float), True, lambda v: 0 <= v <= 1, "number in [0, 1], or null"),
     "mean_len": ((int, float), False, lambda v: v >= 0, "number >= 0"),
+    # what judging cost (icr.evaluation.judges.CachedJudge.spent): null where the judge has no such notion
+    "cached": ((int,), True, lambda v: v >= 0, "integer >= 0 (judgements taken from the cache), or null"),
+    "requests": ((int,), True, lambda v: v >= 0, "integer >= 0 (requests sent to the judge), or null"),
+    "prompt_tokens": ((int,), True, lambda v: v >= 0, "integer >= 0, or null"),
+    "completion_tokens": ((int,), True, lambda v: v >= 0, "integer >= 0, or null"),
+    "cost": ((int, float), True, lambda v: v >= 0, "number >= 0, or null (no price given, or no tokens counted)"),
 }
 FIELDS = tuple(SCHEMA)
 KEY = ("model", "lang", "judge")
