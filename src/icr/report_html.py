@@ -559,8 +559,10 @@ def write_html_report(run_dir: Path, max_pair_prompts: int | None = DEFAULT_MAX_
     if not run_dir.is_dir():
         raise IcrError(f"{run_dir}: no such run folder")
     path = run_dir / "report.html"
-    atomic_write_text(path, render_page(page_data(run_dir, max_pair_prompts, max_eval_prompts,
-                                                  max_mt_bench_questions)))
+    page = render_page(page_data(run_dir, max_pair_prompts, max_eval_prompts, max_mt_bench_questions))
+    # Same page, same file: a rerun with nothing new touches nothing in the run folder.
+    if not path.is_file() or path.read_text(encoding="utf-8") != page:
+        atomic_write_text(path, page)
     return path
 
 
