@@ -136,8 +136,15 @@ def test_a_worker_that_dies_past_its_retries_is_one_line_naming_it_and_its_node(
     assert "\n" not in line and line.startswith("generate: process 0/2 on node 127.0.0.1 (")
     assert "killed by signal 9" in line or "WorkerCrashedError" in line, line
     assert "cluster.task_retries: 0" in line and "worker-0.log" in line
-    assert not (plan.generate_dir / "manifest.json").exists()
-    for shard in plan.generate_dir.glob("shard-*.jsonl"):  # what is there is whole: 2 prompts x 4 samples a line
+    # Nothing half-written. The kill lands when shard 0 exists, polled every 50 ms: on an idle machine
+    # worker 0 may have written its other shard by then, and worker 1, finishing last, the manifest
+    # of a stage that is then complete (seen in CI). Either way every shard there is whole.
+    shards = sorted(plan.generate_dir.glob("shard-*.jsonl"))
+    if (plan.generate_dir / "manifest.json").exists():
+        from icr.runs import read_json
+
+        assert len(shards) == read_json(plan.generate_dir / "manifest.json")["counts"]["shards"]
+    for shard in shards:  # 2 prompts x 4 samples a line
         assert len(read_jsonl(shard)) % 4 == 0
 
 
