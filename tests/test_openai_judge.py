@@ -255,6 +255,9 @@ def test_bad_question_and_prompt_files_name_file_and_line(tmp_path):
         load_questions(str(tmp_path / "q_{lang}.jsonl"), "en")
     with pytest.raises(IcrError, match=r"no file .*q_fr.jsonl for language fr"):
         load_questions(str(tmp_path / "q_{lang}.jsonl"), "fr")
+    bad.write_bytes(good[0].encode() + b"\n{\"question_id\": \"\xff\"}\n")  # read as data.py reads prompts
+    with pytest.raises(IcrError, match=r"q_en.jsonl:2: not valid UTF-8"):
+        load_questions(str(tmp_path / "q_{lang}.jsonl"), "en")
     lines = (DATA / "judge_prompts.jsonl").read_text().splitlines()
     p = tmp_path / "jp.jsonl"
     p.write_text("\n".join(lines[:3]) + "\n")

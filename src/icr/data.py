@@ -83,8 +83,9 @@ def source_format(source) -> str:
     return "hf"
 
 
-def _read_file(path: Path, fmt: str, what: str) -> list[tuple[str, dict]]:
-    """(location, row) pairs; the location is `file:line` (JSONL) or `file row N` (JSON array)."""
+def read_records(path: Path, fmt: str, what: str) -> list[tuple[str, dict]]:
+    """(location, row) pairs of a JSONL (`fmt` jsonl) or JSON-array file of objects; the location is
+    `file:line` or `file row N`. Unreadable files, bad UTF-8, bad JSON and non-objects are one line each."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -158,7 +159,7 @@ def read_rows(source, lang: str, field: str, what: str) -> tuple[list[tuple[str,
     if "{lang}" not in source.path:
         raise DataError(f"{field}: {source.path!r} needs a {{lang}} placeholder (one file per language)")
     path = Path(source.path.replace("{lang}", lang))
-    return _read_file(path, fmt, what), str(path)
+    return read_records(path, fmt, what), str(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import re
 import string
 from pathlib import Path
 
+from ..data import read_records
 from ..errors import IcrError
 from ..runs import read_json, text_hash, write_json
 
@@ -79,16 +80,7 @@ def load_questions(path_template: str, lang: str) -> list[dict]:
     if not path.is_file():
         raise IcrError(f"evaluation.mt_bench.questions: no file {path} for language {lang}")
     rows, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise IcrError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise IcrError(f"{where}: expected an object with question_id, category, turns")
+    for where, row in read_records(path, "jsonl", "MT-Bench questions"):
         qid, cat, turns = row.get("question_id"), row.get("category"), row.get("turns")
         if not isinstance(qid, (int, str)) or isinstance(qid, bool) or str(qid) == "":
             raise IcrError(f"{where}: question_id must be an integer or a non-empty string")
@@ -116,25 +108,19 @@ def load_judge_prompts(path: str) -> dict[str, dict]:
     if not p.is_file():
         raise IcrError(f"evaluation.mt_bench.judge_prompts: no file {p}")
     prompts = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise IcrError(f"{p}:{n}: invalid JSON ({e.msg})") from None
-        name = row.get("name") if isinstance(row, dict) else None
+    for where, row in read_records(p, "jsonl", "MT-Bench judge prompts"):
+        name = row.get("name")
         if name not in PROMPT_FIELDS:
             continue  # pairwise prompts and others: not used here
         for key in ("system_prompt", "prompt_template"):
             if not isinstance(row.get(key), str):
-                raise IcrError(f"{p}:{n}: {name}: {key} must be a string")
+                raise IcrError(f"{where}: {name}: {key} must be a string")
         try:
             used = {f for _, f, _, _ in string.Formatter().parse(row["prompt_template"]) if f is not None}
         except ValueError as e:
-            raise IcrError(f"{p}:{n}: {name}: prompt_template is not a format string ({e})") from None
+            raise IcrError(f"{where}: {name}: prompt_template is not a format string ({e})") from None
         if used != PROMPT_FIELDS[name]:
-            raise IcrError(f"{p}:{n}: {name}: prompt_template uses {{{', '.join(sorted(used))}}}; expected exactly "
+            raise IcrError(f"{where}: {name}: prompt_template uses {{{', '.join(sorted(used))}}}; expected exactly "
                            f"{{{', '.join(sorted(PROMPT_FIELDS[name]))}}}")
         prompts[name] = {"system_prompt": row["system_prompt"], "prompt_template": row["prompt_template"]}
     absent = [name for name in PROMPT_FIELDS if name not in prompts]
