@@ -456,20 +456,9 @@ def model_key(name_or_path: str | None) -> str | None:
         return text_hash("file", file_digest(path))
     if not path.is_dir():
         return name_or_path
-    recorded = _recorded_weights(path)
+    recorded = check_trained_model(path)  # a run's model: its verified digests, not hashed again
     files = sorted(p for p in path.iterdir() if p.suffix in MODEL_FILE_SUFFIXES and p.is_file())
     return text_hash("folder", *[f"{p.name}:{recorded.get(p.name) or file_digest(p)}" for p in files])
-
-
-def _recorded_weights(model_dir: Path) -> dict[str, str]:
-    """The weight digests a run's train manifest recorded for `<run>/iter<t>/model`, checked
-    against the files first (`check_trained_model`: a model changed since training is refused);
-    {} for other folders."""
-    manifest = model_dir.parent / "train" / "manifest.json"
-    if model_dir.name != "model" or not manifest.is_file():
-        return {}
-    check_trained_model(model_dir)
-    return read_json(manifest).get("weights") or {}
 
 
 _digests: dict[tuple, str] = {}  # (real path, size, mtime_ns, inode) -> sha256, this process
@@ -493,8 +482,9 @@ def file_digest(path: Path) -> str:
         known = read_json(cache)
     except (OSError, ValueError):
         known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(entry), str):
-        known = known if isinstance(known, dict) else {}
+    if not isinstance(known, dict):
+        known = {}
+    if not isinstance(known.get(entry), str):
         known[entry] = file_sha256(path)
         with contextlib.suppress(OSError):  # a read-only cache only costs the hash again
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -549,16 +539,18 @@ def verify_weights(model_dir: Path, recorded: dict[str, str], what: str) -> None
     _verified[stamp] = True
 
 
-def check_trained_model(path: str | Path | None) -> None:
+def check_trained_model(path: str | Path | None) -> dict[str, str]:
     """If `path` is an iteration model a run trained (`<run>/iter<t>/model`, its train manifest beside
-    it records the weights' digests), refuse it unless its weights are still those. Other models
-    (pi0, pi_SFT, hub ids) are the user's and pass as they are."""
+    it records the weights' digests), refuse it unless its weights are still those, and return the
+    digests. Other models (pi0, pi_SFT, hub ids) are the user's and pass as they are: {}.
+    `model_key` calls it, so every stage key built on a run's model verifies it first."""
     if path is None:
-        return
+        return {}
     model_dir = Path(str(path))
     manifest = model_dir.parent / "train" / "manifest.json"
     if model_dir.name != "model" or not model_dir.is_dir() or not manifest.is_file():
-        return
-    recorded = read_json(manifest).get("weights")
+        return {}
+    recorded = read_json(manifest).get("weights") or {}
     if recorded:
         verify_weights(model_dir, recorded, f"{model_dir.parent.name}'s training")
+    return recorded

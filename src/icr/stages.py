@@ -34,7 +34,7 @@ from .data import PromptSet, load_prompt_set
 from .errors import IcrError
 from .plan import IterationPlan
 from .progress import ProgressWriter, worker_name
-from .runs import (append_journal, check_free_disk, check_trained_model, chunk, manifest_matches, model_key,
+from .runs import (append_journal, check_free_disk, chunk, manifest_matches, model_key,
                    read_json, read_jsonl, read_shards, shard_path, text_hash, weight_digests, write_json, write_jsonl,
                    write_manifest)
 from .scoring import TRANSLATE_INSTRUCTION  # noqa: F401 - the translation prompt, for the sandbox's pi_SFT
@@ -87,7 +87,6 @@ class ShardedStage:
     """A stage computed shard by shard (generate, score): see the module docstring."""
 
     folder: Callable[[IterationPlan], Path]
-    models: Callable[[ExperimentConfig, IterationPlan], tuple]  # the models `compute` loads
     key: Callable[[ExperimentConfig, IterationPlan, PromptSet], dict]
     shards: Callable[[ExperimentConfig, IterationPlan, PromptSet], list[Path]]  # every output shard
     compute: Callable[[ExperimentConfig, IterationPlan, PromptSet, Shard | None], int]  # -> shards computed
@@ -97,11 +96,11 @@ class ShardedStage:
               reuse: IterationPlan | None = None) -> dict | None:
         """The result of a stage that needs no work (finished here, or lent by `reuse`, another run
         folder's plan for the same iteration); else None, with the folder ready for workers."""
+        # The key names every model by content (runs.model_key): an iteration model changed since
+        # training saved it is refused here, before anything is computed on it.
         stage_dir, key = self.folder(plan), self.key(cfg, plan, prompts)
         if manifest_matches(stage_dir, key):
             return {"skipped": True}
-        for model in self.models(cfg, plan):
-            check_trained_model(model)  # an iteration model changed since training saved it is not used
         if reuse is not None and _reuse(stage_dir, key, self.folder(reuse)):
             return {"reused": str(self.folder(reuse))}
         _prepare_stage_dir(stage_dir, key)
@@ -229,8 +228,7 @@ def _prompt_token_limit(backend, g) -> int | None:
     return None if ctx is None else max(1, ctx - g.max_new_tokens)
 
 
-GENERATE = ShardedStage(folder=lambda plan: plan.generate_dir, models=lambda cfg, plan: (plan.policy,),
-                        key=generate_key,
+GENERATE = ShardedStage(folder=lambda plan: plan.generate_dir, key=generate_key,
                         shards=lambda cfg, plan, prompts: [shard_path(plan.generate_dir, i) for i, _ in
                                                            _generate_shards(cfg, plan, prompts)],
                         compute=generate_shards, summary=_generate_summary)
@@ -290,8 +288,6 @@ def _score_summary(cfg: ExperimentConfig, plan: IterationPlan, prompts: PromptSe
 
 
 SCORE = ShardedStage(folder=lambda plan: plan.score_dir, key=score_key,
-                     models=lambda cfg, plan: (plan.reward_policy, plan.reward_reference)
-                     + ((plan.policy,) if cfg.reward.variant == "translate_to_english" else ()),
                      shards=lambda cfg, plan, prompts: [plan.score_dir / p.name for p in
                                                         sorted(plan.generate_dir.glob("shard-*.jsonl"))],
                      compute=score_shards, summary=_score_summary)
@@ -375,10 +371,9 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     from .train import too_long_warning, train_dpo
 
     stage_dir = plan.train_dir
-    key = train_key(cfg, plan)
+    key = train_key(cfg, plan)  # verifies pi_{t-1} if a run trained it (runs.model_key)
     if train_done(cfg, plan):
         return {"skipped": True}
-    check_trained_model(plan.policy)
     t0 = time.time()
     key_file = stage_dir / "key.json"
     if key_file.is_file() and read_json(key_file) != key:
