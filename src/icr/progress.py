@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from .errors import IcrError
+from .runs import pid_alive
 
 log = logging.getLogger("icr")
 
@@ -76,7 +77,9 @@ def worker_name(shard: tuple[int, int] | None = None) -> str:
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    """A temporary file and a rename: a reader sees the old record or the new one, never half."""
+    """A temporary file and a rename: a reader sees the old record or the new one, never half.
+    Not runs.atomic_write_text: that one fsyncs, which every worker would pay every 2 s on a shared
+    file system for a record that is only a view (a lost one is rewritten by the next update)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
@@ -383,18 +386,6 @@ def _job_folder(stage_dir: Path) -> Path:
     return stage_dir.parent / f"{stage_dir.name}.workers"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another account's process
-        return True
-    return True
-
-
 def _writer_health(record: dict, now: float) -> tuple[str, str]:
     """(state, detail) of one progress record: running, done, failed, or dead (stale or gone)."""
     age = now - float(record.get("updated") or 0)
@@ -402,7 +393,7 @@ def _writer_health(record: dict, now: float) -> tuple[str, str]:
     state = record.get("state", "running")
     if state != "running":
         return state, f"{where}: {state}"
-    if record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid") or 0)):
+    if record.get("host") == socket.gethostname() and not pid_alive(int(record.get("pid") or 0)):
         return "dead", f"{where}: its process is gone (last update {_duration(age)} ago)"
     if age > STALE_SECONDS:
         return "dead", f"{where}: no update for {_duration(age)} (stale; alive processes write every " \

@@ -337,7 +337,7 @@ def _live_holder(lock: Path) -> dict | None:
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
         return None
     if holder.get("host") == socket.gethostname():
-        if not _pid_alive(holder["pid"]):
+        if not pid_alive(holder["pid"]):
             return None
     else:  # another host's process: alive while it renews its lease (_Heartbeat)
         try:
@@ -419,7 +419,8 @@ def hold_lock(lock: Path, busy: str, extra: dict | None = None, *, wait: bool = 
         lock.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host exists (another account's counts)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
