@@ -132,6 +132,14 @@ def _length_function(scored: list[dict], cfg: PairsConfig):
     return lambda i: len(scored[i]["response"])
 
 
+def adjusted_scores(records: list[dict], alphas: dict[str, float], cfg: PairsConfig) -> list[float]:
+    """Each record's length-adjusted score as `select_pairs` ranks a language's candidates: the
+    (normalised) reward minus alpha_lang * len(y), with `alphas` the chosen alpha per language (for
+    views of the pairs, e.g. report.html's pair browser)."""
+    scores, length_of = _normalise(records, cfg.normalize), _length_function(records, cfg)
+    return [scores[i] - alphas.get(r["lang"], 0.0) * length_of(i) for i, r in enumerate(records)]
+
+
 def _length_control_alpha(cand_idx, scores, length_of, cfg: PairsConfig, st) -> float:
     """One language's alpha (0.0 without length control), recorded in `st` with its search curve."""
     alpha, curve = 0.0, None

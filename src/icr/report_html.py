@@ -221,14 +221,12 @@ MAIN_RUN = "ICR"  # the run's own label in the page (controls carry theirs)
 def _adjusted_scores(records: list[dict], alphas: dict[str, float], settings: RunSettings) -> list[float | None]:
     """Each record's length-adjusted score as the pairs stage ranks it: the (normalised) reward minus
     α_lang · len(y) (icr.pairs' own normalisation and length rule)."""
-    from .pairs import _length_function, _normalise
+    from .pairs import adjusted_scores
 
     try:
-        scores = _normalise(records, settings.pairs.normalize)
-        length_of = _length_function(records, settings.pairs)
+        return [_number(v) for v in adjusted_scores(records, alphas, settings.pairs)]
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return [None] * len(records)
-    return [_number(scores[i] - alphas.get(r["lang"], 0.0) * length_of(i)) for i, r in enumerate(records)]
 
 
 def _pair_agreement(chosen_judge, rejected_judge) -> str | None:
