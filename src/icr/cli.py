@@ -219,6 +219,8 @@ def _stage(args) -> None:
     from .config import load_config
     from .loop import resolve_placeholders, run_folder, run_prepare
     from .plan import iteration_plan
+    from .progress import watch
+    from .runs import environment_errors
     from .stages import SHARDED, run_pairs, run_train
 
     cfg = load_config(args.config, args.set)
@@ -236,12 +238,8 @@ def _stage(args) -> None:
         from .train_launch import machine_rank
 
         shared = machine_rank() > 0
-    from .runs import environment_errors
-
     with run_folder(cfg, cfg.run_dir, shared=shared), environment_errors(cfg.run_dir / f"iter{t}"):
         if args.command in SHARDED:
-            from .progress import watch
-
             with watch(SHARDED[args.command].folder(it), f"iter{t} {args.command}"):
                 result = SHARDED[args.command](cfg, it, shard=shard)
         elif args.command == "pairs":
@@ -249,8 +247,6 @@ def _stage(args) -> None:
 
             result = run_pairs(cfg, it, judge=make_judge(cfg) if cfg.pairs.selection == "judge" else None)
         else:
-            from .progress import watch
-
             with watch(it.train_dir, f"iter{t} train"):
                 result = run_train(cfg, it)
     print(result)
