@@ -154,3 +154,10 @@ def test_validate_finds_a_ray_backend_without_ray(cli, built, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as when not installed
     code, _, err = cli("validate", TINY, "--set", "cluster.backend=ray")
     assert "cluster.backend: ray needs the ray package (pip install 'icr[ray]')" in _one_line_error(code, err)
+
+
+def test_validate_checks_the_cluster_address(cli, built):
+    code, _, err = cli("validate", TINY, "--set", "cluster.address=not an address")
+    assert "cluster.address: expected auto, local, host:port or ray://host:port, got 'not an address'" in \
+        _one_line_error(code, err)
+    assert cli("validate", TINY, "--set", "cluster.address=10.0.0.1:6379")[0] == 0

@@ -32,6 +32,8 @@ from .errors import ConfigError
 # The largest seed: generate seeds torch with (seed x 100_003 + shard) x 1_000_003 + batch (see
 # icr.stages / icr.generation.hf), which must stay below 2**63 (torch takes < 2**64, vLLM's int64).
 SEED_MAX = 9_999_999
+# cluster.address: auto, local, host:port or ray://host:port (checked at validation; icr.ray_backend connects).
+CLUSTER_ADDRESS = re.compile(r"(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)")
 # The most points on the length-control alpha grid (alpha_max / alpha_step + 1); the paper's has 1,000.
 ALPHA_GRID_MAX = 100_000
 
@@ -554,6 +556,8 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"name: {FOLDER_NAME_RULE}, got {cfg.name!r}")
     if not cfg.languages:
         errors.append("languages: at least one language is required")
+    if not CLUSTER_ADDRESS.fullmatch(str(cfg.cluster.address)):
+        errors.append(f"cluster.address: expected auto, local, host:port or ray://host:port, got {cfg.cluster.address!r}")
     try:
         cfg.reward.prefix.format(language="English")
     except (KeyError, IndexError, ValueError) as e:

@@ -60,7 +60,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -68,6 +67,7 @@ import threading
 import time
 from pathlib import Path
 
+from .config import CLUSTER_ADDRESS
 from .errors import IcrError
 from .runs import read_json, write_json
 
@@ -77,7 +77,6 @@ FORWARDED_ENV = ("ICR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "VLLM_", "WANDB_
 KILL_HOOK = "ICR_TEST_RAY_KILL"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode (see connect)
 RESERVE_SECONDS = 600  # how long training's node groups may wait for their nodes to be free
-_ADDRESS = re.compile(r"(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)")
 _started_here = False  # whether connect() started the cluster (address local): stopped at exit
 
 
@@ -94,7 +93,7 @@ def connect(cluster) -> None:
     """Join (or, for address local, start) the Ray cluster `cluster` names, once per process."""
     global _started_here
     address = str(cluster.address)
-    if not _ADDRESS.fullmatch(address):
+    if not CLUSTER_ADDRESS.fullmatch(address):  # also checked at validation (icr.config)
         raise IcrError(f"cluster.address: expected auto, local, host:port or ray://host:port, got {address!r}")
     if address == "local":
         # Read by Ray when it is imported: without it Ray swaps 127.0.0.1 for the machine's outward
