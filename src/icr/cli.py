@@ -394,7 +394,7 @@ def _browse_line(run_dir: Path) -> None:
 
 def _sandbox(args) -> None:
     from .config import load_config
-    from .loop import run_prepare
+    from .loop import prepare_flags, run_prepare
 
     cfg = load_config(args.config, args.set)
     if args.action == "build":
@@ -403,6 +403,8 @@ def _sandbox(args) -> None:
         print(f"starting pair in {prepared}")
         if premise.is_file():
             print(premise.read_text())
+        for lang, why in prepare_flags(prepared).items():
+            print(f"icr: WARNING: language {lang} failed the build's self-check: {why}", file=sys.stderr)
         return
     from .sandbox.ablate import ABLATIONS, SIZES, run_ablations
 

@@ -88,6 +88,26 @@ def run_prepare(cfg: ExperimentConfig) -> Path | None:
     return out
 
 
+# A prepare function may flag languages it built badly: `<prepared>/language_flags.json`,
+# {lang: one line}. The loop does not judge them (it knows no world): it warns, keeps a copy in the
+# run folder, and the report marks those languages, so a failed language is never silent.
+LANGUAGE_FLAGS = "language_flags.json"
+
+
+def prepare_flags(prepared: Path | None) -> dict[str, str]:
+    """The languages a prepare folder flagged ({} when it flags none or has no such file)."""
+    path = prepared / LANGUAGE_FLAGS if prepared is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        flags = read_json(path)
+    except json.JSONDecodeError as e:
+        raise IcrError(f"{path}: invalid JSON ({e.msg})") from None
+    if not isinstance(flags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in flags.items()):
+        raise IcrError(f"{path}: expected an object of language -> one line")
+    return flags
+
+
 def prepared_dir(cfg: ExperimentConfig) -> Path | None:
     """The folder `prepare` builds (or built) for this config, whether or not it exists yet."""
     if cfg.prepare is None:
@@ -117,7 +137,7 @@ def resolve_placeholders(cfg: ExperimentConfig, prepared: Path | None) -> Experi
 
 # What icr writes at the top of a run folder: all that `--force` may delete (anything else there
 # is the user's and stays).
-RUN_FOLDER_ENTRIES = re.compile(r"config\.yaml|results\.json|report\.(md|html)|timings\.json|"
+RUN_FOLDER_ENTRIES = re.compile(r"config\.yaml|results\.json|report\.(md|html)|timings\.json|language_flags\.json|"
                                 r"iter\d+|controls|eval|diagnostics|tracking|\.shared-locks|"
                                 r"wr_by_iteration\..+\.png|alpha_curve_iter\d+\.png")
 
@@ -304,10 +324,17 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, reuse_from: Pa
 
     check_trackers(cfg.report_to)  # before prepare, which may take long
     prepared = run_prepare(cfg)
+    flags = prepare_flags(prepared)
+    for lang, why in flags.items():
+        log.warning("prepare flagged language %s: %s (the report marks it)", lang, why)
     cfg = resolve_placeholders(cfg, prepared)
     judge = preflight(cfg)
     run_dir = cfg.run_dir
     with run_folder(cfg, run_dir, force=force), open_tracker(cfg, run_dir) as tracker:
+        if flags:
+            write_json(run_dir / LANGUAGE_FLAGS, flags)
+        elif (run_dir / LANGUAGE_FLAGS).is_file():
+            (run_dir / LANGUAGE_FLAGS).unlink()
         timings: dict = {}
         rows = run_loop(cfg, run_dir, judge=judge, timings=timings, reuse_from=reuse_from, on_stage=on_stage,
                         tracker=tracker)

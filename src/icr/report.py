@@ -2,6 +2,7 @@
 
 Reads (each optional; a missing or unreadable part drops its section, never the report):
     results.json                          evaluation rows (docs/results-schema.md)
+    language_flags.json                   {lang: why}: languages the prepare step flagged (marked ⚠)
     iter<t>/pairs/stats.json              pair statistics per language (alpha, counts, lengths, alpha curve)
     iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
                                           and controls/<label>/iter<t>/<stage>/manifest.json
@@ -136,7 +137,10 @@ def _lc_note(rows: list[dict]) -> str:
     return " ".join(LC_NOTES[m] for m in methods)
 
 
-def _results_section(rows: list[dict], plt) -> list[dict]:
+def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None) -> list[dict]:
+    """The win-rate tables; a language flagged by the run's prepare step (`flags`) is marked ⚠ in the
+    headers and its reason written under the table."""
+    flags = flags or {}
     out = []
     for judge in dict.fromkeys(r["judge"] for r in rows):
         jrows = [r for r in rows if r["judge"] == judge]
@@ -159,8 +163,12 @@ def _results_section(rows: list[dict], plt) -> list[dict]:
             details.append([m] + [_detail(cell.get((m, lang))) for lang in langs])
         out += [heading(f"Win rates against the reference — judge `{judge}`"),
                 text_block("LC = length-controlled win rate, WR = win rate, in % (Table 2 layout). " + _lc_note(jrows)),
-                table_block(["Model"] + [f"{lang} {k}" for lang in langs for k in ("LC", "WR")] + ["Avg LC", "Avg WR"],
-                            table)]
+                table_block(["Model"] + [f"{lang}{' ⚠' if lang in flags else ''} {k}" for lang in langs
+                                         for k in ("LC", "WR")] + ["Avg LC", "Avg WR"], table)]
+        for lang in langs:
+            if lang in flags:
+                out.append(text_block(f"⚠ {lang}: flagged by the run's prepare step (language_flags.json): "
+                                      f"{flags[lang]}. Its numbers say what that build did, not what the method does."))
         if incomplete:
             out.append(text_block("† averaged over the languages evaluated for that model only."))
         if unreferenced:
@@ -463,7 +471,8 @@ def report_blocks(run_dir: Path) -> tuple[list[dict], list[str]]:
     other = [r for r in rows if row_kind(r) not in ("judge", "harness", "mt_bench")]
     from .evaluation.mt_bench import mt_bench_section  # the paper's Table 3 (rows of kind mt_bench)
 
-    body = _results_section(judged, plt) + _harness_section(harness) + mt_bench_section(rows) \
+    flags = _read(run_dir / "language_flags.json") or {}  # languages the prepare step built badly (icr.loop)
+    body = _results_section(judged, plt, flags) + _harness_section(harness) + mt_bench_section(rows) \
         + _other_rows_section(other) \
         + _agreement_section(run_dir) + _pairs_section(run_dir, plt) + _training_section(run_dir) \
         + _timing_section(run_dir)

@@ -18,6 +18,11 @@ Steps, each with the reason it is there:
    every quality; plus English instructions behind the language prefix answered in the named
    language (the format the cross-lingual reward scores), and translation-to-English examples
    (the format `translate_to_english` uses). Swahili gets `low_resource_ratio` of the data.
+   **Check and repair** (`sft_check.json`): pi_SFT is sampled on the `dev` prompts of every
+   language; a language below the floors (`sft_floor_well_formed`, `sft_floor_language`) gets up
+   to `sft_repair_rounds` more SFT epochs with its own conversations repeated `sft_repair_weight`
+   times. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
+   Swahili with Spanish tags, and every model after it scored 0 there, silently (issue 25).
 5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
    pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
 6. **Files for the pipeline**: `prompts/{train,eval}/{lang}.jsonl`, `references/{lang}.json`
@@ -29,6 +34,11 @@ Steps, each with the reason it is there:
    two pi_SFT samples as the oracle does: English under the English instruction; every other
    language under the English instruction behind the prefix (cross-lingual), and, for comparison,
    under its own instruction (multilingual); split by the kind of pair.
+8. **Self-check** (`language_flags.json`, also `premise.json`'s `self_check`): every language
+   whose final pi_SFT or pi0 is below the floors on the premise's samples is flagged with one line
+   saying which model, which share and which floor. `icr run` logs each flag as a warning and
+   report.md / report.html mark the language (the loop reads `language_flags.json` from any
+   prepare folder); the build does not fail, so the run still shows what happened.
 """
 
 from __future__ import annotations
@@ -109,6 +119,18 @@ class ToyRecipe:
     premise_wr_samples: int = arg(2, "Samples per dev prompt and model for pi0 vs pi_SFT's win rate "
                                      "(T 0.6, top-p 0.9, as the evaluation samples).")
     max_new_tokens: int = arg(24, "Sampling limit (tokens) for pairs and premise: a world answer is ~5-15.")
+    # self-check (floors fixed from the SFT mix's design, not from any ICR result)
+    sft_floor_well_formed: float = arg(0.5, "Floor on pi_SFT's share of well-formed answers per language (dev "
+                                            "prompts, T 0.6): 88% of its SFT answers are well-formed; the "
+                                            "high-resource languages reach ~0.65 at the default budget.")
+    sft_floor_language: float = arg(0.8, "Floor on pi_SFT's right-language share among its well-formed answers "
+                                         "per language: 90% of its SFT answers are in the right language.")
+    pi0_floor_language: float = arg(0.5, "Floor on pi0's right-language share (all answers) per language: below "
+                                         "it, English DPO has taught the language to answer in another one.")
+    sft_repair_rounds: int = arg(2, "Extra SFT epochs at most for languages below pi_SFT's floors, one at a "
+                                    "time, checking after each (0: check and flag only).")
+    sft_repair_weight: int = arg(4, "In a repair epoch, the failing languages' own conversations are repeated "
+                                    "this many times among the whole SFT mix (once each).")
     threads: int = arg(1, "Torch threads while building: on a shared 2-core machine one thread trained "
                           "10-20x faster than two competing ones (measured 15,000 vs 700 tokens/s).")
 
@@ -167,7 +189,8 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
 
     rng = random.Random(f"sandbox-data-{cfg['seed']}")
     pre_texts = pretraining_texts(world, rng, cfg)
-    sft_convs = sft_conversations(world, rng, cfg)
+    sft_items = sft_conversations_by_language(world, rng, cfg)
+    sft_convs = [conv for _, conv in sft_items]
 
     if not is_model(out / "sft"):
         t = time.time()
@@ -183,6 +206,7 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         t = time.time()
         fit_causal_lm(model, tok, sft_convs, epochs=cfg["sft_epochs"], lr=cfg["sft_lr"], batch_size=32,
                       seed=cfg["seed"])
+        write_json(out / "sft_check.json", check_and_repair_sft(world, oracle, model, tok, sft_items, cfg))
         model.save_pretrained(out / "sft")
         tok.save_pretrained(out / "sft")
         timings["sft_s"] = round(time.time() - t, 1)
@@ -209,8 +233,12 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         premise = measure_premise(world, oracle, dpo_model, sft_model, tok, cfg)
         timings["premise_s"] = round(time.time() - t, 1)
         premise["build_timings_s"] = timings
+        premise["self_check"] = {"floors": {k: cfg[k] for k in FLOOR_FIELDS},
+                                 "flags": self_check(premise["sample_quality"], cfg)}
         write_json(out / "premise.json", premise)
         write_json(out / "timings.json", timings)
+    if not (out / LANGUAGE_FLAGS).exists():  # after premise.json: a build stopped in between gets it here
+        write_json(out / LANGUAGE_FLAGS, self_check(load_json(out / "premise.json")["sample_quality"], cfg))
     timings["this_call_s"] = round(time.time() - t_all, 1)
     return {"sft": str(out / "sft"), "dpo": str(out / "dpo"), "world": str(out / "world.json"),
             "premise": str(out / "premise.json"), "prompts": str(out / "prompts"),
@@ -244,24 +272,32 @@ def translate_to_english(text: str) -> str:
 
 
 def sft_conversations(world: World, rng: random.Random, cfg: dict) -> list[list[dict]]:
-    convs = []
+    """pi_SFT's chat conversations, shuffled (`sft_conversations_by_language` without the languages)."""
+    return [conv for _, conv in sft_conversations_by_language(world, rng, cfg)]
 
-    def chat(user, assistant):
-        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+def sft_conversations_by_language(world: World, rng: random.Random, cfg: dict) -> list[tuple[str, list[dict]]]:
+    """(language the answer is asked in, conversation) for every SFT conversation, shuffled;
+    translation examples have the language `translate`."""
+    items = []
+
+    def chat(lang, user, assistant):
+        items.append((lang, [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]))
 
     for t in world.split("sft"):
         for lang in LANGUAGES:
             if _keep(lang, rng, cfg):
-                chat(t.instruction(lang), render_response(t, lang, draw_quality(rng, SFT_MIX), rng))
+                chat(lang, t.instruction(lang), render_response(t, lang, draw_quality(rng, SFT_MIX), rng))
             if lang != "en" and rng.random() < cfg["sft_prefixed_ratio"] and _keep(lang, rng, cfg):
-                chat(PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en"),
+                chat(lang, PREFIX.format(language=LANGUAGE_WORDS[lang]) + t.instruction("en"),
                      render_response(t, lang, draw_quality(rng, SFT_MIX), rng))
         if rng.random() < cfg["sft_translate_ratio"]:
             lang = rng.choice([x for x in LANGUAGES if x != "en"])
             text = render_response(t, lang, draw_quality(rng, SFT_MIX), rng)
-            chat(TRANSLATE_INSTRUCTION.format(language=LANGUAGE_WORDS[lang], text=text), translate_to_english(text))
-    rng.shuffle(convs)
-    return convs
+            chat("translate", TRANSLATE_INSTRUCTION.format(language=LANGUAGE_WORDS[lang], text=text),
+                 translate_to_english(text))
+    rng.shuffle(items)  # the same permutation a list of bare conversations got: builds before this kept
+    return items
 
 
 def write_prompt_files(world: World, out: Path) -> None:
@@ -414,6 +450,79 @@ def english_pairs(world: World, oracle: OracleJudge, sft_model, tok, cfg: dict) 
                          "there is nothing for DPO to learn; train pi_SFT longer (pretrain_steps, sft_epochs) or "
                          "sample more (pref_samples)")
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-check: no language may fail silently
+# ---------------------------------------------------------------------------------------------
+
+LANGUAGE_FLAGS = "language_flags.json"  # {lang: one line}: read by icr's loop from any prepare folder
+FLOOR_FIELDS = ("sft_floor_well_formed", "sft_floor_language", "pi0_floor_language")
+
+
+def language_quality(world: World, oracle: OracleJudge, model, tok, cfg: dict, seed: int) -> dict[str, dict]:
+    """`quality_shares` of `model`'s samples on the dev prompts of every language (T 0.6, top-p 0.9,
+    `premise_wr_samples` per prompt: the premise's win-rate samples)."""
+    tasks = world.split("dev")
+    out = {}
+    for lang in LANGUAGES:
+        outs = sample(model, tok, [t.instruction(lang) for t in tasks], cfg["premise_wr_samples"], 0.6, 0.9,
+                      cfg["max_new_tokens"], seed)
+        out[lang] = quality_shares(oracle.verdict(o, t.id, lang) for t, os_ in zip(tasks, outs) for o in os_)
+    return out
+
+
+def sft_shortfalls(quality: dict[str, dict], cfg: dict) -> dict[str, str]:
+    """{lang: what is below pi_SFT's floors} for the languages of `quality` (`quality_shares` per
+    language) that miss a floor. Right language is counted among well-formed answers (a malformed
+    answer has no language), so it does not count the same failure twice."""
+    out = {}
+    for lang, q in quality.items():
+        problems = []
+        if q["well_formed"] < cfg["sft_floor_well_formed"]:
+            problems.append(f"well-formed {q['well_formed']:.2f} < floor {cfg['sft_floor_well_formed']}")
+        right = q["language"] / q["well_formed"] if q["well_formed"] else 0.0
+        if right < cfg["sft_floor_language"]:
+            problems.append(f"right language {right:.2f} of well-formed answers < floor {cfg['sft_floor_language']}")
+        if problems:
+            out[lang] = ", ".join(problems)
+    return out
+
+
+def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: list[tuple[str, list[dict]]],
+                         cfg: dict) -> dict:
+    """Measure pi_SFT per language; for the languages below its floors, one more SFT epoch with their
+    conversations repeated `sft_repair_weight` times, up to `sft_repair_rounds` times. Changes
+    `model` in place; returns the record (`sft_check.json`): every measurement and what was repaired."""
+    from ..tiny import fit_causal_lm
+
+    rounds = []
+    for r in range(cfg["sft_repair_rounds"] + 1):
+        model.eval()
+        quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
+        below = sft_shortfalls(quality, cfg)
+        rounds.append({"round": r, "quality": quality, "below_floor": below})
+        if not below or r == cfg["sft_repair_rounds"]:
+            break
+        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
+        fit_causal_lm(model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 100 + r)
+    model.eval()
+    return {"floors": {k: cfg[k] for k in FLOOR_FIELDS}, "repair_epochs": len(rounds) - 1, "rounds": rounds,
+            "still_below_floor": rounds[-1]["below_floor"]}
+
+
+def self_check(sample_quality: dict[str, dict], cfg: dict) -> dict[str, str]:
+    """{lang: one line} for every language whose final pi_SFT or pi0 (the premise's samples:
+    `sample_quality[lang]["sft" | "pi0"]`) is below the floors; {} when all pass."""
+    sft = sft_shortfalls({lang: q["sft"] for lang, q in sample_quality.items()}, cfg)
+    flags = {}
+    for lang, q in sample_quality.items():
+        problems = [f"pi_SFT {sft[lang]}"] if lang in sft else []
+        if q["pi0"]["language"] < cfg["pi0_floor_language"]:
+            problems.append(f"pi0 right language {q['pi0']['language']:.2f} < floor {cfg['pi0_floor_language']}")
+        if problems:
+            flags[lang] = "; ".join(problems) + " (dev prompts, T 0.6)"
+    return flags
 
 
 # ---------------------------------------------------------------------------------------------

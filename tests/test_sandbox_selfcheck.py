@@ -1,0 +1,129 @@
+"""No language fails silently: the sandbox build's floors and repair, `language_flags.json` through
+`icr run` (a warning, a copy in the run folder) and the report's marks (issue 25)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from icr.config import load_config
+from icr.loop import prepared_dir
+from icr.report import headline, write_report
+from icr.sandbox.build import DEFAULTS, self_check, sft_shortfalls
+
+from .conftest import REPO
+
+
+def _q(well_formed, language):
+    return {"score": 0.5, "well_formed": well_formed, "correct": 0.5, "language": language, "concise": 0.5}
+
+
+def test_floors_flag_exactly_the_languages_below_them():
+    cfg = {**DEFAULTS, "sft_floor_well_formed": 0.5, "sft_floor_language": 0.8, "pi0_floor_language": 0.5}
+    # de: 0.64 well-formed, all of them in German (0.64 / 0.64 = 1.0): passes. sw (this machine's seed-0
+    # build before the repair): 0.49 well-formed, 0.325 right language = 0.66 of the well-formed ones.
+    sft = {"de": _q(0.64, 0.64), "sw": _q(0.49, 0.325), "es": _q(0.9, 0.63), "ru": _q(0.0, 0.0)}
+    assert sft_shortfalls(sft, cfg) == {
+        "sw": "well-formed 0.49 < floor 0.5, right language 0.66 of well-formed answers < floor 0.8",
+        "es": "right language 0.70 of well-formed answers < floor 0.8",
+        "ru": "well-formed 0.00 < floor 0.5, right language 0.00 of well-formed answers < floor 0.8"}
+    quality = {"en": {"sft": _q(0.64, 0.64), "pi0": _q(1.0, 1.0)},
+               "de": {"sft": _q(0.64, 0.64), "pi0": _q(1.0, 0.07)},  # the other machine's German pi0
+               "sw": {"sft": _q(0.49, 0.325), "pi0": _q(0.97, 0.125)}}
+    assert self_check(quality, cfg) == {
+        "de": "pi0 right language 0.07 < floor 0.5 (dev prompts, T 0.6)",
+        "sw": "pi_SFT well-formed 0.49 < floor 0.5, right language 0.66 of well-formed answers < floor 0.8; "
+              "pi0 right language 0.12 < floor 0.5 (dev prompts, T 0.6)"}
+    assert self_check({"en": quality["en"]}, cfg) == {}
+
+
+def _row(model, lang, wr):
+    return {"model": model, "iteration": 0 if model == "M0" else 1, "lang": lang, "judge": "oracle", "n": 60,
+            "wr": wr, "wr_se": 6.0, "lc": None, "fidelity": 0.9, "mean_len": 10.0}
+
+
+def test_report_marks_a_flagged_language(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps([_row(m, lang, 50.0) for m in ("M0", "M1") for lang in ("en", "sw")]))
+    write_report(run)
+    assert "⚠" not in (run / "report.md").read_text()
+    (run / "language_flags.json").write_text(json.dumps({"sw": "pi0 right language 0.12 < floor 0.5"}))
+    write_report(run)
+    report = (run / "report.md").read_text()
+    assert "| Model | en LC | en WR | sw ⚠ LC | sw ⚠ WR |" in report
+    assert "⚠ sw: flagged by the run's prepare step (language_flags.json): pi0 right language 0.12 < floor 0.5." \
+        in report
+    assert "⚠ sw: flagged" in headline(run)  # what `icr run` prints at the end
+
+
+BUILDER = '''
+import json
+from pathlib import Path
+
+from icr.tiny import prepare as tiny_prepare
+
+
+def build(out_dir, flags=None, **args):
+    paths = tiny_prepare(out_dir, **args)
+    if flags is not None:
+        (Path(out_dir) / "language_flags.json").write_text(json.dumps(flags))
+    return paths
+'''
+
+
+def _flagging_config(tmp_path, flags):
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["prepare"] = {"call": "builder.py:build", "args": {**cfg["prepare"]["args"], "flags": flags}}
+    cfg.update(iterations=1, run_root=str(tmp_path / "runs"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_icr_run_warns_and_keeps_the_flags(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builder.py").write_text(BUILDER)
+    code, _, err = cli("run", _flagging_config(tmp_path, {"de": "pi_SFT well-formed 0.10 < floor 0.5"}))
+    assert code == 0, err
+    assert "prepare flagged language de: pi_SFT well-formed 0.10 < floor 0.5 (the report marks it)" in err
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "language_flags.json").read_text()) == {"de": "pi_SFT well-formed 0.10 < floor 0.5"}
+    # the same run after its prepare folder stopped flagging: no stale copy is left
+    config = _flagging_config(tmp_path, {"de": "pi_SFT well-formed 0.10 < floor 0.5"})
+    (prepared_dir(load_config(config)) / "language_flags.json").write_text("{}")
+    code, _, err = cli("run", config)
+    assert code == 0, err
+    assert "prepare flagged" not in err and not (run / "language_flags.json").exists()
+
+
+def test_malformed_flags_are_one_line(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builder.py").write_text(BUILDER)
+    code, _, err = cli("run", _flagging_config(tmp_path, ["de"]))
+    assert code == 2 and "language_flags.json: expected an object of language -> one line" in err
+    errors = [line for line in err.splitlines() if line.startswith("icr: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_an_under_trained_language_is_flagged_by_the_build(tmp_path):
+    """A sandbox build whose Swahili has no SFT or monolingual data at all (low_resource_ratio 0): the
+    build's check finds it below the floors, the repair has nothing of its to train on, and the
+    language is flagged in `language_flags.json` and in premise.json."""
+    pytest.importorskip("trl")
+    from icr.sandbox import prepare
+
+    from .test_sandbox_world import TINY
+
+    out = tmp_path / "sandbox"
+    prepare(out, **{**TINY, "low_resource_ratio": 0.0, "sft_repair_rounds": 1})
+    check = json.loads((out / "sft_check.json").read_text())
+    assert "sw" in check["rounds"][0]["below_floor"] and check["repair_epochs"] == 1
+    assert "sw" in check["still_below_floor"]
+    flags = json.loads((out / "language_flags.json").read_text())
+    assert flags["sw"].startswith("pi_SFT ")
+    premise = json.loads((out / "premise.json").read_text())
+    assert premise["self_check"]["flags"] == flags
