@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -108,22 +109,31 @@ def test_malformed_flags_are_one_line(tmp_path, monkeypatch, cli):
     assert len(errors) == 1 and "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()
 
 
+# A small build where the high-resource languages learn the answer format (~1 min on one core): TINY's
+# 3 dev prompts cannot tell a language that was not trained from one that was.
+SMALL = dict(n_eval=4, n_dev=20, n_train=4, n_pref=40, n_sft=150, vocab_size=400, hidden_size=64, num_layers=2,
+             pretrain_steps=600, sft_epochs=4, knowledge_repeats=1, knowledge_algorithmic=50, pref_samples=4,
+             pref_pairs_per_prompt=2, dpo_epochs=1, dpo_batch_size=8, premise_samples=2, premise_wr_samples=2,
+             max_new_tokens=12)
+
+
 @pytest.mark.slow
-def test_an_under_trained_language_is_flagged_by_the_build(tmp_path):
+def test_an_under_trained_language_is_flagged_by_the_build(tmp_path, cli):
     """A sandbox build whose Swahili has no SFT or monolingual data at all (low_resource_ratio 0): the
-    build's check finds it below the floors, the repair has nothing of its to train on, and the
-    language is flagged in `language_flags.json` and in premise.json."""
+    build's check finds it below the floors, the repair has nothing of its own to train on, and the
+    language is flagged in `language_flags.json`, premise.json and by `icr sandbox build`; English,
+    the best-trained language, is not."""
     pytest.importorskip("trl")
-    from icr.sandbox import prepare
-
-    from .test_sandbox_world import TINY
-
-    out = tmp_path / "sandbox"
-    prepare(out, **{**TINY, "low_resource_ratio": 0.0, "sft_repair_rounds": 1})
-    check = json.loads((out / "sft_check.json").read_text())
-    assert "sw" in check["rounds"][0]["below_floor"] and check["repair_epochs"] == 1
-    assert "sw" in check["still_below_floor"]
-    flags = json.loads((out / "language_flags.json").read_text())
-    assert flags["sw"].startswith("pi_SFT ")
-    premise = json.loads((out / "premise.json").read_text())
-    assert premise["self_check"]["flags"] == flags
+    recipe = {**SMALL, "low_resource_ratio": 0.0, "sft_repair_rounds": 1}
+    code, out, err = cli("sandbox", "build", "--config", REPO / "configs" / "sandbox.yaml",
+                         "--set", f"prepare.args={json.dumps(recipe)}")
+    assert code == 0, err
+    folder = Path(next(line for line in out.splitlines() if line.startswith("starting pair in "))
+                  .removeprefix("starting pair in "))
+    check = json.loads((folder / "sft_check.json").read_text())
+    assert "sw" in check["rounds"][0]["below_floor"] and "sw" in check["still_below_floor"]
+    assert "right language 0.00" in check["rounds"][0]["below_floor"]["sw"]
+    flags = json.loads((folder / "language_flags.json").read_text())
+    assert flags["sw"].startswith("pi_SFT ") and "en" not in flags
+    assert json.loads((folder / "premise.json").read_text())["self_check"]["flags"] == flags
+    assert f"icr: WARNING: language sw failed the build's self-check: {flags['sw']}" in err

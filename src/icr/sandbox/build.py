@@ -21,7 +21,7 @@ Steps, each with the reason it is there:
    **Check and repair** (`sft_check.json`): pi_SFT is sampled on the `dev` prompts of every
    language; a language below the floors (`sft_floor_well_formed`, `sft_floor_language`) gets up
    to `sft_repair_rounds` more SFT epochs with its own conversations repeated `sft_repair_weight`
-   times. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
+   times, each kept only if it leaves fewer languages below and none newly below. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
    Swahili with Spanish tags, and every model after it scored 0 there, silently (issue 25).
 5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
    pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
@@ -492,23 +492,35 @@ def sft_shortfalls(quality: dict[str, dict], cfg: dict) -> dict[str, str]:
 def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: list[tuple[str, list[dict]]],
                          cfg: dict) -> dict:
     """Measure pi_SFT per language; for the languages below its floors, one more SFT epoch with their
-    conversations repeated `sft_repair_weight` times, up to `sft_repair_rounds` times. Changes
-    `model` in place; returns the record (`sft_check.json`): every measurement and what was repaired."""
+    conversations repeated `sft_repair_weight` times, up to `sft_repair_rounds` times. A round is kept
+    only if it leaves fewer languages below the floors and none newly below; otherwise its weights are
+    put back and the repair stops (measured on a small build: an extra epoch can also unlearn).
+    Changes `model` in place; returns the record (`sft_check.json`): every measurement, what was kept."""
+    import copy
+
     from ..tiny import fit_causal_lm
 
-    rounds = []
-    for r in range(cfg["sft_repair_rounds"] + 1):
+    model.eval()
+    quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
+    below = sft_shortfalls(quality, cfg)
+    rounds = [{"round": 0, "quality": quality, "below_floor": below, "kept": True}]
+    for r in range(1, cfg["sft_repair_rounds"] + 1):
+        if not below:
+            break
+        before = copy.deepcopy(model.state_dict())
+        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
+        fit_causal_lm(model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 99 + r)
         model.eval()
         quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
-        below = sft_shortfalls(quality, cfg)
-        rounds.append({"round": r, "quality": quality, "below_floor": below})
-        if not below or r == cfg["sft_repair_rounds"]:
+        now = sft_shortfalls(quality, cfg)
+        kept = len(now) < len(below) and set(now) <= set(below)
+        rounds.append({"round": r, "repaired": sorted(below), "quality": quality, "below_floor": now, "kept": kept})
+        if not kept:
+            model.load_state_dict(before)
             break
-        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
-        fit_causal_lm(model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 100 + r)
-    model.eval()
-    return {"floors": {k: cfg[k] for k in FLOOR_FIELDS}, "repair_epochs": len(rounds) - 1, "rounds": rounds,
-            "still_below_floor": rounds[-1]["below_floor"]}
+        below = now
+    return {"floors": {k: cfg[k] for k in FLOOR_FIELDS}, "repair_epochs": sum(x["kept"] for x in rounds[1:]),
+            "rounds": rounds, "still_below_floor": below}
 
 
 def self_check(sample_quality: dict[str, dict], cfg: dict) -> dict[str, str]:
