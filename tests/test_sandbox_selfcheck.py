@@ -12,7 +12,7 @@ import yaml
 from icr.config import load_config
 from icr.loop import prepared_dir
 from icr.report import headline, write_report
-from icr.sandbox.build import DEFAULTS, self_check, sft_shortfalls
+from icr.sandbox.build import DEFAULTS, floor_deficit, self_check, sft_shortfalls
 
 from .conftest import REPO
 
@@ -38,6 +38,10 @@ def test_floors_flag_exactly_the_languages_below_them():
         "sw": "pi_SFT well-formed 0.49 < floor 0.5, right language 0.66 of well-formed answers < floor 0.8; "
               "pi0 right language 0.12 < floor 0.5 (dev prompts, T 0.6)"}
     assert self_check({"en": quality["en"]}, cfg) == {}
+    # the repair's progress measure: sw 0.01 below the well-formed floor + (0.8 - 0.325/0.49 = 0.13673) below
+    # the language floor; es (0.9, 0.63): 0.8 - 0.7 = 0.1; de 0
+    assert floor_deficit(sft, cfg) == pytest.approx(0.01 + 0.136735 + 0.1 + 0.5 + 0.8, abs=1e-5)
+    assert floor_deficit({"de": sft["de"]}, cfg) == 0.0
 
 
 def _row(model, lang, wr):

@@ -21,7 +21,7 @@ Steps, each with the reason it is there:
    **Check and repair** (`sft_check.json`): pi_SFT is sampled on the `dev` prompts of every
    language; a language below the floors (`sft_floor_well_formed`, `sft_floor_language`) gets up
    to `sft_repair_rounds` more SFT epochs with its own conversations repeated `sft_repair_weight`
-   times, each kept only if it leaves fewer languages below and none newly below. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
+   times, each kept only if it brings them closer to the floors and puts none newly below. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
    Swahili with Spanish tags, and every model after it scored 0 there, silently (issue 25).
 5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
    pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
@@ -127,7 +127,7 @@ class ToyRecipe:
                                          "per language: 90% of its SFT answers are in the right language.")
     pi0_floor_language: float = arg(0.5, "Floor on pi0's right-language share (all answers) per language: below "
                                          "it, English DPO has taught the language to answer in another one.")
-    sft_repair_rounds: int = arg(2, "Extra SFT epochs at most for languages below pi_SFT's floors, one at a "
+    sft_repair_rounds: int = arg(3, "Extra SFT epochs at most for languages below pi_SFT's floors, one at a "
                                     "time, checking after each (0: check and flag only).")
     sft_repair_weight: int = arg(4, "In a repair epoch, the failing languages' own conversations are repeated "
                                     "this many times among the whole SFT mix (once each).")
@@ -489,12 +489,23 @@ def sft_shortfalls(quality: dict[str, dict], cfg: dict) -> dict[str, str]:
     return out
 
 
+def floor_deficit(quality: dict[str, dict], cfg: dict) -> float:
+    """How far below pi_SFT's floors the languages are, summed (0 when all pass): the repair's
+    progress measure, so a round that lifts a language part of the way counts."""
+    total = 0.0
+    for q in quality.values():
+        right = q["language"] / q["well_formed"] if q["well_formed"] else 0.0
+        total += max(0.0, cfg["sft_floor_well_formed"] - q["well_formed"]) + max(0.0, cfg["sft_floor_language"] - right)
+    return total
+
+
 def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: list[tuple[str, list[dict]]],
                          cfg: dict) -> dict:
     """Measure pi_SFT per language; for the languages below its floors, one more SFT epoch with their
     conversations repeated `sft_repair_weight` times, up to `sft_repair_rounds` times. A round is kept
-    only if it leaves fewer languages below the floors and none newly below; otherwise its weights are
-    put back and the repair stops (measured on a small build: an extra epoch can also unlearn).
+    only if it brings the languages closer to the floors (`floor_deficit`) and puts none newly below;
+    otherwise its weights are put back and the repair stops (seen on a small build: an extra epoch
+    can also unlearn).
     Changes `model` in place; returns the record (`sft_check.json`): every measurement, what was kept."""
     import copy
 
@@ -513,7 +524,7 @@ def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: l
         model.eval()
         quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
         now = sft_shortfalls(quality, cfg)
-        kept = len(now) < len(below) and set(now) <= set(below)
+        kept = set(now) <= set(below) and floor_deficit(quality, cfg) < floor_deficit(rounds[-1]["quality"], cfg)
         rounds.append({"round": r, "repaired": sorted(below), "quality": quality, "below_floor": now, "kept": kept})
         if not kept:
             model.load_state_dict(before)
