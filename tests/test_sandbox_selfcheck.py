@@ -141,3 +141,24 @@ def test_an_under_trained_language_is_flagged_by_the_build(tmp_path, cli):
     assert flags["sw"].startswith("pi_SFT ") and "en" not in flags
     assert json.loads((folder / "premise.json").read_text())["self_check"]["flags"] == flags
     assert f"icr: WARNING: language sw failed the build's self-check: {flags['sw']}" in err
+
+
+@pytest.mark.slow
+def test_same_recipe_builds_identical_files(tmp_path):
+    """What is exact (README, docs/sandbox.md): the same recipe on the same machine and versions gives the
+    same bytes — weights, the check-and-repair record, the premise, the flags — repair rounds included
+    (the reduced recipe leaves every language below the floors, so the repair runs)."""
+    pytest.importorskip("trl")
+    from icr.sandbox import prepare
+
+    from .test_sandbox_world import TINY
+
+    builds = [tmp_path / "a", tmp_path / "b"]
+    for out in builds:
+        prepare(out, **TINY)
+    assert json.loads((builds[0] / "sft_check.json").read_text())["rounds"][0]["below_floor"]  # the repair ran
+    for name in ("sft/model.safetensors", "dpo/model.safetensors", "sft_check.json", "language_flags.json",
+                 "pi0_pairs.jsonl", "world.json"):
+        assert (builds[0] / name).read_bytes() == (builds[1] / name).read_bytes(), name
+    strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "build_timings_s"}  # noqa: E731
+    assert strip(builds[0] / "premise.json") == strip(builds[1] / "premise.json")
