@@ -348,12 +348,13 @@ def _dispatch(args) -> None:
 
         print(run_status(Path(args.run_dir)))
     elif args.command == "validate":
-        from .loop import preflight, prepared_dir, resolve_placeholders
+        from .loop import check_backends, preflight, prepared_dir, resolve_placeholders
 
         for path in args.config:
             cfg = load_config(path, args.set)
             prepared = prepared_dir(cfg)
             if prepared is not None and not (prepared / "done.json").is_file():
+                check_backends(cfg)  # packages, deepspeed, GPUs: they need none of the prepared files
                 print(f"{path}: ok (config only: the prepare step has not run yet, so the files it builds "
                       "are checked by `icr run`)")
                 continue

@@ -315,7 +315,9 @@ class EvaluationConfig:
                         "minimal (icr's offline GLM without the instruction term: other sets, no alpaca_eval).",
                         choices=("minimal", "alpaca_eval"))
     lc_data_dir: str | None = _f(None, "lc_method alpaca_eval: a local folder holding alpaca_eval's df_gamed.csv "
-                                 "(its per-instruction data); default: alpaca_eval downloads it from the hub.")
+                                 "(its per-instruction data); default: the hub cache's copy (of the dataset "
+                                 "tatsu-lab/alpaca_eval), which preflight downloads when the hub is reachable and "
+                                 "refuses to run without when it is offline.")
     reward_agreement: bool = _f(False, "After scoring, measure how often the reward orders two samples as the judge "
                                 "does, per language and pair kind (needs a judge that scores single answers).")
     harness: HarnessConfig = field(default_factory=HarnessConfig, metadata={

@@ -359,7 +359,9 @@ def preflight(cfg: ExperimentConfig):
     Checked: prompts and evaluation prompts for every language, references matched to them,
     models (config, tokenizer, weight headers, shared tokenizer), the chat template (a named .jinja
     file exists; the template renders a user message and puts the message in the prompt), what
-    check_backends checks, the judge (built), and that the run folder can be created. `icr
+    check_backends checks (packages, deepspeed, GPUs for the accelerate config), the GPU memory and
+    disk training needs (check_training_resources), the judge (built, its API key), alpaca_eval's
+    length-control data (lc_method alpaca_eval), and that the run folder can be created. `icr
     validate` runs the same checks.
     """
     from .config import is_template_text
@@ -375,6 +377,7 @@ def preflight(cfg: ExperimentConfig):
         from .models import check_lora_targets
 
         check_lora_targets(list(cfg.train.lora.target_modules), names, f"models.dpo {cfg.models.dpo!r}")
+    check_training_resources(cfg)
     template = cfg.models.chat_template
     if template and not is_template_text(template) and not Path(template).is_file():
         raise IcrError(f"models.chat_template: {template!r} is not a file (a value without {{{{ or {{% names a "
@@ -394,12 +397,23 @@ def preflight(cfg: ExperimentConfig):
         raise IcrError(f"{where}: the rendered prompt does not contain the user's message (the template never "
                        "writes message['content'])")
     judge = make_judge(cfg) if uses_judge(cfg) else None
+    from .evaluation.judges import AlpacaEvalJudge
+
+    if isinstance(getattr(judge, "judge", None), AlpacaEvalJudge):  # inside the CachedJudge make_judge returns
+        judge.judge.check_credentials()  # its annotators' API key (without judge_args base_url)
     if cfg.evaluation.enabled:
         from .evaluation.evaluate import load_evaluation_data
         from .evaluation.harness import check_harness
         from .evaluation.mt_bench import check_mt_bench
 
-        load_evaluation_data(cfg, judge)
+        prompts, references = load_evaluation_data(cfg, judge)
+        if cfg.evaluation.lc_method == "alpaca_eval":
+            from .evaluation.metrics import check_lc_data
+
+            rows = prompts.as_rows()
+            ids = {lang: [str(r["id"]) for r in rows[lang]] for lang in rows if references.get(lang)}
+            if ids:  # LC is computed for the languages with references only
+                check_lc_data(cfg.evaluation.lc_data_dir, ids)
         check_harness(cfg.evaluation.harness, cfg.languages)
         check_mt_bench(cfg)  # the question and judge-prompt files, and the grading server answers
     return judge
@@ -407,8 +421,10 @@ def preflight(cfg: ExperimentConfig):
 
 def check_backends(cfg: ExperimentConfig) -> None:
     """What the config asks for is installed or found (else it would fail mid-run): vllm for a vllm
-    backend, the package of each report_to and train.report_to tracker, and train.accelerate_config
-    (a file or a shipped name, readable as a YAML mapping)."""
+    backend, the package of each report_to and train.report_to tracker, train.accelerate_config
+    (a file or a shipped name, readable as a YAML mapping), deepspeed (importable, at least
+    DEEPSPEED_FLOOR) when that config is a DeepSpeed one, no LoRA under ZeRO-3, and the GPUs
+    (check_gpu_count)."""
     import importlib.util
 
     from .generation.vllm import vllm_missing
@@ -452,16 +468,270 @@ def check_backends(cfg: ExperimentConfig) -> None:
     if cfg.train.lr_scheduler not in schedulers:
         raise IcrError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not a transformers scheduler "
                        f"({', '.join(schedulers)})")
-    if cfg.train.accelerate_config:
-        from .train_launch import resolve_accelerate_config
+    path, data = accelerate_config_data(cfg)
+    if data is not None and str(data.get("distributed_type", "")).upper() == "DEEPSPEED":
+        check_deepspeed(path)
+        stage = (data.get("deepspeed_config") or {}).get("zero_stage", 2)
+        if cfg.train.lora.enabled and str(stage) == "3":
+            raise IcrError(f"train.lora: merging LoRA adapters under DeepSpeed ZeRO-3 ({path}) is not supported "
+                           "(training would fail when saving the model); use deepspeed_zero2, ddp or fsdp")
+    check_gpu_count(cfg, path, data)
 
-        path = resolve_accelerate_config(cfg.train.accelerate_config)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise IcrError(f"train.accelerate_config: cannot read {path} ({type(e).__name__})") from None
-        if not isinstance(data, dict):
-            raise IcrError(f"train.accelerate_config: {path} is not an accelerate config (expected a YAML mapping)")
+
+def accelerate_config_data(cfg: ExperimentConfig) -> tuple[Path | None, dict | None]:
+    """(path, parsed YAML) of train.accelerate_config, or (None, None) when it is not set."""
+    if not cfg.train.accelerate_config:
+        return None, None
+    from .train_launch import resolve_accelerate_config
+
+    path = resolve_accelerate_config(cfg.train.accelerate_config)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise IcrError(f"train.accelerate_config: cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise IcrError(f"train.accelerate_config: {path} is not an accelerate config (expected a YAML mapping)")
+    return path, data
+
+
+# The oldest deepspeed the installed stack runs with: accelerate 1.16's Accelerator refuses older ones
+# on CUDA ("DeepSpeed version must be >= 0.9.3", accelerator.py; 0.14.3 on MUSA, 0.15.2 on MLU), and
+# transformers' dependency table (dependency_versions_table.py) asks the same; the higher of this and
+# the installed transformers' entry is used. (TRL 1.16's optional extra trl[deepspeed] declares
+# deepspeed>=0.18.6, but nothing refuses an older one at run time, so that is not enforced.)
+DEEPSPEED_FLOOR = "0.9.3"
+
+
+def check_deepspeed(path: Path) -> None:
+    """A DeepSpeed accelerate config: deepspeed is installed, at least DEEPSPEED_FLOOR, and imports
+    (in a child process: importing it takes seconds and logs its accelerator; its failure here
+    would otherwise come from `accelerate launch` after sampling and scoring)."""
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    import sys
+
+    from packaging.version import InvalidVersion, Version
+
+    where = f"train.accelerate_config: {path} is a DeepSpeed config (distributed_type: DEEPSPEED)"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise IcrError(f"{where}, but deepspeed is not installed: pip install 'deepspeed>={deepspeed_floor()}' "
+                       "(on every training machine), or set train.accelerate_config to fsdp or ddp")
+    try:
+        found = importlib.metadata.version("deepspeed")
+        old = Version(found) < Version(deepspeed_floor())
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        found, old = "of unknown version", False
+    if old:
+        raise IcrError(f"{where}, but deepspeed {found} is installed and accelerate needs >= {deepspeed_floor()}: "
+                       f"pip install -U 'deepspeed>={deepspeed_floor()}'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        done = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
+                              timeout=600)
+    except subprocess.TimeoutExpired:
+        raise IcrError(f"{where}, but `import deepspeed` did not finish in 600 s") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        raise IcrError(f"{where}, but deepspeed {found} does not import ({(lines or ['no output'])[-1][:300]}); "
+                       "reinstall it, or set train.accelerate_config to fsdp or ddp")
+
+
+def deepspeed_floor() -> str:
+    """DEEPSPEED_FLOOR, or the installed transformers' own floor if higher."""
+    from packaging.version import Version
+
+    floor = DEEPSPEED_FLOOR
+    try:
+        from transformers.dependency_versions_table import deps
+
+        theirs = re.sub(r"^deepspeed\s*>=\s*", "", deps.get("deepspeed", ""))
+        if theirs and Version(theirs) > Version(floor):
+            floor = theirs
+    except Exception:  # noqa: BLE001 - a table of another shape: keep accelerate's floor
+        pass
+    return floor
+
+
+def training_device(cfg: ExperimentConfig) -> str | None:
+    """Where training runs as seen from this machine: cuda or cpu; None under Ray (the nodes'
+    GPUs, not this machine's)."""
+    if cfg.cluster.backend != "local":
+        return None
+    if cfg.device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if cfg.device == "cuda" or torch.cuda.is_available() else "cpu"
+
+
+def _launch_arg(name: str) -> int | None:
+    """An integer `--name N` / `--name=N` of ICR_ACCELERATE_ARGS (they override the config file)."""
+    import shlex
+
+    args = shlex.split(os.environ.get("ICR_ACCELERATE_ARGS", ""))
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in (f"--{name}", f"--{name.replace('_', '-')}"):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                return int(value)
+            except ValueError:
+                raise IcrError(f"ICR_ACCELERATE_ARGS: --{name} must be an integer, got {value!r}") from None
+    return None
+
+
+def launch_processes(data: dict | None) -> tuple[int, int]:
+    """(processes in all, machines) of launched training: the accelerate config's num_processes and
+    num_machines, overridden by ICR_ACCELERATE_ARGS; (1, 1) without an accelerate config."""
+    if data is None:
+        return 1, 1
+    try:
+        total = _launch_arg("num_processes") or int(data.get("num_processes") or 1)
+        machines = _launch_arg("num_machines") or int(data.get("num_machines") or 1)
+    except (TypeError, ValueError):
+        raise IcrError("train.accelerate_config: num_processes and num_machines must be integers") from None
+    return max(1, total), max(1, machines)
+
+
+def check_gpu_count(cfg: ExperimentConfig, path: Path | None, data: dict | None) -> None:
+    """Training on GPUs (device cuda, or auto with a GPU; not under Ray) has a GPU per process on
+    this machine: the accelerate config's num_processes / num_machines (ICR_ACCELERATE_ARGS
+    overriding) at most the GPUs visible (torch.cuda.device_count(), which CUDA_VISIBLE_DEVICES
+    limits) or listed in its gpu_ids; without an accelerate config, one process that sees one GPU
+    (icr.train.check_one_device_per_process, which the train stage would raise)."""
+    if training_device(cfg) != "cuda" or (data is not None and str(data.get("use_cpu", False)).lower() == "true"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    shown = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
+    if data is None:
+        from .train import check_one_device_per_process
+
+        check_one_device_per_process("cuda", visible, 1)
+        return
+    total, machines = launch_processes(data)
+    here = -(-total // machines)
+    gpu_ids = str(data.get("gpu_ids", "all") if data.get("gpu_ids") is not None else "all").strip()
+    available = visible
+    if gpu_ids.lower() != "all" and gpu_ids:
+        ids = [i.strip() for i in gpu_ids.split(",") if i.strip()]
+        bad = [i for i in ids if not i.isdigit() or int(i) >= visible]
+        if bad:
+            raise IcrError(f"train.accelerate_config: {path} lists gpu_ids {gpu_ids}, but GPU {bad[0]} is not one of "
+                           f"the {visible} visible ({shown}); set gpu_ids: all or ids below {visible}")
+        available = len(ids)
+    if here > available:
+        of = f"num_processes {total}" + (f" / num_machines {machines}" if machines > 1 else "")
+        fix = max(1, available) * machines
+        raise IcrError(f"train.accelerate_config: {path} starts {here} training processes on this machine ({of}) "
+                       f"but {available} GPU(s) are {'listed in gpu_ids' if available != visible else 'visible'} "
+                       f"({shown}); set num_processes: {fix} in a copy of the config, or --num_processes {fix} in "
+                       "ICR_ACCELERATE_ARGS, or make more GPUs visible")
+
+
+def check_training_resources(cfg: ExperimentConfig) -> None:
+    """Before anything is loaded: the GPU memory and disk training needs (icr.resources, from the
+    shapes of models.dpo, the policy every iteration trains), refused with the numbers and what to
+    set. GPU memory is compared when training runs on this machine's GPUs (per process: the
+    smallest GPU it may get); disk: every iteration model not saved yet (main run and controls)
+    and one resume checkpoint, against the free space of the run folder's file system."""
+    import shutil
+
+    from .resources import (checkpoint_bytes, gib, layout_from_accelerate, lora_parameter_count, model_shapes,
+                            parameter_count, saved_model_bytes)
+
+    shapes = model_shapes(cfg.models.dpo)
+    if not shapes:
+        return
+    lora = cfg.train.lora
+    params = parameter_count(shapes)
+    trained = lora_parameter_count(shapes, list(lora.target_modules), lora.r) if lora.enabled \
+        else parameter_count(shapes, skip=list(cfg.train.freeze))
+    path, data = accelerate_config_data(cfg)
+    total, machines = launch_processes(data)
+    layout = layout_from_accelerate(data, total)
+    device = training_device(cfg)
+    what = f"models.dpo {cfg.models.dpo!r}: {params / 1e9:.2f}e9 parameters"
+    if device == "cuda":
+        check_gpu_memory(cfg, path, layout, -(-total // machines), shapes, params, trained, what)
+
+    model = saved_model_bytes(params, layout, lora=lora.enabled, device=device or "cuda")
+    checkpoint = checkpoint_bytes(params, layout, trained=trained, lora=lora.enabled, device=device or "cuda")
+    folders = [cfg.run_dir] + [cfg.run_dir / "controls" / c["label"] for c in cfg.controls
+                               if isinstance(c, dict) and isinstance(c.get("label"), str)]
+    models = sum(not (folder / f"iter{t}" / "model").is_dir() for folder in folders
+                 for t in range(1, cfg.iterations + 1))
+    if not models:
+        return
+    needed = models * model + checkpoint
+    probe = cfg.run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise IcrError(f"run_root: training needs at least {gib(needed)} of disk ({models} iteration model(s) of "
+                       f"{gib(model)} + a resume checkpoint of {gib(checkpoint)}, weights and optimizer state; {what}) "
+                       f"but {probe} has {gib(free)} free; free space there or set run_root to a larger disk")
+
+
+def check_gpu_memory(cfg: ExperimentConfig, path: Path | None, layout, here: int, shapes: dict, params: int,
+                     trained: int, what: str) -> None:
+    """The model states of one training process (icr.resources.training_memory) fit the smallest of
+    the `here` GPUs this machine's processes get; else one line with the estimate, and what to set
+    with the estimate under it (ZeRO-3 or FSDP over the GPUs, LoRA, CPU offload)."""
+    import importlib.util
+
+    import torch
+
+    from .resources import Layout, gib, lora_parameter_count, training_memory
+
+    visible = torch.cuda.device_count()
+    if visible < 1:
+        return
+    here = min(visible, max(1, here))
+    gpus = [torch.cuda.get_device_properties(i) for i in range(here)]
+    smallest = min(range(here), key=lambda i: gpus[i].total_memory)
+    capacity = gpus[smallest].total_memory
+    lora = cfg.train.lora.enabled
+    need = training_memory(params, layout, trained=trained, lora=lora)
+    if need.total <= capacity:
+        return
+    n = max(layout.processes, visible)
+    sharded = "deepspeed_zero3" if importlib.util.find_spec("deepspeed") is not None else "fsdp"
+    options = []
+    if not (layout.kind == "deepspeed" and layout.zero_stage == 3 or layout.kind == "fsdp" and layout.shard_weights) \
+            or n > layout.processes:
+        shard = Layout("deepspeed", n, zero_stage=3) if sharded == "deepspeed_zero3" else Layout("fsdp", n)
+        options.append((f"train.accelerate_config: {sharded} on {n} GPU(s)",
+                        training_memory(params, shard, trained=trained, lora=lora).total))
+    if not lora:
+        adapters = lora_parameter_count(shapes, list(cfg.train.lora.target_modules), cfg.train.lora.r)
+        base = Layout("deepspeed", layout.processes, zero_stage=2) \
+            if layout.kind == "deepspeed" and layout.zero_stage == 3 else layout
+        options.append(("train.lora.enabled: true" + (" with deepspeed_zero2" if base is not layout else ""),
+                        training_memory(params, base, trained=adapters, lora=True).total))
+    offloaded_all = layout.offload_optimizer and (layout.offload_params or layout.zero_stage < 3)
+    if layout.kind == "deepspeed" and not offloaded_all:
+        offloaded = Layout("deepspeed", layout.processes, zero_stage=layout.zero_stage, offload_optimizer=True,
+                           offload_params=layout.zero_stage == 3)
+        keys = "offload_optimizer_device: cpu" + (" and offload_param_device: cpu" if layout.zero_stage == 3 else "")
+        options.append((f"{keys} in a copy of the accelerate config",
+                        training_memory(params, offloaded, trained=trained, lora=lora).total))
+    elif layout.kind == "fsdp" and not layout.offload_params:
+        offloaded = Layout("fsdp", layout.processes, shard_weights=layout.shard_weights,
+                           shard_states=layout.shard_states, offload_params=True, offload_optimizer=True)
+        options.append(("fsdp_offload_params: true in a copy of the accelerate config",
+                        training_memory(params, offloaded, trained=trained, lora=lora).total))
+    fits = [f"{name} (~{gib(b)})" for name, b in options if b <= capacity]
+    other = [f"{name} (~{gib(b)}, still too much)" for name, b in options if b > capacity]
+    advice = ("set " + " or ".join(fits)) if fits else \
+        ("none of " + "; ".join(other) + " fits: " if other else "") + "use more or larger GPUs or a smaller model"
+    field = "train.accelerate_config" if path is not None else "train"
+    raise IcrError(f"{field}: training needs ~{gib(need.total)} of GPU memory per process before activations "
+                   f"({need.describe()}; {layout.describe()}; {what}) but GPU {smallest} "
+                   f"({gpus[smallest].name}) has {gib(capacity)}; {advice}")
 
 
 def check_run_root(cfg: ExperimentConfig) -> None:

@@ -253,6 +253,31 @@ class AlpacaEvalJudge:
         """Those tokens at judge_args' prices per token (None when no price is given)."""
         return cost_of(prompt_tokens, completion_tokens, self)
 
+    def check_credentials(self) -> None:
+        """Preflight: an annotator that calls the OpenAI API through alpaca_eval's environment has a
+        key there. alpaca_eval builds its `openai.OpenAI` clients from a client config file
+        (OPENAI_CLIENT_CONFIG_PATH, default `<site-packages>/../client_configs/openai_configs.yaml`) if
+        it exists, else from OPENAI_API_KEYS / OPENAI_API_KEY (+ OPENAI_API_BASE); without any of them
+        the client refuses to be built at the first judgement, after every answer was sampled. With
+        judge_args base_url the key (api_key_env) and the server were checked when the judge was built."""
+        if self._decoding_kwargs:
+            return
+        from alpaca_eval import constants
+
+        for name, annotator in self.annotator.annotators.items():
+            if getattr(annotator.fn_completions, "__name__", "") != "openai_completions":
+                continue
+            kwargs = annotator.completions_kwargs
+            client_config = Path(str(kwargs.get("client_config_path") or constants.OPENAI_CLIENT_CONFIG_PATH))
+            keys = kwargs.get("openai_api_keys") or constants.OPENAI_API_KEYS or []
+            if client_config.is_file() or any(keys if isinstance(keys, (list, tuple)) else [keys]) \
+                    or os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEYS"):
+                continue
+            raise IcrError(f"evaluation.judge: alpaca_eval's annotator {Path(str(name)).stem!r} ({self.name}) calls "
+                           "the OpenAI API, but no key is set: set OPENAI_API_KEY (or OPENAI_CLIENT_CONFIG_PATH to an "
+                           "alpaca_eval client config file), or evaluation.judge_args base_url (+ model, api_key_env) "
+                           "for another OpenAI-compatible server")
+
     def _point_at(self, base_url: str, model: str | None, api_key_env: str, max_concurrency: int | None,
                   timeout_s: float) -> dict:
         """judge_args base_url (+ model, api_key_env): alpaca_eval's annotators sent to that

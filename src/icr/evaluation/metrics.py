@@ -206,6 +206,59 @@ def _df_gamed_path(glm_winrate, data_dir: str | None) -> str:
     return str(path)
 
 
+LC_DATA = {"repo_id": "tatsu-lab/alpaca_eval", "filename": "df_gamed.csv", "repo_type": "dataset"}
+
+
+def check_lc_data(data_dir: str | None, ids_by_lang: dict[str, Sequence]) -> str:
+    """Preflight of `lc_method: alpaca_eval` (icr validate, icr run): alpaca_eval imports, its
+    per-instruction data (`df_gamed.csv`) is at hand, and every evaluation prompt id of a language
+    with references is one of its rows; returns the file's path. Otherwise alpaca_eval only fails
+    once every answer has been judged: offline with a raw huggingface_hub error from the download in
+    `glm_winrate._get_featurized_data`, or on an id it does not know.
+
+    The file is `data_dir`/df_gamed.csv (evaluation.lc_data_dir), else the copy in the hub cache
+    (alpaca_eval's cache_dir, constants.DEFAULT_CACHE_DIR; huggingface_hub's default when None),
+    else it is downloaded now (the same call alpaca_eval makes) unless the hub is offline."""
+    from ..errors import IcrError
+
+    try:
+        from alpaca_eval.metrics import glm_winrate
+    except Exception as e:  # noqa: BLE001 - ImportError, or pkg_resources missing under new setuptools
+        raise IcrError("evaluation.lc_method alpaca_eval needs the alpaca-eval package (pip install 'icr[eval]'); "
+                       f"import failed: {type(e).__name__}: {e}") from None
+    if data_dir is not None:
+        gamed = _df_gamed_path(glm_winrate, data_dir)
+    else:
+        from alpaca_eval import constants
+        from huggingface_hub import constants as hub
+        from huggingface_hub import try_to_load_from_cache
+
+        how = ("download it where there is network (hf download tatsu-lab/alpaca_eval df_gamed.csv --repo-type "
+               "dataset --local-dir DIR) and set evaluation.lc_data_dir: DIR, or set evaluation.lc_method: minimal")
+        cached = try_to_load_from_cache(**LC_DATA, cache_dir=constants.DEFAULT_CACHE_DIR)
+        if isinstance(cached, str) and not constants.DATASETS_FORCE_DOWNLOAD:
+            gamed = cached
+        elif hub.HF_HUB_OFFLINE:
+            raise IcrError("evaluation.lc_data_dir: not set, and alpaca_eval's length-control data (df_gamed.csv of "
+                           "the hub dataset tatsu-lab/alpaca_eval) is not in the hub cache while the hub is offline "
+                           f"(HF_HUB_OFFLINE=1); {how}")
+        else:
+            try:
+                gamed = _df_gamed_path(glm_winrate, None)
+            except Exception as e:  # noqa: BLE001 - hub errors come in many classes; one line for all
+                first = (str(e).splitlines() or [""])[0][:200]
+                raise IcrError("evaluation.lc_data_dir: not set, and alpaca_eval's length-control data (df_gamed.csv "
+                               f"of the hub dataset tatsu-lab/alpaca_eval) cannot be downloaded ({type(e).__name__}: "
+                               f"{first}); {how}") from None
+    for ids in ids_by_lang.values():
+        try:
+            alpaca_eval_rows(list(ids), gamed)
+        except (ValueError, KeyError, OSError) as e:  # not a CSV with an `index` column
+            raise IcrError(f"evaluation.lc_data_dir: {gamed}: not alpaca_eval's df_gamed.csv ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    return gamed
+
+
 def alpaca_eval_rows(ids: Sequence, df_gamed: str) -> list[int]:
     """The AlpacaEval row of each prompt id: X-AlpacaEval's id k (1..805, in AlpacaEval's order:
     the authors' data/x-alpacaeval/data/*.json) is alpaca_eval's `index` k - 1. An id that is not a
