@@ -306,16 +306,24 @@ def _main(argv: list[str] | None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .launch import stop_on_signals
+
     try:
-        _dispatch(args)
+        # SIGINT and SIGTERM unwind the command (its workers stopped, its locks released) and end it
+        # with 128 + the signal, as a shell reports a process the signal ended.
+        with stop_on_signals():
+            _dispatch(args)
     except IcrError as e:
         if args.debug:
             raise
         print(f"icr: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("icr: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"icr: interrupted ({signal.Signals(signum).name}); rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         # The environment, not icr: a read-only or full disk, a permission, a file where a folder
         # should be, also when a library wrapped it. Anything else is a bug and keeps its traceback.

@@ -7,7 +7,7 @@ own process returns every byte when the process exits. Shard workers (`workers: 
 
 **The job format.** A job is a folder holding `job.json`:
 
-    {"kind": "generate" | "score" | "train" | "eval_outputs" | "train_rank",
+    {"kind": "generate" | "score" | "train" | "eval_outputs" | "eval_judge" | "train_rank",
      "config": <the resolved experiment config, ExperimentConfig.to_dict()>,
      "args": {...}}            # what the kind needs beyond the config (an iteration: run_dir, t)
 
@@ -23,6 +23,11 @@ kept (with `exit-<i>.json` for a non-zero exit) when one failed.
 - `run_job_command(job_dir, job, cmd, env)`: one command that starts the job's processes itself and
   ends in `-m icr.workers JOB.json` (`accelerate launch`: one process per rank, rank from the
   environment).
+
+Each command starts in a process group of its own; `_stop` ends a job's processes with everything
+they started (an `accelerate launch` and its ranks), on an error or a stop of this process: SIGINT
+or SIGTERM to an icr command raises `Stopped` here (`stop_on_signals`, installed by icr.cli), so the
+command unwinds as on Ctrl-C (workers stopped, locks released) and exits 128 + the signal.
 
 The child side (`python -m icr.workers`) is `icr.workers._worker_main`. `run_workers` places a
 job's processes by `cluster.backend`: here (`run_job` with `worker_envs`), or as Ray tasks
@@ -40,8 +45,11 @@ import contextvars
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .errors import IcrError
@@ -49,7 +57,7 @@ from .runs import read_json, write_json
 
 log = logging.getLogger("icr")
 
-KINDS = ("generate", "score", "train", "eval_outputs", "train_rank")
+KINDS = ("generate", "score", "train", "eval_outputs", "eval_judge", "train_rank")
 
 
 def write_job(job_dir: Path, kind: str, config: dict, args: dict) -> Path:
@@ -147,35 +155,220 @@ def run_job_command(job_dir: Path, kind: str, config: dict, args: dict, command:
 
 
 def run_processes(commands: list[list[str]], envs: list[dict], logs: list[Path]) -> list[int]:
-    """Start every command (output to its log file), wait for all; on any interruption of the
-    parent (Ctrl-C, SIGTERM turned into an exception, an error) stop them: terminate, then kill
-    after 30 s. Returns the exit codes (`collect` checks them with what each process left)."""
+    """Start every command (output to its log file, in a process group of its own), wait for all;
+    on any interruption of the parent (Ctrl-C, SIGTERM: `Stopped`, an error) stop them with
+    everything they started (`_stop`). Returns the exit codes (`collect` checks them with what each
+    process left)."""
     procs = []
     try:
         for cmd, env, path in zip(commands, envs, logs):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "wb")
-            procs.append((subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT), fh))
+            with _signals_held():  # a stop arriving now is seen once the process is on the list
+                fh = open(path, "wb")
+                try:
+                    # stdin: not the terminal, which a process outside its foreground group may not read
+                    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                            stderr=subprocess.STDOUT, **OWN_GROUP)
+                except BaseException:
+                    fh.close()
+                    raise
+                procs.append((proc, fh))
         log.info("%d process%s started (logs: %s)", len(procs), "" if len(procs) == 1 else "es",
                  ", ".join(str(p) for p in logs[:2]) + (", ..." if len(logs) > 2 else ""))
-        codes = [p.wait() for p, _ in procs]
+        # Waited for, not reaped: a process that ended keeps its pid (and so its process group's id)
+        # until all have ended, so `_stop` never signals a group whose id was given to another.
+        codes = [_wait_unreaped(p) for p, _ in procs]
     except BaseException:
         _stop([p for p, _ in procs])
         raise
     finally:
-        for _, fh in procs:
+        for p, fh in procs:
             fh.close()
+            if p.returncode is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=10)  # reaps it (it has ended: waited for above, or killed by _stop)
     return codes
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
+# ---------------------------------------------------------------------------------------------
+# Stopping: signals to icr commands, and a job's processes with all they started
+# ---------------------------------------------------------------------------------------------
+
+# A child leads a process group of its own, so that its own children (the ranks of `accelerate
+# launch`, a vLLM engine's processes) can be stopped with it, and so that Ctrl-C at a terminal
+# reaches only the icr command, which stops its workers itself (`_stop`).
+OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_SECONDS = 30.0  # from SIGTERM to SIGKILL (torch's elastic launcher gives its ranks 30 s too)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM received by an icr command (`stop_on_signals`). A KeyboardInterrupt, so
+    whatever unwinds on Ctrl-C unwinds on it too (`run_processes` stops the workers, run locks are
+    released, Ray tasks are cancelled); the command exits 128 + `signum` (130, 143)."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+
+_held = 0  # depth of `_signals_held` blocks
+_pending: list[int] = []  # signals received inside them
+
+
+def _on_signal(signum, frame) -> None:
+    if _held:
+        _pending.append(signum)
+        return
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """For the duration (an icr command's whole life, icr.cli): SIGINT and SIGTERM raise `Stopped`
+    in the main thread. The previous handlers are put back afterwards. Outside the main thread
+    (where Python allows no handler) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Signals of `stop_on_signals` received in the block are raised at its end (the first one),
+    so that the block is never cut short: a process started in it is on the list `_stop` reads,
+    and `_stop` itself finishes."""
+    global _held
+    _held += 1
+    signum = None
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending:
+            signum = _pending[0]
+            _pending.clear()
+    if signum is not None:
+        raise Stopped(signum)
+
+
+def _wait_unreaped(p: subprocess.Popen) -> int:
+    """Wait for `p` to end and return its exit code as Popen gives it (-N: killed by signal N),
+    leaving it unreaped (a zombie holding its pid) where the platform allows."""
+    if p.returncode is not None or not hasattr(os, "waitid"):
+        return p.wait()
+    info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+    if info is None:  # not waitable after all
+        return p.wait()
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _stop(procs: list[subprocess.Popen], grace: float | None = None) -> None:
+    """Stop the processes `run_processes` started (not reaped yet) and everything they started:
+    SIGTERM to each one's process group and to each of its descendants found now (torch's elastic
+    launcher puts its ranks in sessions of their own), then SIGKILL to whatever of them is left
+    after `grace` seconds (STOP_GRACE_SECONDS), at once on a second SIGINT/SIGTERM. Leaves what a
+    kill -9 leaves: the stage's finished shards and checkpoints, which a rerun resumes from."""
+    procs = [p for p in procs if p.returncode is None]  # a reaped one's pid may be another's now
+    if not procs:
+        return
+    grace = STOP_GRACE_SECONDS if grace is None else grace
+    groups = [p.pid for p in procs]
+    with _signals_held():  # a second signal hurries the stop, never cuts it short
+        tree = _descendants(groups)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        _signal_tree(tree, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while (alive := _alive(groups, tree)) and time.monotonic() < deadline and not _pending:
+            time.sleep(0.1)
+            tree.update(_descendants(groups))  # started meanwhile
+        if alive:
+            if _pending:
+                log.warning("a second stop signal: killing the workers now")
+            for pgid in groups:
+                _signal_group(pgid, signal.SIGKILL)
+            _signal_tree(tree, signal.SIGKILL)
+
+
+def _process_table() -> dict[int, tuple[int, int, str, int]] | None:
+    """pid -> (parent pid, process group, state, start time) of this host's processes, from /proc;
+    None where there is no /proc (then process groups alone are stopped)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    table = {}
+    for name in entries:
+        if not name.isdigit():
+            continue
         try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold anything
+            table[int(name)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not the format expected
+            continue
+    return table
+
+
+def _descendants(pids: list[int], table: dict | None = None) -> dict[int, int]:
+    """Every descendant of `pids` (not themselves): pid -> its start time (which tells it from a
+    later process given the same pid)."""
+    table = _process_table() if table is None else table
+    if not table:
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = table[child][3]
+                todo.append(child)
+    return found
+
+
+def _alive(groups: list[int], tree: dict[int, int]) -> bool:
+    """Whether a process of these process groups, or of `tree` (pid -> start time), still runs.
+    Zombies do not count: where pid 1 reaps nobody (some containers), an orphan's zombie stays."""
+    table = _process_table()
+    if table is None:  # the group leaders alone (a zombie leader keeps its group "alive" for killpg)
+        for pgid in groups:
+            try:
+                if os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    return True
+            except ChildProcessError:
+                continue
+        return False
+    wanted = set(groups)
+    return any(state not in ("Z", "X") and (pgrp in wanted or tree.get(pid) == started)
+               for pid, (_, pgrp, state, started) in table.items())
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # nothing of it is left
+        pass
+
+
+def _signal_tree(tree: dict[int, int], sig: int) -> None:
+    """Signal each process of `tree` (pid -> start time) that is still the process recorded."""
+    table = _process_table() or {}
+    for pid, started in tree.items():
+        if pid in table and table[pid][3] == started and table[pid][2] not in ("Z", "X"):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def collect(job_dir: Path, kind: str, codes: list[int], log_of=None, *, results: bool = True) -> list[dict]:

@@ -114,6 +114,10 @@ def _execute(kind: str, cfg: ExperimentConfig, args: dict, shard: tuple[int, int
 
         sample_outputs(cfg, args["model_path"], args["label"], Path(args["out_dir"]))
         return {}
+    if kind == "eval_judge":
+        from .evaluation.evaluate import judge_in_child
+
+        return judge_in_child(cfg, args)
     if kind == "train_rank":
         from .train_launch import train_rank
 

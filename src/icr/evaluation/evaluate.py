@@ -6,7 +6,10 @@ calls once) reads the evaluation data once (`load_evaluation_data`), builds the 
 process when stages are isolated: icr.launch), judges them and computes the metrics
 (`evaluate_model`), adds the alignment-tax benchmarks (`icr.evaluation.harness`) and appends the
 rows to results.json (`icr.evaluation.results`). What a judge can do it declares
-(`judges.can_score`).
+(`judges.can_score`). With stages isolated, what loads a model runs in a child process, never in
+the `icr run` process: the sampling, the judging when the judge loads a model (`judges.loads_model`:
+the reward-model judge, which preflight builds without its weights) and the harness (job kind
+`eval_judge`, `judge_in_child`).
 
 Layout under `out_dir` (the run's `eval/` folder):
 
@@ -233,11 +236,44 @@ def load_evaluation_data(cfg, judge):
 
 
 def make_judge(cfg):
-    """The configured evaluation judge, with its judgements cached in the run folder."""
+    """The configured evaluation judge, with its judgements cached in the run folder. It carries
+    `spec`, what builds it again in another process (`judge_from_spec`)."""
+    return judge_from_spec({"judge": cfg.evaluation.judge, "judge_args": dict(cfg.evaluation.judge_args),
+                            "cache": str(cfg.run_dir / "eval" / "judge_cache.jsonl")})
+
+
+def judge_from_spec(spec: dict) -> CachedJudge:
+    """The judge `spec` names ({judge, judge_args, cache}: see `make_judge`), its judgements cached
+    in the file `cache`."""
     from .judges import get_judge
 
-    judge = get_judge(cfg.evaluation.judge, **cfg.evaluation.judge_args)
-    return CachedJudge(judge, cfg.run_dir / "eval" / "judge_cache.jsonl")
+    judge = CachedJudge(get_judge(spec["judge"], **spec["judge_args"]), Path(spec["cache"]))
+    judge.spec = spec
+    return judge
+
+
+def judge_in_child(cfg, args: dict) -> dict:
+    """Job kind `eval_judge` (icr.workers), run when stages are isolated: what of an evaluation
+    loads a model, in this child process. `args["judge"]` (a judge's `spec`, or None): judge the
+    saved answers of `args["label"]` with it (`evaluate_model`); `args["harness"]`: run the harness.
+    Returns {"judged": rows or None, "harness": rows or None}."""
+    from .harness import evaluate_harness
+
+    out_dir, model_path, label, t = Path(args["out_dir"]), args["model_path"], args["label"], args["iteration"]
+    judged = harness = None
+    if args.get("judge") is not None:
+        judge = judge_from_spec(args["judge"])
+        try:
+            prompt_set, references = load_evaluation_data(cfg, judge)
+            judged = evaluate_model(model_path, label, t, prompt_set.as_rows(), references, judge, cfg.evaluation,
+                                    out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
+                                    generator=f"{cfg.name}/{label}")
+        finally:
+            judge.close()
+    if args.get("harness"):
+        harness = evaluate_harness(model_path, label, t, cfg.evaluation.harness, out_dir, device=cfg.device,
+                                   dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
+    return {"judged": judged, "harness": harness}
 
 
 def sample_outputs(cfg, model_path: str, label: str, out_dir: Path, prompts: dict | None = None) -> None:
@@ -299,7 +335,8 @@ class Evaluator:
 
     def _evaluate(self, model_path: str, label: str, t: int) -> list[dict]:
         from ..launch import isolate_stages, run_in_child
-        from .harness import evaluate_harness
+        from .harness import evaluate_harness, harness_enabled
+        from .judges import loads_model
         from .mt_bench import evaluate_mt_bench, missing_answers
         from .results import append_results
 
@@ -307,21 +344,37 @@ class Evaluator:
 
         cfg = self.cfg
         check_trained_model(model_path)
+        isolate = isolate_stages(cfg)
+        # With stages isolated, what loads a model runs in a child: the judge, if it loads one (and
+        # can be built there: `spec`), and the harness. A reward model this process loaded for
+        # something else (pairs.selection: judge, reward agreement) is dropped first: the children
+        # get the device to themselves.
+        judge_there = isolate and loads_model(self.judge) and getattr(self.judge, "spec", None) is not None
+        harness_there = isolate and harness_enabled(cfg.evaluation.harness)
+        if isolate and callable(getattr(self.judge, "close", None)):
+            self.judge.close()
         if missing_outputs(model_path, label, self.prompts, cfg.evaluation, self.out_dir, seed=cfg.seed,
                            chat_template=cfg.models.chat_template) \
                 or missing_answers(cfg, model_path, label, self.out_dir):
-            if isolate_stages(cfg):
+            if isolate:
                 run_in_child("eval_outputs", cfg, {"model_path": model_path, "label": label,
                                                    "out_dir": str(self.out_dir)}, self.out_dir / f"{label}.workers")
             else:
                 sample_outputs(cfg, model_path, label, self.out_dir, self.prompts)
+        there = {}
+        if judge_there or harness_there:
+            there = run_in_child("eval_judge", cfg, {
+                "model_path": model_path, "label": label, "iteration": t, "out_dir": str(self.out_dir),
+                "judge": self.judge.spec if judge_there else None, "harness": harness_there},
+                self.out_dir / label / "judge.workers")  # its log: <label>/judge/logs/worker-0.log
         # The answers are on disk now: evaluate_model only judges and scores them.
-        rows = evaluate_model(model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation,
-                              self.out_dir, seed=cfg.seed, chat_template=cfg.models.chat_template,
-                              generator=f"{cfg.name}/{label}")
+        rows = there["judged"] if judge_there else evaluate_model(
+            model_path, label, t, self.prompts, self.references, self.judge, cfg.evaluation, self.out_dir,
+            seed=cfg.seed, chat_template=cfg.models.chat_template, generator=f"{cfg.name}/{label}")
         # The alignment-tax benchmarks (lm-evaluation-harness), when configured.
-        rows += evaluate_harness(model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device,
-                                 dtype=cfg.models.dtype, seed=cfg.seed, chat_template=cfg.models.chat_template)
+        rows += there["harness"] if harness_there else evaluate_harness(
+            model_path, label, t, cfg.evaluation.harness, self.out_dir, device=cfg.device, dtype=cfg.models.dtype,
+            seed=cfg.seed, chat_template=cfg.models.chat_template)
         # Multilingual MT-Bench (the paper's Table 3), when configured: its answers were sampled above.
         rows += evaluate_mt_bench(cfg, label, t, self.out_dir)
         append_results(self.results_path, rows)

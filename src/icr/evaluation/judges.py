@@ -66,6 +66,13 @@ def can_score(judge) -> bool:
     return callable(getattr(judge, "score", None)) if declared is None else bool(declared)
 
 
+def loads_model(judge) -> bool:
+    """Whether `judge` puts a model in the memory of the process that judges with it (its
+    `loads_model` declaration: the reward-model judge), so that with stages isolated the evaluation
+    judges in a child process (icr.evaluation.evaluate.Evaluator)."""
+    return bool(getattr(judge, "loads_model", False)) if judge is not None else False
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake judge (tests, smoke runs)
 # ---------------------------------------------------------------------------------------------
@@ -108,36 +115,72 @@ class RewardModelJudge:
     `score` = the logit of [user: instruction, assistant: output], rendered with the tokenizer's
     chat template (plain "instruction\\n\\noutput" if it has none). `compare` = sigmoid(score(output)
     - score(reference)): the Bradley-Terry probability that the output is preferred.
+
+    Built without its weights: the tokenizer, the config (one label) and, for a local folder, the
+    weight files (icr.models.check_model, headers only) are checked; the model loads on the first
+    judgement (`model`) and goes with `close()`. So preflight builds it in the `icr run` process at
+    no device cost, and with stages isolated the evaluation judges in a child process that loads it
+    (`loads_model`: icr.evaluation.evaluate.Evaluator).
     """
 
     scores_single_answers = True
+    loads_model = True  # a model on the device: judged with in a child process when stages are isolated
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  max_length: int = 4096):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..models import check_model
 
         looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1  # a hub id is name or org/name
         if looks_local and not Path(model).expanduser().exists():  # else transformers says "Repo id must use ..."
             raise IcrError(f"evaluation.judge_args.model: no reward model at {model} (a local folder, or a hub id "
                            "such as org/name)")
-        if device == "auto":
+        if device == "auto":  # asks the driver, creates no CUDA context
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+        check_model(model, "evaluation.judge_args.model")  # config and weight files, no tensor read
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+            num_labels = AutoConfig.from_pretrained(model).num_labels
         except OSError as e:
             raise IcrError(f"reward_model judge: cannot load {model!r}: {e}") from None
-        if self.model.config.num_labels != 1:
-            raise IcrError(f"reward_model judge: {model!r} has {self.model.config.num_labels} labels; "
-                           "a reward model has exactly one")
+        if num_labels != 1:
+            raise IcrError(f"reward_model judge: {model!r} has {num_labels} labels; a reward model has exactly one")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.name = f"reward_model:{Path(model.rstrip('/')).name}"
         self.cache_id = f"reward_model:{model}"
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self._path, self._dtype, self._model = model, torch_dtype, None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory now."""
+        return self._model is not None
+
+    @property
+    def model(self):
+        """The reward model, loaded on first use."""
+        if self._model is None:
+            from transformers import AutoModelForSequenceClassification
+
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(self._path, dtype=self._dtype)
+            except OSError as e:
+                raise IcrError(f"reward_model judge: cannot load {self._path!r}: {e}") from None
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def close(self) -> None:
+        """Drop the model and give its memory back (it loads again if judged with later)."""
+        if self._model is not None:
+            from ..models import release_memory
+
+            self._model = None
+            release_memory()
 
     def _text(self, instruction: str, output: str) -> str:
         if self.tokenizer.chat_template:
@@ -455,6 +498,16 @@ class CachedJudge:
     @property
     def scores_single_answers(self) -> bool:
         return can_score(self.judge)
+
+    @property
+    def loads_model(self) -> bool:
+        return loads_model(self.judge)
+
+    def close(self) -> None:
+        """The wrapped judge's `close()` (a reward model gives its memory back), if it has one."""
+        close = getattr(self.judge, "close", None)
+        if callable(close):
+            close()
 
     @property
     def pair_kind(self):
