@@ -27,9 +27,9 @@ def _sha(path: Path) -> str:
 
 def test_toy_recipe_json_is_unchanged(tmp_path):
     cfg, out = build.recipe_folder(tmp_path / "p", {"seed": 0}, build.ToyRecipe, "x")  # configs/sandbox.yaml's args
-    # changed on purpose once: issue 25 added the self-check's floors and repair (sft_floor_*, pi0_floor_language,
-    # sft_repair_*); before: 1146241eff0b5be6
-    assert _sha(out / "recipe.json") == "5dc4640f29830bbf"
+    # changed on purpose by issue 25: the self-check's floors and repair (sft_floor_*, pi0_floor_language,
+    # sft_repair_*) and dpo_pair_kinds (no `language` pairs for pi0); before: 1146241eff0b5be6
+    assert _sha(out / "recipe.json") == "f00601f01ece6fe1"
     assert cfg == build.DEFAULTS
 
 

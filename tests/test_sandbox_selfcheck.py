@@ -165,3 +165,13 @@ def test_same_recipe_builds_identical_files(tmp_path):
         assert (builds[0] / name).read_bytes() == (builds[1] / name).read_bytes(), name
     strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "build_timings_s"}  # noqa: E731
     assert strip(builds[0] / "premise.json") == strip(builds[1] / "premise.json")
+
+
+def test_unknown_dpo_pair_kind_is_one_line_and_writes_nothing(tmp_path):
+    from icr.errors import ConfigError
+    from icr.sandbox import prepare
+
+    with pytest.raises(ConfigError, match=r"^prepare\.args\.dpo_pair_kinds: expected a non-empty list of "
+                                          r"\['well-formedness', 'correctness', 'language', 'conciseness'\], got \['lang'\]$"):
+        prepare(tmp_path / "p", dpo_pair_kinds=["lang"])
+    assert not (tmp_path / "p").exists()

@@ -24,7 +24,8 @@ Steps, each with the reason it is there:
    times, each kept only if it brings them closer to the floors and puts none newly below. Why: the same recipe on another CPU (other float kernels) once left pi_SFT answering
    Swahili with Spanish tags, and every model after it scored 0 there, silently (issue 25).
 5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
-   pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle.
+   pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle, of the kinds `dpo_pair_kinds`
+   (not `language`: those taught every language to answer in English).
 6. **Files for the pipeline**: `prompts/{train,eval}/{lang}.jsonl`, `references/{lang}.json`
    (the fixed reference answers, `world.reference_answer`: correct, right language, padded with
    one or two fillers; oracle score 0.8; it depends on nothing but the world).
@@ -55,6 +56,8 @@ from ..compat import checkpointing_kwargs
 from ..config import RewardConfig
 from ..runs import atomic_write_text, write_json
 from ..stages import TRANSLATE_INSTRUCTION as _TRANSLATE_INSTRUCTION
+from ..errors import ConfigError
+from .oracle import KINDS as PAIR_KINDS
 from .oracle import OracleJudge
 from .recipe import arg
 from .recipe import check as check_recipe
@@ -114,6 +117,12 @@ class ToyRecipe:
     dpo_beta: float = arg(0.1, "DPO beta (sigmoid loss), as the loop's train.beta.")
     dpo_lr: float = arg(1e-4, "DPO learning rate (cosine schedule, 5 warm-up steps).")
     dpo_batch_size: int = arg(16, "DPO pairs per step.")
+    dpo_pair_kinds: list[str] = arg(["well-formedness", "correctness", "conciseness"],
+                                    "Oracle pair kinds pi0's DPO trains on. Not `language`: English pairs of that "
+                                    "kind (an `Answer:` over a `Jibu:` to an English prompt) taught the small model to "
+                                    "reject the other tags in every language (build seed 2: pi0 answered every "
+                                    "Swahili prompt in English), as they did Gemma (docs/sandbox.md, recipe 2). "
+                                    "All pairs are kept in pi0_pairs.jsonl.")
     # premise
     premise_samples: int = arg(4, "pi_SFT samples per dev prompt (temperature 1) whose pairs test the reward.")
     premise_wr_samples: int = arg(2, "Samples per dev prompt and model for pi0 vs pi_SFT's win rate "
@@ -161,6 +170,9 @@ def recipe_folder(out_dir: str | Path, recipe: dict, recipe_class, name: str) ->
 
 def prepare(out_dir: str | Path, **recipe) -> dict:
     """Build (or reuse) everything under `out_dir`; returns paths and the premise numbers."""
+    kinds = check_recipe(ToyRecipe, recipe, "icr.sandbox.prepare")["dpo_pair_kinds"]
+    if not kinds or set(kinds) - set(PAIR_KINDS):  # before the folder is made: nothing half-written
+        raise ConfigError(f"prepare.args.dpo_pair_kinds: expected a non-empty list of {list(PAIR_KINDS)}, got {kinds!r}")
     cfg, out = recipe_folder(out_dir, recipe, ToyRecipe, "icr.sandbox.prepare")
     timings = load_json(out / "timings.json") or {}
     t_all = time.time()
@@ -222,7 +234,7 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         timings["pairs_s"] = round(time.time() - t, 1)
         t = time.time()
         policy, _ = load_model(out / "sft")
-        train_dpo(policy, sft_model, tok, pairs, out / "dpo", cfg)
+        train_dpo(policy, sft_model, tok, [p for p in pairs if p["kind"] in cfg["dpo_pair_kinds"]], out / "dpo", cfg)
         timings["dpo_s"] = round(time.time() - t, 1)
         write_json(out / "timings.json", timings)
 
