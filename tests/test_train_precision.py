@@ -85,7 +85,7 @@ def test_bf16_training_path_updates_the_weights_at_the_paper_learning_rate(tiny_
                       per_device_batch_size=2, logging_steps=1, save_steps=1000, max_length=64)
     out = tmp_path / "train"
     metrics = train_dpo(pairs, tiny_pair["dpo"], tiny_pair["sft"], cfg, out, out / "model", seed=1, device="cpu")
-    assert metrics["steps"] == 4
+    assert metrics["steps"] == 4 and metrics["saved_dtype"] == "float32"
     w0 = load_file(Path(tiny_pair["dpo"]) / "model.safetensors")
     w1 = load_file(out / "model" / "model.safetensors")
     changed = sum((w1[k].float() != w0[k].float()).sum().item() for k in w1)

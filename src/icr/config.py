@@ -229,6 +229,12 @@ class TrainConfig:
                           "large (tied) embedding/output head dominates a step of a small real model).")
     logging_steps: int = _f(10, "Log metrics every this many steps.", min=1)
     accelerate_config: str | None = _f(None, "Path to an accelerate config (multi-GPU); None = this process.")
+    save_dtype: str = _f("float32", "dtype of the saved trained model, on every training path (one process, DDP, "
+                         "LoRA merged in fp32, DeepSpeed ZeRO-2/3 from the optimizer's fp32 master weights, FSDP): "
+                         "float32 keeps the iteration's update (32 GB for an 8B model); bfloat16 is the authors' "
+                         "(LLaMA-Factory's) save, half the disk, but rounding to bf16 keeps only ~10% of an "
+                         "iteration's margin change at lr 5e-7 (~7% for LoRA merged into a bf16 base; measured in "
+                         "bench/bf16_save.py, docs/distributed.md).", choices=("float32", "bfloat16"))
 
 
 @dataclass

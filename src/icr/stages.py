@@ -398,6 +398,7 @@ def run_train(cfg: ExperimentConfig, plan: IterationPlan) -> dict:
     # The saved weights' digests: a later stage refuses this model if they change (runs.check_trained_model).
     write_manifest(stage_dir, key, counts, time.time() - t0,
                    extra={"last_log": metrics["last_log"], "weight_change": metrics.get("weight_change"),
+                          "saved_dtype": metrics.get("saved_dtype"),
                           "weights": weight_digests(plan.model_dir)})
     # The model is saved and the stage recorded: the resume checkpoints (weights + optimizer state,
     # several times the model's size) are no longer needed.

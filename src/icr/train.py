@@ -267,11 +267,13 @@ def training_dtypes(device: str, *, deepspeed: bool = False, lora: bool = False)
     with LoRA the base weights are frozen and PEFT keeps the adapters in fp32, so likewise.
     The reference only runs forward passes: bf16 on GPUs, fp32 on CPU (models.dtype "auto").
 
-    The saved model keeps the dtype it was trained in (fp32 masters are saved in fp32: 32 GB for an
-    8B model instead of 16). Rounding them to bf16 at the end would throw away most of an
+    The saved model is written in train.save_dtype (default float32, on every path: `_save_final`;
+    32 GB for an 8B model instead of 16). Rounding to bf16 at the end throws away most of an
     iteration's training at the paper's learning rate, since the accumulated change of most weights
-    is still below half a bf16 step (measured in tests/test_train_precision.py); the next iteration
-    trains from the exact fp32 weights, while sampling and scoring load them in bf16 (models.dtype).
+    is still below half a bf16 step (bench/bf16_save.py: ~10% of the margin change kept); the next
+    iteration trains from the exact fp32 weights (except under DeepSpeed, whose engine casts the
+    loaded module to bf16 and builds its fp32 masters from that), while sampling and scoring load
+    them in bf16 (models.dtype).
     """
     inference = "float32" if device == "cpu" else "auto"
     return (inference if deepspeed or lora else "float32"), inference
@@ -293,34 +295,137 @@ def _latest_checkpoint(out_dir: Path) -> str | None:
     return None
 
 
-def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> None:
-    """Write the trained model to `model_dir` atomically (a temporary folder, then a rename).
+SAVE_DTYPES = ("float32", "bfloat16")  # train.save_dtype
 
-    Every rank takes part in `trainer.save_model`, which gathers ZeRO-3/FSDP-sharded weights and
-    writes on the main process only; LoRA adapters are merged into the weights first.
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in SAVE_DTYPES:
+        raise IcrError(f"train.save_dtype: {name!r} is not one of {sorted(SAVE_DTYPES)}")
+    return getattr(torch, name)
+
+
+def _cast_state_dict(state: dict, dtype) -> dict:
+    """`state` with every floating-point tensor in `dtype` (on the CPU); integer buffers as they are."""
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()) for k, v in state.items()}
+
+
+def merge_lora_fp32(peft_model):
+    """The LoRA adapters of `peft_model` merged into fp32 base weights (`merge_and_unload` after
+    upcasting the whole model to fp32, in place).
+
+    Under LoRA the base is loaded as for inference (bf16 on GPUs, `training_dtypes`), and PEFT's merge
+    adds B @ A * scale to the base weight in the base's dtype: at the paper's learning rate most of
+    that delta is below half a bf16 step and rounds away (bench/bf16_save.py: ~7% of the margin change
+    kept). Merged in fp32, the update is kept whole; the save then rounds (or not) by train.save_dtype.
+    The upcast costs 2 more bytes per base parameter on the device for the merge (16 GB for 8B).
     """
+    import torch
+
+    peft_model.to(torch.float32)
+    return peft_model.merge_and_unload()
+
+
+def deepspeed_fp32_state_dict(model, main: bool) -> dict:
+    """The full fp32 state dict of a DeepSpeed-trained `model` (the engine's module), from the
+    optimizer's fp32 master weights, on the main process ({} on the others). Every rank calls it:
+    the gathers are collective.
+
+    DeepSpeed casts the module to bf16 and keeps the fp32 copy in its optimizer, partitioned (ZeRO-2:
+    `param._hp_mapping`, ZeRO-3: `param.ds_id`); `deepspeed.utils.safe_get_full_fp32_param` assembles
+    one parameter's fp32 master from every rank's partition (an all-reduce under ZeRO-1/2, an
+    all-gather under ZeRO-3). accelerate's own save of a ZeRO-3 model is the 16-bit consolidation
+    (`zero3_save_16bit_model`), which rounds the update away. A frozen parameter (train.freeze) has no
+    master: its module weight is saved (gathered under ZeRO-3). Buffers come from the module.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, p in model.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter: gather it on every rank
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().clone() if main else None
+            else:
+                full = p.detach()
+        if main:
+            state[name] = full.detach().to("cpu", copy=True)
+    if main:
+        params = set(state)
+        for name, buf in model.named_buffers():
+            if name not in params and name.rsplit(".", 1)[-1] not in getattr(
+                    _owner(model, name), "_non_persistent_buffers_set", set()):
+                state[name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def _owner(model, name: str):
+    """The module that holds the parameter or buffer `name` of `model`."""
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _set_config_dtype(folder: Path, dtype_name: str) -> None:
+    """config.json's dtype = what was saved (save_pretrained writes the module's dtype, which for a
+    module held in fp32 and saved in bf16, or DeepSpeed's bf16 module saved from fp32 masters, is not
+    the saved one)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for k in keys:
+        config[k] = dtype_name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _zero_stage(trainer) -> int:
+    ds_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return int(getattr(ds_plugin, "zero_stage", 0) or 0) if ds_plugin is not None else 0
+
+
+def _save_final(trainer, tokenizer, cfg: TrainConfig, model_dir: Path) -> str:
+    """Write the trained model to `model_dir` atomically (a temporary folder, then a rename), in
+    train.save_dtype; returns the saved dtype's name.
+
+    Every path saves explicitly (issue 19): one process and DDP save the fp32 masters; LoRA adapters
+    are merged into an fp32 copy of the base weights (`merge_lora_fp32`); DeepSpeed ZeRO-2/3 saves its
+    optimizer's fp32 master weights (`deepspeed_fp32_state_dict`) when save_dtype is float32, else
+    accelerate's 16-bit state dict; FSDP gathers the full (fp32) state dict
+    (`accelerator.get_state_dict`). Every rank takes part in the gathers; the main process writes.
+    """
+    dtype_name = cfg.save_dtype
+    dtype = _torch_dtype(dtype_name)
     main = trainer.is_world_process_zero()
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    zero_stage = _zero_stage(trainer)
     if cfg.lora.enabled:
-        ds_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-        if ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3:
+        if zero_stage == 3:
             raise IcrError("train.lora: merging LoRA adapters under DeepSpeed ZeRO-3 is not supported; "
                            "use ZeRO-2, DDP or FSDP")
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        if main:
-            merged.save_pretrained(tmp)
+        model = merge_lora_fp32(trainer.accelerator.unwrap_model(trainer.model))
+        state = model.state_dict() if main else {}
+    elif zero_stage and dtype_name == "float32":
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = deepspeed_fp32_state_dict(model, main)
     else:
-        trainer.save_model(str(tmp))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = trainer.accelerator.get_state_dict(trainer.model)  # FSDP / ZeRO-3: gathered on the main process
     if main:
+        model.save_pretrained(tmp, state_dict=_cast_state_dict(state, dtype))
+        _set_config_dtype(tmp, dtype_name)
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
         honour_umask(tmp)
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
     trainer.accelerator.wait_for_everyone()
+    return dtype_name
 
 
 def _dpo_trainer(policy, ref_model, args, dataset, tokenizer, cfg: TrainConfig, out_dir: Path):
@@ -409,7 +514,8 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
             f"started ({change['compared']} weights of {change['tensors']} tensors compared), so nothing was "
             "trained; check train.learning_rate, train.warmup_ratio and train.lr_scheduler, train.freeze, and "
             "under DeepSpeed the bf16 weights (updates below half a bf16 step round away)")
-    _save_final(trainer, tokenizer, cfg, model_dir)
+    saved_dtype = _save_final(trainer, tokenizer, cfg, model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-            "last_log": history[-1] if history else {}, **lengths, "weight_change": change}
+            "last_log": history[-1] if history else {}, **lengths, "weight_change": change,
+            "saved_dtype": saved_dtype}
