@@ -28,8 +28,8 @@ def _sha(path: Path) -> str:
 def test_toy_recipe_json_is_unchanged(tmp_path):
     cfg, out = build.recipe_folder(tmp_path / "p", {"seed": 0}, build.ToyRecipe, "x")  # configs/sandbox.yaml's args
     # changed on purpose by issue 25: the self-check's floors and repair (sft_floor_*, pi0_floor_language,
-    # sft_repair_*) and dpo_pair_kinds (no `language` pairs for pi0); before: 1146241eff0b5be6
-    assert _sha(out / "recipe.json") == "f00601f01ece6fe1"
+    # sft_repair_*, pi0_repair_rounds) and dpo_pair_kinds (no `language` pairs for pi0); before: 1146241eff0b5be6
+    assert _sha(out / "recipe.json") == "4c66d06fa29c41a9"
     assert cfg == build.DEFAULTS
 
 

@@ -140,6 +140,9 @@ def test_an_under_trained_language_is_flagged_by_the_build(tmp_path, cli):
                   .removeprefix("starting pair in "))
     check = json.loads((folder / "sft_check.json").read_text())
     assert "sw" in check["rounds"][0]["below_floor"] and "sw" in check["still_below_floor"]
+    # pi0 built, found below in sw, pi_SFT repaired and pi0 built again, twice; then flagged
+    assert [("sw" in r["below_floor"], r["sft_repaired"]) for r in check["pi0_rounds"]] == [
+        (True, True), (True, True), (True, False)]
     assert "right language 0.00" in check["rounds"][0]["below_floor"]["sw"]
     flags = json.loads((folder / "language_flags.json").read_text())
     assert flags["sw"].startswith("pi_SFT ") and "en" not in flags
@@ -159,7 +162,8 @@ def test_same_recipe_builds_identical_files(tmp_path):
     builds = [tmp_path / "a", tmp_path / "b"]
     for out in builds:
         prepare(out, **TINY)
-    assert json.loads((builds[0] / "sft_check.json").read_text())["rounds"][0]["below_floor"]  # the repair ran
+    check = json.loads((builds[0] / "sft_check.json").read_text())
+    assert check["rounds"][0]["below_floor"] and check["pi0_rounds"][0]["sft_repaired"]  # both repairs ran
     for name in ("sft/model.safetensors", "dpo/model.safetensors", "sft_check.json", "language_flags.json",
                  "pi0_pairs.jsonl", "world.json"):
         assert (builds[0] / name).read_bytes() == (builds[1] / name).read_bytes(), name

@@ -25,7 +25,9 @@ Steps, each with the reason it is there:
    Swahili with Spanish tags, and every model after it scored 0 there, silently (issue 25).
 5. **pi0**: DPO (TRL `DPOTrainer`, sigmoid loss, reference = pi_SFT) on ENGLISH-ONLY pairs of
    pi_SFT samples on the `pref` tasks, chosen/rejected by the oracle, of the kinds `dpo_pair_kinds`
-   (not `language`: those taught every language to answer in English).
+   (not `language`: those taught every language to answer in English). Checked: a language pi0
+   answers in the right language less than half the time sends pi_SFT back for a repair epoch in
+   that language and pi0 is built again (`pi0_repair_rounds`, `build_pi0`).
 6. **Files for the pipeline**: `prompts/{train,eval}/{lang}.jsonl`, `references/{lang}.json`
    (the fixed reference answers, `world.reference_answer`: correct, right language, padded with
    one or two fillers; oracle score 0.8; it depends on nothing but the world).
@@ -138,6 +140,10 @@ class ToyRecipe:
                                          "it, English DPO has taught the language to answer in another one.")
     sft_repair_rounds: int = arg(3, "Extra SFT epochs at most for languages below pi_SFT's floors, one at a "
                                     "time, checking after each (0: check and flag only).")
+    pi0_repair_rounds: int = arg(2, "When pi0 answers some language in the right language less than "
+                                    "`pi0_floor_language` of the time (dev prompts, T 0.6), pi_SFT gets one more "
+                                    "repair epoch in that language and pi0 is built again, up to this many times "
+                                    "(0: flag only).")
     sft_repair_weight: int = arg(4, "In a repair epoch, the failing languages' own conversations are repeated "
                                     "this many times among the whole SFT mix (once each).")
     threads: int = arg(1, "Torch threads while building: on a shared 2-core machine one thread trained "
@@ -204,6 +210,8 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
     sft_items = sft_conversations_by_language(world, rng, cfg)
     sft_convs = [conv for _, conv in sft_items]
 
+    if not is_model(out / "sft") and is_model(out / "sft.old"):  # killed between build_pi0's two renames
+        (out / "sft.old").rename(out / "sft")
     if not is_model(out / "sft"):
         t = time.time()
         from ..tiny import build_model, build_tokenizer, fit_causal_lm
@@ -225,17 +233,9 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
         write_json(out / "timings.json", timings)
 
     if not is_model(out / "dpo"):
-        sft_model, tok = load_model(out / "sft")
         t = time.time()
-        pairs = english_pairs(world, oracle, sft_model, tok, cfg)
-        from ..runs import write_jsonl
-
-        write_jsonl(out / "pi0_pairs.jsonl", pairs)
-        timings["pairs_s"] = round(time.time() - t, 1)
-        t = time.time()
-        policy, _ = load_model(out / "sft")
-        train_dpo(policy, sft_model, tok, [p for p in pairs if p["kind"] in cfg["dpo_pair_kinds"]], out / "dpo", cfg)
-        timings["dpo_s"] = round(time.time() - t, 1)
+        build_pi0(out, world, oracle, sft_items, cfg)
+        timings["pairs_and_dpo_s"] = round(time.time() - t, 1)
         write_json(out / "timings.json", timings)
 
     if not (out / "premise.json").exists():
@@ -499,6 +499,47 @@ def sft_shortfalls(quality: dict[str, dict], cfg: dict) -> dict[str, str]:
         if problems:
             out[lang] = ", ".join(problems)
     return out
+
+
+def build_pi0(out: Path, world: World, oracle: OracleJudge, items: list[tuple[str, list[dict]]], cfg: dict) -> None:
+    """pi0 = English DPO of pi_SFT (`english_pairs`, `train_dpo`), checked: a language pi0 answers in
+    the right language less than `pi0_floor_language` of the time sends pi_SFT back for one more
+    repair epoch in that language (as `check_and_repair_sft`), then pi0 is built again, up to
+    `pi0_repair_rounds` times. Why: English DPO moves every language toward the English tag, most
+    where pi_SFT holds its language least (build seed 2: Swahili 0.28 with pi_SFT passing its floor).
+    Each round is recorded in sft_check.json (`pi0_rounds`) as it ends, so a killed build resumes at
+    its round; pi_SFT is replaced through a rename, never half-written."""
+    import shutil
+
+    from ..runs import write_jsonl
+    from ..tiny import fit_causal_lm
+
+    record = load_json(out / "sft_check.json") or {}
+    rounds = record.setdefault("pi0_rounds", [])
+    while True:
+        r = len(rounds)
+        sft_model, tok = load_model(out / "sft")
+        pairs = english_pairs(world, oracle, sft_model, tok, cfg)
+        write_jsonl(out / "pi0_pairs.jsonl", pairs)
+        policy, _ = load_model(out / "sft")
+        train_dpo(policy, sft_model, tok, [p for p in pairs if p["kind"] in cfg["dpo_pair_kinds"]], out / "dpo", cfg)
+        quality = language_quality(world, oracle, policy, tok, cfg, seed=cfg["seed"] + 13)
+        below = sorted(lang for lang, q in quality.items() if q["language"] < cfg["pi0_floor_language"])
+        rounds.append({"round": r, "pi0_quality": quality, "below_floor": below,
+                       "sft_repaired": bool(below) and r < cfg["pi0_repair_rounds"]})
+        write_json(out / "sft_check.json", record)
+        if not rounds[-1]["sft_repaired"]:
+            return
+        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
+        fit_causal_lm(sft_model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 200 + r)
+        sft_model.eval()
+        shutil.rmtree(out / "dpo")  # pi0 of the old pi_SFT: built again below
+        shutil.rmtree(out / "sft.new", ignore_errors=True)
+        sft_model.save_pretrained(out / "sft.new")
+        tok.save_pretrained(out / "sft.new")
+        (out / "sft").rename(out / "sft.old")
+        (out / "sft.new").rename(out / "sft")
+        shutil.rmtree(out / "sft.old")
 
 
 def floor_deficit(quality: dict[str, dict], cfg: dict) -> float:
