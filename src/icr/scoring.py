@@ -78,6 +78,7 @@ class VLLMEngine:
                             device=self.cfg.device, dtype=self.cfg.models.dtype,
                             tensor_parallel_size=g.tensor_parallel_size,
                             gpu_memory_utilization=g.gpu_memory_utilization,
+                            logprob_memory_gib=self.cfg.reward.vllm_logprob_memory_gib,
                             desc=None if desc is None else f"{desc} ({len(batches)} shards)")
         start = 0
         for prompt_ids, _ in batches:

