@@ -280,6 +280,8 @@ def run_loop(cfg: ExperimentConfig, run_dir: Path, *, label: str | None = None, 
                 agreement = _agreement(cfg, run_dir, it.score_dir, t, judge)
                 if tracker:
                     tracker.agreement(t, agreement, label)
+            if stage == "pairs" and callable(getattr(judge, "close", None)):
+                judge.close()  # a reward-model judge used for agreement or pairs gives its GPU back before training
         if evaluate:
             rows += _tracked(tracker, timed(f"iter{t}/evaluate",
                                             lambda: evaluate(paths[t], model_label(t, label), t)))
