@@ -39,3 +39,49 @@ def spread(values: list[float], lower: float | None = None, upper: float | None 
         hi = min(hi, upper)
     return {"n": n, "mean": mean, "sd": sd, "min": min(values), "max": max(values),
             "prediction_95": [lo, hi]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals for figures over prompts that languages share (issue 21): the unit of independence is the
+# prompt (its translations are not independent draws), so answers are resampled by prompt.
+# ---------------------------------------------------------------------------------------------
+
+def clustered_mean(values: list[float], clusters: list) -> dict:
+    """Mean of `values` and its cluster-robust standard error, clusters = the prompt each value
+    belongs to: SE² = G/(G-1) · Σ_g (Σ_{i∈g} (x_i − x̄))² / N² (the sandwich estimator with the usual
+    small-sample factor); the 95% interval uses t_{0.975, G-1}."""
+    if len(values) != len(clusters) or not values:
+        raise ValueError("values and clusters: same non-zero length expected")
+    n = len(values)
+    mean = sum(values) / n
+    sums: dict = {}
+    for v, c in zip(values, clusters):
+        sums[c] = sums.get(c, 0.0) + (v - mean)
+    g = len(sums)
+    if g < 2:
+        raise ValueError("a clustered standard error needs at least 2 clusters")
+    se = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / n
+    half = t975(g - 1) * se
+    return {"mean": mean, "se": se, "clusters": g, "ci_95": [mean - half, mean + half]}
+
+
+def cluster_bootstrap(values: list[float], clusters: list, statistic=None, n_boot: int = 2000,
+                      seed: int = 0) -> dict:
+    """Percentile 95% interval of `statistic` (default: the mean) over `n_boot` resamples of whole
+    clusters with replacement (every value of a drawn prompt, in every language, goes in together).
+    Seeded: the same inputs give the same interval."""
+    import random
+
+    statistic = statistic or (lambda xs: sum(xs) / len(xs))
+    groups: dict = {}
+    for v, c in zip(values, clusters):
+        groups.setdefault(c, []).append(v)
+    keys = list(groups)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(n_boot):
+        sample = [v for _ in keys for v in groups[keys[rng.randrange(len(keys))]]]
+        draws.append(statistic(sample))
+    draws.sort()
+    lo, hi = draws[int(0.025 * (n_boot - 1))], draws[int(math.ceil(0.975 * (n_boot - 1)))]
+    return {"estimate": statistic(values), "ci_95": [lo, hi], "n_boot": n_boot, "draws": draws}
