@@ -60,6 +60,22 @@ log = logging.getLogger("icr")
 KINDS = ("generate", "score", "train", "eval_outputs", "eval_judge", "train_rank")
 
 
+def import_error(module: str, timeout: float = 600) -> str | None:
+    """None if `import <module>` works in a fresh Python (this interpreter, this sys.path), else the
+    last line it printed (or that it timed out). A child, because importing some packages (deepspeed)
+    takes seconds and probes the accelerator: preflight must not pay or keep that in the parent."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"`import {module}` did not finish in {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+    return (lines or ["no output"])[-1][:300]
+
+
 def write_job(job_dir: Path, kind: str, config: dict, args: dict) -> Path:
     """Write `job_dir/job.json` (clearing results of an earlier, interrupted attempt); return its path."""
     if kind not in KINDS:

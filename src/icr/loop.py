@@ -510,8 +510,6 @@ def check_deepspeed(path: Path) -> None:
     would otherwise come from `accelerate launch` after sampling and scoring)."""
     import importlib.metadata
     import importlib.util
-    import subprocess
-    import sys
 
     from packaging.version import InvalidVersion, Version
 
@@ -527,15 +525,11 @@ def check_deepspeed(path: Path) -> None:
     if old:
         raise IcrError(f"{where}, but deepspeed {found} is installed and accelerate needs >= {deepspeed_floor()}: "
                        f"pip install -U 'deepspeed>={deepspeed_floor()}'")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    try:
-        done = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
-                              timeout=600)
-    except subprocess.TimeoutExpired:
-        raise IcrError(f"{where}, but `import deepspeed` did not finish in 600 s") from None
-    if done.returncode != 0:
-        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        raise IcrError(f"{where}, but deepspeed {found} does not import ({(lines or ['no output'])[-1][:300]}); "
+    from .launch import import_error
+
+    error = import_error("deepspeed", timeout=600)
+    if error is not None:
+        raise IcrError(f"{where}, but deepspeed {found} does not import ({error}); "
                        "reinstall it, or set train.accelerate_config to fsdp or ddp")
 
 
