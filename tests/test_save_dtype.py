@@ -249,3 +249,35 @@ def test_save_dtype_is_checked():
     with pytest.raises(ConfigError):
         section_from_dict(TrainConfig, {"save_dtype": "float16"}, "train", "config")
     assert TrainConfig().save_dtype == "float32"
+
+
+def test_fsdp_reference_is_loaded_with_its_weights_on_every_rank(monkeypatch, tmp_path):
+    """Under fsdp.yaml (cpu_ram_efficient_loading) the reference is loaded with the setting off, so no
+    rank depends on transformers loading its weights (TRL shards the reference without rank 0's copy);
+    the policy's loading keeps it. Checked on the loads `train_dpo` makes (FSDP itself does not run
+    on the CPU: accelerate turns an FSDP config with use_cpu into MULTI_CPU)."""
+    import os
+
+    import icr.train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    seen = {}
+
+    class _Stop(Exception):
+        pass
+
+    def load(path, device, dtype, what):
+        seen[what] = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+        if what == "reference":
+            raise _Stop
+        return _tiny_llama()
+
+    monkeypatch.setattr(icr.train, "load_tokenizer", lambda *a, **k: _Tokenizer())
+    monkeypatch.setattr(icr.train, "load_causal_lm", load)
+    pairs = [{"prompt": "q?", "chosen": "a", "rejected": "b"}] * 4
+    with pytest.raises(_Stop):
+        icr.train.train_dpo(pairs, "policy", "reference", TrainConfig(warmup_ratio=0.0), tmp_path, tmp_path / "m",
+                            device="cpu")
+    assert seen == {"policy": "true", "reference": None}
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # restored

@@ -12,6 +12,7 @@ latest one. The final model (merged, if LoRA) and tokenizer go to `model_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -279,6 +280,29 @@ def training_dtypes(device: str, *, deepspeed: bool = False, lora: bool = False)
     return (inference if deepspeed or lora else "float32"), inference
 
 
+@contextlib.contextmanager
+def weights_on_every_rank():
+    """Load a model with its real weights in every process, also under FSDP's
+    `cpu_ram_efficient_loading` (FSDP_CPU_RAM_EFFICIENT_LOADING=true, as in fsdp.yaml).
+
+    With that setting transformers may load the weights on local rank 0 only (older versions put
+    the other ranks' parameters on the meta device and fill them with empty or zero tensors), and
+    accelerate copies rank 0's weights into the *policy* when it prepares it; TRL 1.16 shards the
+    *reference* itself (`trl.models.prepare_fsdp`: `fully_shard`, no copy from rank 0), so a reference
+    loaded that way would be garbage on every rank but the first. Inside this block the variable is
+    unset, so every rank reads the reference's weights from its files (transformers 5.24 does so
+    anyway: measured on CPU with LOCAL_RANK=1); the cost, where a version skips them, is one reference
+    in each process's CPU memory while loading (16 GB in bf16 for 8B). The policy keeps the setting.
+    """
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    saved = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[key] = saved
+
+
 def _deepspeed_active(args) -> bool:
     """Whether this training runs under DeepSpeed (set by `accelerate launch` with a DeepSpeed config)."""
     return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -479,7 +503,8 @@ def train_dpo(pairs: list[dict], policy_path: str, reference_path: str, cfg: Tra
     policy = load_causal_lm(policy_path, device, policy_dtype, what="policy")
     policy.train()
     freeze_parameters(policy, cfg.freeze)
-    ref_model = load_causal_lm(reference_path, device, reference_dtype, what="reference")
+    with weights_on_every_rank():  # TRL shards the reference under FSDP without rank 0's weights
+        ref_model = load_causal_lm(reference_path, device, reference_dtype, what="reference")
     dataset = pairs_to_dataset(pairs)
     if cfg.precompute_ref_log_probs:
         out_dir.mkdir(parents=True, exist_ok=True)
