@@ -88,3 +88,16 @@ def models(tiny_pair):
 
     tok = load_tokenizer(tiny_pair["dpo"])
     return tok, load_causal_lm(tiny_pair["dpo"], "cpu"), load_causal_lm(tiny_pair["sft"], "cpu")
+
+
+def load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package; its scripts import each other by name)."""
+    import importlib.util
+    import sys
+
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

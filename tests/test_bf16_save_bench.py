@@ -5,21 +5,15 @@ fp32 save from a bf16 save)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bf16_save", REPO / "bench" / "bf16_save.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("bf16_save")
     torch.set_num_threads(1)
     return module
 

@@ -3,25 +3,19 @@ bench/check_demo.py's verdict on a run inside, outside, and with a flagged langu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import yaml
 
 from icr.stats import spread, t975
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 def _bench(name):
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 def test_spread_by_hand():

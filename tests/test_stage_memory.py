@@ -3,20 +3,14 @@ where nothing can measure it (the CPU) the figures are null with the reason, nev
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("stage_memory", REPO / "bench" / "stage_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("stage_memory")
     return module
 
 
