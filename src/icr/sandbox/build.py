@@ -493,7 +493,7 @@ def sft_shortfalls(quality: dict[str, dict], cfg: dict) -> dict[str, str]:
         problems = []
         if q["well_formed"] < cfg["sft_floor_well_formed"]:
             problems.append(f"well-formed {q['well_formed']:.2f} < floor {cfg['sft_floor_well_formed']}")
-        right = q["language"] / q["well_formed"] if q["well_formed"] else 0.0
+        right = right_language_share(q)
         if right < cfg["sft_floor_language"]:
             problems.append(f"right language {right:.2f} of well-formed answers < floor {cfg['sft_floor_language']}")
         if problems:
@@ -512,7 +512,6 @@ def build_pi0(out: Path, world: World, oracle: OracleJudge, items: list[tuple[st
     import shutil
 
     from ..runs import write_jsonl
-    from ..tiny import fit_causal_lm
 
     record = load_json(out / "sft_check.json") or {}
     rounds = record.setdefault("pi0_rounds", [])
@@ -530,8 +529,7 @@ def build_pi0(out: Path, world: World, oracle: OracleJudge, items: list[tuple[st
         write_json(out / "sft_check.json", record)
         if not rounds[-1]["sft_repaired"]:
             return
-        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
-        fit_causal_lm(sft_model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 200 + r)
+        repair_epoch(sft_model, tok, items, below, cfg, seed=cfg["seed"] + 200 + r)
         sft_model.eval()
         shutil.rmtree(out / "dpo")  # pi0 of the old pi_SFT: built again below
         shutil.rmtree(out / "sft.new", ignore_errors=True)
@@ -542,12 +540,26 @@ def build_pi0(out: Path, world: World, oracle: OracleJudge, items: list[tuple[st
         shutil.rmtree(out / "sft.old")
 
 
+def repair_epoch(model, tok, items: list[tuple[str, list[dict]]], languages, cfg: dict, seed: int) -> None:
+    """One SFT epoch over the whole mix with `languages`' own conversations repeated
+    `sft_repair_weight` times (the repair both checks use)."""
+    from ..tiny import fit_causal_lm
+
+    convs = [c for _, c in items] + [c for lang, c in items if lang in languages] * (cfg["sft_repair_weight"] - 1)
+    fit_causal_lm(model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=seed)
+
+
+def right_language_share(q: dict) -> float:
+    """The right-language share among well-formed answers (a malformed answer has no language)."""
+    return q["language"] / q["well_formed"] if q["well_formed"] else 0.0
+
+
 def floor_deficit(quality: dict[str, dict], cfg: dict) -> float:
     """How far below pi_SFT's floors the languages are, summed (0 when all pass): the repair's
     progress measure, so a round that lifts a language part of the way counts."""
     total = 0.0
     for q in quality.values():
-        right = q["language"] / q["well_formed"] if q["well_formed"] else 0.0
+        right = right_language_share(q)
         total += max(0.0, cfg["sft_floor_well_formed"] - q["well_formed"]) + max(0.0, cfg["sft_floor_language"] - right)
     return total
 
@@ -562,8 +574,6 @@ def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: l
     Changes `model` in place; returns the record (`sft_check.json`): every measurement, what was kept."""
     import copy
 
-    from ..tiny import fit_causal_lm
-
     model.eval()
     quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
     below = sft_shortfalls(quality, cfg)
@@ -572,8 +582,7 @@ def check_and_repair_sft(world: World, oracle: OracleJudge, model, tok, items: l
         if not below:
             break
         before = copy.deepcopy(model.state_dict())
-        convs = [c for _, c in items] + [c for lang, c in items if lang in below] * (cfg["sft_repair_weight"] - 1)
-        fit_causal_lm(model, tok, convs, epochs=1, lr=cfg["sft_lr"], batch_size=32, seed=cfg["seed"] + 99 + r)
+        repair_epoch(model, tok, items, below, cfg, seed=cfg["seed"] + 99 + r)
         model.eval()
         quality = language_quality(world, oracle, model, tok, cfg, seed=cfg["seed"] + 11)
         now = sft_shortfalls(quality, cfg)
