@@ -109,3 +109,25 @@ def test_prepare_reduced_recipe_writes_everything(tmp_path):
         prepare(out, **{**TINY, "seed": 9})
     with pytest.raises(IcrError, match=r"prepare\.args\.no_such_knob: unknown"):
         prepare(out, no_such_knob=1)
+
+
+def test_families_keep_only_those_tasks_and_the_default_world_is_unchanged():
+    """Issue 21's world keeps one family (`families: [max]`): every split holds only it, sizes as
+    asked, still disjoint; the default (None) deals exactly the five-family world as before."""
+    w = build_world(seed=0, families=["max"], **SMALL)
+    for s in SPLITS:
+        assert {t.family for t in w.split(s)} == {"max"} and len(w.split(s)) == SMALL[f"n_{s}"]
+    assert w.to_json()["families"] == ["max"]
+    assert type(w).from_json(w.to_json()).families == ("max",)
+    assert build_world(seed=0, families=list(FAMILIES), **SMALL).to_json() == build_world(seed=0, **SMALL).to_json()
+    with pytest.raises(ValueError, match="families: expected a non-empty list"):
+        build_world(seed=0, families=["maxx"], **SMALL)
+
+
+def test_prepare_refuses_unknown_families_before_writing(tmp_path):
+    from icr.errors import ConfigError
+    from icr.sandbox.build import prepare
+
+    with pytest.raises(ConfigError, match=r"^prepare\.args\.families: expected null or a non-empty list of "):
+        prepare(tmp_path / "b", families=["sum"])
+    assert not (tmp_path / "b").exists()

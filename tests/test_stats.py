@@ -33,3 +33,18 @@ def test_cluster_bootstrap_resamples_whole_prompts():
     assert r["ci_95"] == [0.0, 1.0] and r["estimate"] == 0.5
     assert cluster_bootstrap([1, 1, 0, 0], ["a", "a", "b", "b"], n_boot=200, seed=3)["ci_95"] == \
         cluster_bootstrap([1, 1, 0, 0], ["a", "a", "b", "b"], n_boot=200, seed=3)["ci_95"]  # seeded
+
+
+def test_stratified_bootstrap_resamples_within_each_seed():
+    # seed 1: prompts a (1) and b (0); seed 2: prompts c and d, both 1. Within seed 2 every resample is
+    # (1, 1); within seed 1 it is 1, 0.5 or 0 with probabilities 1/4, 1/2, 1/4; so the pooled mean of 4
+    # values is (2 + 2·m1)/4 ∈ {1, 0.75, 0.5}: never 0.25 or 0, which unstratified draws would give
+    # (e.g. b, b, b, a); and a cluster may not straddle two strata.
+    vals, clus, strata = [1, 0, 1, 1], ["a", "b", "c", "d"], [1, 1, 2, 2]
+    r = cluster_bootstrap(vals, clus, n_boot=4000, seed=5, strata=strata)
+    assert set(r["draws"]) == {0.5, 0.75, 1.0}
+    assert r["draws"].count(0.75) / 4000 == pytest.approx(0.5, abs=0.03)
+    assert r["ci_95"] == [0.5, 1.0] and r["estimate"] == 0.75
+    assert min(cluster_bootstrap(vals, clus, n_boot=4000, seed=5)["draws"]) < 0.5
+    with pytest.raises(ValueError, match="two strata"):
+        cluster_bootstrap([1, 0], ["a", "a"], strata=[1, 2])

@@ -66,21 +66,31 @@ def clustered_mean(values: list[float], clusters: list) -> dict:
 
 
 def cluster_bootstrap(values: list[float], clusters: list, statistic=None, n_boot: int = 2000,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, strata: list | None = None) -> dict:
     """Percentile 95% interval of `statistic` (default: the mean) over `n_boot` resamples of whole
     clusters with replacement (every value of a drawn prompt, in every language, goes in together).
+    With `strata` (one label per value, constant within a cluster, e.g. the build seed), each stratum's
+    clusters are resampled within it, as many as it has: independent experiments keep their sizes.
     Seeded: the same inputs give the same interval."""
     import random
 
     statistic = statistic or (lambda xs: sum(xs) / len(xs))
+    strata = strata if strata is not None else [None] * len(values)
+    if not (len(values) == len(clusters) == len(strata)) or not values:
+        raise ValueError("values, clusters (and strata): same non-zero length expected")
     groups: dict = {}
-    for v, c in zip(values, clusters):
+    stratum_of: dict = {}
+    for v, c, s in zip(values, clusters, strata):
         groups.setdefault(c, []).append(v)
-    keys = list(groups)
+        if stratum_of.setdefault(c, s) != s:
+            raise ValueError(f"cluster {c!r} lies in two strata ({stratum_of[c]!r}, {s!r})")
+    by_stratum: dict = {}
+    for c, s in stratum_of.items():
+        by_stratum.setdefault(s, []).append(c)
     rng = random.Random(seed)
     draws = []
     for _ in range(n_boot):
-        sample = [v for _ in keys for v in groups[keys[rng.randrange(len(keys))]]]
+        sample = [v for keys in by_stratum.values() for _ in keys for v in groups[keys[rng.randrange(len(keys))]]]
         draws.append(statistic(sample))
     draws.sort()
     lo, hi = draws[int(0.025 * (n_boot - 1))], draws[int(math.ceil(0.975 * (n_boot - 1)))]

@@ -64,7 +64,7 @@ from .oracle import OracleJudge
 from .recipe import arg
 from .recipe import check as check_recipe
 from .recipe import defaults as recipe_defaults
-from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
+from .world import (FAMILIES, LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
                     draw_quality, knowledge_text, monolingual_text, parallel_text, reference_answer,
                     render_response)
 
@@ -89,6 +89,10 @@ class ToyRecipe:
                            "defaults).")
     n_sft: int = arg(500, "Tasks behind the SFT and pre-training documents (each in every high-resource "
                           "language).")
+    families: list[str] | None = arg(None, "Task families of the world, every split (null: all five, "
+                                           "`icr.sandbox.world.FAMILIES`). Issue 21's experiment keeps the "
+                                           "family whose correctness the small pi0 learns from English DPO "
+                                           "(`max`; docs/sandbox.md, 'Does the reward transfer a quality pi0 knows').")
     low_resource_ratio: float = arg(0.1, "Share of SFT and monolingual pre-training documents kept for "
                                          "Swahili, the low-resource language (10x less data).")
     # model
@@ -170,7 +174,7 @@ def recipe_folder(out_dir: str | Path, recipe: dict, recipe_class, name: str) ->
     recipe_path = out / "recipe.json"
     if recipe_path.exists() and given_args(json.loads(recipe_path.read_text())) != given_args(cfg):
         raise ValueError(f"{out}: built with a different recipe ({recipe_path}); use another folder")
-    write_json(recipe_path, cfg)
+    write_json(recipe_path, given_args(cfg))  # as identified: a None argument (the old behaviour) is left out
     return cfg, out
 
 
@@ -179,6 +183,10 @@ def prepare(out_dir: str | Path, **recipe) -> dict:
     kinds = check_recipe(ToyRecipe, recipe, "icr.sandbox.prepare")["dpo_pair_kinds"]
     if not kinds or set(kinds) - set(PAIR_KINDS):  # before the folder is made: nothing half-written
         raise ConfigError(f"prepare.args.dpo_pair_kinds: expected a non-empty list of {list(PAIR_KINDS)}, got {kinds!r}")
+    families = recipe.get("families")
+    if families is not None and (not families or set(families) - set(FAMILIES)):
+        raise ConfigError(f"prepare.args.families: expected null or a non-empty list of {list(FAMILIES)}, "
+                          f"got {families!r}")
     cfg, out = recipe_folder(out_dir, recipe, ToyRecipe, "icr.sandbox.prepare")
     timings = load_json(out / "timings.json") or {}
     t_all = time.time()
@@ -199,7 +207,8 @@ def _prepare(out: Path, cfg: dict, timings: dict, t_all: float) -> dict:
     import torch
 
     torch.manual_seed(cfg["seed"])
-    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"])
+    world = build_world(cfg["seed"], cfg["n_eval"], cfg["n_dev"], cfg["n_train"], cfg["n_pref"], cfg["n_sft"],
+                        cfg["families"])
     if not (out / "world.json").exists():
         write_json(out / "world.json", world.to_json())
     write_prompt_files(world, out)

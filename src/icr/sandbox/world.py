@@ -194,6 +194,7 @@ class World:
     seed: int
     tasks: dict[str, Task]
     sizes: dict[str, int] = field(default_factory=dict)
+    families: tuple[str, ...] = FAMILIES
 
     def split(self, name: str) -> list[Task]:
         return sorted((t for t in self.tasks.values() if t.split == name), key=lambda t: t.id)
@@ -204,7 +205,7 @@ class World:
 
     def to_json(self) -> dict:
         return {"format": "icr-sandbox-world/1", "seed": self.seed, "languages": list(LANGUAGES),
-                "low_resource": list(LOW_RESOURCE), "families": list(FAMILIES), "tags": TAGS,
+                "low_resource": list(LOW_RESOURCE), "families": list(self.families), "tags": TAGS,
                 "filler": FILLER, "max_filler": MAX_FILLER, "sizes": self.sizes,
                 "tasks": {tid: t.to_json() for tid, t in self.tasks.items()}}
 
@@ -216,7 +217,8 @@ class World:
     def from_json(cls, data: dict) -> "World":
         tasks = {tid: Task(tid, d["family"], tuple(d["operands"]), d["template"], d["split"])
                  for tid, d in data["tasks"].items()}
-        return cls(seed=data["seed"], tasks=tasks, sizes=data.get("sizes", {}))
+        return cls(seed=data["seed"], tasks=tasks, sizes=data.get("sizes", {}),
+                   families=tuple(data.get("families", FAMILIES)))
 
     @classmethod
     def load(cls, path: str | Path) -> "World":
@@ -227,14 +229,18 @@ class World:
 
 
 def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int = 100, n_pref: int = 400,
-                n_sft: int = 500) -> World:
-    """Deal seeded task ids into disjoint splits, families interleaved (same args -> same world)."""
+                n_sft: int = 500, families: tuple[str, ...] | list[str] | None = None) -> World:
+    """Deal seeded task ids into disjoint splits, families interleaved (same args -> same world).
+    `families` (default: all, in FAMILIES order) keeps only those task families in every split."""
+    fams = FAMILIES if families is None else tuple(f for f in FAMILIES if f in families)
+    if families is not None and (not fams or set(families) - set(FAMILIES)):
+        raise ValueError(f"families: expected a non-empty list of {list(FAMILIES)}, got {list(families)!r}")
     sizes = {"eval": n_eval, "dev": n_dev, "train": n_train, "pref": n_pref, "sft": n_sft}
     total = sum(sizes.values())
     rng = random.Random(f"icr-sandbox-world-{seed}")
-    per_family = -(-total // len(FAMILIES)) + 50
+    per_family = -(-total // len(fams)) + 50
     pools = {}
-    for fam in FAMILIES:
+    for fam in fams:
         ops = _instance_space(fam, rng, per_family * 3)
         # each operand tuple with a seeded phrasing; the phrasing varies, the problem does not repeat
         # within a family unless the family's space is smaller than needed (add, larger): then a
@@ -248,7 +254,7 @@ def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int =
         pools[fam] = cands[:per_family]
     ordered = []
     for i in range(per_family):
-        for fam in FAMILIES:
+        for fam in fams:
             if i < len(pools[fam]):
                 ordered.append((fam, *pools[fam][i]))
     if len(ordered) < total:
@@ -260,7 +266,7 @@ def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int =
             pos += 1
             tid = f"{split}-{k:04d}-{fam}"  # sorts in dealing order
             tasks[tid] = Task(tid, fam, ops, tmpl, split)
-    return World(seed=seed, tasks=tasks, sizes=sizes)
+    return World(seed=seed, tasks=tasks, sizes=sizes, families=fams)
 
 
 # ---------------------------------------------------------------------------------------------
