@@ -165,7 +165,9 @@ def test_report_renders_a_tiny_run(tmp_path):
     m1 = next(line for line in lines if line.startswith("| M1 |"))
     # M1 triples the instruction: en "one one one" (11) < 50 loses, the other three beat their references
     cells = m1.strip("| ").split(" | ")
-    assert (cells[2], cells[4], cells[6]) == ("50.0", "100.0", "75.0")
+    assert tuple(cells[i].split(" ± ")[0] for i in (2, 4, 6)) == ("50.0", "100.0", "75.0")
+    # en's preferences (0, 1), es's (1, 1): per-prompt averages 0.5, 1 -> SE 25 points, t_{0.975,1} = 12.706
+    assert cells[2] == "50.0 ± 635.3" and cells[6] == "75.0 ± 317.6"
     assert float(cells[5]) == pytest.approx((float(cells[1]) + float(cells[3])) / 2, abs=0.06)
     assert "| 1 | es | 0.01 | 100 | 89 | 4 | 6 | 420.5 | 415.0 | 97.0 |" in text
     assert "| 1 | es | 80.0 (n=50) | 55.0 (n=40) |" in text and "| 1 | de | – | – |" in text
@@ -281,6 +283,110 @@ def test_languages_judged_without_references_stay_out_of_the_average(tmp_path):
                                           row(lang="sw", wr=100.0, lc=None)])
     text = write_report(run).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| M1 "))
-    assert line.rstrip(" |").endswith("50.0 ‡") and "66.7" not in line
+    # no judgements in the run folder: the interval assumes independent languages (§), 2.262 · (2 · 3.1²)^½ / 2
+    assert line.rstrip(" |").endswith("50.0 ± 5.0 ‡ §") and "66.7" not in line
     assert "‡ sw judged without references" in text
 
+
+
+# --- issue 21: the win-rate table says only what its numbers support -------------------------------
+
+def _judged(run: Path, model: str, lang: str, prefs: dict[str, float], judge: str = "fake", control: str = ""):
+    """judgements.<judge>.json as icr.evaluation.evaluate writes it, and the results row it gives."""
+    base = run / "controls" / control if control else run
+    (base / "eval" / model / lang).mkdir(parents=True)
+    (base / "eval" / model / lang / f"judgements.{judge}.json").write_text(json.dumps(
+        [{"id": i, "preference": p} for i, p in prefs.items()]))
+    n, wr = len(prefs), 100 * sum(prefs.values()) / len(prefs)
+    se = 100 * (sum((p - wr / 100) ** 2 for p in prefs.values()) / (n - 1)) ** 0.5 / n ** 0.5
+    return row(model=model, lang=lang, n=n, wr=wr, wr_se=se, lc=50.0)
+
+
+def test_lc_at_its_bounds_is_a_dash_and_a_judge_without_meaningful_lc_has_no_lc_columns(tmp_path):
+    from icr.report_html import page_data
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # 2 of 4 LC values inside (0.5, 99.5): LC columns stay, the two at the bounds print as –
+    append_results(run / "results.json", [row(model="M0", iteration=0, lang="es", lc=100.0), row(model="M0",
+                   iteration=0, lang="de", lc=40.0), row(lang="es", lc=45.0), row(lang="de", lc=0.2)])
+    text = write_report(run).read_text()
+    m0 = next(x for x in text.splitlines() if x.startswith("| M0 ")).strip("| ").split(" | ")
+    m1 = next(x for x in text.splitlines() if x.startswith("| M1 ")).strip("| ").split(" | ")
+    assert (m0[1], m0[3], m0[5]) == ("–", "40.0", "–") and (m1[1], m1[3], m1[5]) == ("45.0", "–", "–")
+    assert "100.0" not in " ".join(m0) and "0.2" not in " ".join(m1)
+    assert "LC – : within 0.5 points of 0 or 100" in text and "Avg LC is – when any language" in text
+    table = next(b for b in page_data(run)["overview"] if b["kind"] == "table")  # the HTML page: the same cells
+    assert table["rows"][0][1] == "–" and table["rows"][1][3] == "–"
+    # 1 of 4 inside: not meaningful, so no LC columns at all, and one line says why
+    append_results(run / "results.json", [row(lang="es", lc=99.9)])
+    text = write_report(run).read_text()
+    assert "| Model | es WR | de WR | Avg WR |" in text and " LC |" not in text
+    assert "No LC columns: fewer than half of this judge's LC values lie inside (0.5, 99.5)" in text
+
+
+def test_average_win_rate_interval_is_clustered_by_prompt(tmp_path):
+    """3 prompts × 2 languages, by hand: en (1, 0, 1), de (1, 0, 0) -> per-prompt averages (1, 0, 0.5),
+    mean 50, SE = sd / √3 = 0.5 / √3 = 28.87 points (independent languages would say (2 · 33.33²)^½ / 2 =
+    23.57); 95% half-width t_{0.975,2} · SE = 4.303 · 28.87 = 124.2."""
+    from icr.report import average_wr, read_judgements, wr_series
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [_judged(run, "M1", "en", {"a": 1.0, "b": 0.0, "c": 1.0}), _judged(run, "M1", "de", {"a": 1.0, "b": 0.0,
+                                                                                                  "c": 0.0}),
+            _judged(run, "M1-random-pairs", "en", {"a": 1.0, "b": 0.0, "c": 1.0}, control="random-pairs"),
+            _judged(run, "M1-random-pairs", "de", {"a": 1.0, "b": 0.0, "c": 0.0}, control="random-pairs")]
+    rows[2:] = [{**r, "model": "M1-random-pairs"} for r in rows[2:]]
+    append_results(run / "results.json", rows)
+    judgements = read_judgements(run, "fake")
+    assert set(judgements) == {("M1", "en"), ("M1", "de"), ("M1-random-pairs", "en"), ("M1-random-pairs", "de")}
+    avg = average_wr(rows[:2], judgements)
+    assert avg["how"] == "clustered" and avg["mean"] == pytest.approx(50.0)
+    assert avg["se"] == pytest.approx(50 / 3 ** 0.5) and avg["half"] == pytest.approx(4.303 * 50 / 3 ** 0.5)
+    assert average_wr(rows[:2])["se"] == pytest.approx((2 * (100 / 3) ** 2) ** 0.5 / 2)  # no judgements: independent
+    text = write_report(run).read_text()
+    for model in ("M1", "M1-random-pairs"):
+        line = next(x for x in text.splitlines() if x.startswith(f"| {model} "))
+        assert line.rstrip(" |").endswith(" | 50.0 ± 124.2"), line
+        assert "| 66.7 ± 143.4 |" in line  # per language: t_{0.975,2} · 33.33
+    assert "§" not in text and "its SE clustered by prompt id, as in the table" in text
+    assert wr_series(rows, "wr", judgements)[("ICR", "avg")] == [(1, pytest.approx(50.0), pytest.approx(50 / 3 ** 0.5))]
+
+
+def test_average_win_rate_falls_back_to_independent_languages_and_says_so(tmp_path):
+    from icr.report import average_wr, read_judgements
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # no prompt id shared by the two languages: nothing to cluster
+    rows = [_judged(run, "M1", "en", {"a": 1.0, "b": 0.0, "c": 1.0}), _judged(run, "M1", "de", {"x": 1.0, "y": 0.0,
+                                                                                                  "z": 0.0})]
+    append_results(run / "results.json", rows)
+    avg = average_wr(rows, read_judgements(run, "fake"))
+    assert avg["how"] == "independent" and avg["se"] == pytest.approx((2 * (100 / 3) ** 2) ** 0.5 / 2)
+    text = write_report(run).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| M1 "))
+    assert line.rstrip(" |").endswith(" | 50.0 ± 101.4 §"), line  # 4.303 · 23.57
+    assert "§ interval assuming independent languages" in text and "share no prompt id" in text
+    assert "else assuming independent languages" in text  # the plot's note too
+    # judgements that do not match results.json (another judging) are not used either
+    append_results(run / "results.json", [{**rows[1], "wr": 50.0}])
+    (run / "eval" / "M1" / "de" / "judgements.fake.json").write_text(json.dumps(
+        [{"id": i, "preference": p} for i, p in {"a": 1.0, "b": 0.0, "c": 0.0}.items()]))
+    assert average_wr([rows[0], {**rows[1], "wr": 50.0}], read_judgements(run, "fake"))["how"] == "independent"
+
+
+def test_control_agreement_rows_identical_to_the_main_runs_are_named_not_repeated(tmp_path):
+    run = tmp_path / "run"
+    agreement = {"es": {"all": {"agree": 0.625, "n": 80}}, "de": {"all": {"agree": 0.5, "n": 64}}}
+    other = {"es": {"all": {"agree": 0.625, "n": 81}}, "de": {"all": {"agree": 0.5, "n": 64}}}
+    for base, data in ((run, agreement), (run / "controls" / "random-pairs", agreement),
+                       (run / "controls" / "oracle-pairs", other)):
+        (base / "diagnostics").mkdir(parents=True)
+        (base / "diagnostics" / "reward_agreement_iter1.json").write_text(json.dumps({"agreement": data}))
+    text = write_report(run).read_text()
+    table = [x for x in text.splitlines() if x.startswith("| ")]
+    assert [x.split(" | ")[0] for x in table[1:]] == ["| 1", "| 1", "| oracle-pairs/1", "| oracle-pairs/1"]
+    assert "Iteration 1's rows are also those of random-pairs/1: identical numbers" in text
+    assert "The rows of iteration t come from iteration t's samples" in text and "Iterations in this table: 1." in text

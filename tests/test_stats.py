@@ -48,3 +48,24 @@ def test_stratified_bootstrap_resamples_within_each_seed():
     assert min(cluster_bootstrap(vals, clus, n_boot=4000, seed=5)["draws"]) < 0.5
     with pytest.raises(ValueError, match="two strata"):
         cluster_bootstrap([1, 0], ["a", "a"], strata=[1, 2])
+
+
+def test_clustered_mean_of_means_by_hand():
+    from icr.stats import clustered_mean_of_means
+
+    # every language has every prompt: the SE of the per-prompt averages (1, 0, 0.5): 0.5 / √3, as clustered_mean
+    balanced = clustered_mean_of_means({"en": {"a": 1, "b": 0, "c": 1}, "de": {"a": 1, "b": 0, "c": 0}})
+    assert balanced["mean"] == 0.5 and balanced["clusters"] == 3 and balanced["shared"] == 3
+    assert balanced["se"] == pytest.approx(0.5 / math.sqrt(3))
+    assert balanced["se"] == pytest.approx(clustered_mean([1, 0, 1, 1, 0, 0], list("abcabc"))["se"])
+    assert balanced["ci_95"] == pytest.approx([0.5 - 4.303 * 0.5 / math.sqrt(3), 0.5 + 4.303 * 0.5 / math.sqrt(3)])
+    # unbalanced: A (a 1, b 0), B (a 1, b 1, c 0); means 1/2, 2/3 -> 7/12. Per value (x - mean_l) / (2 n_l):
+    # a: 1/8 + 1/18 = 13/72, b: -1/8 + 1/18 = -5/72, c: -1/9 = -8/72; SE² = 3/2 · (169 + 25 + 64) / 72²
+    r = clustered_mean_of_means({"A": {"a": 1, "b": 0}, "B": {"a": 1, "b": 1, "c": 0}})
+    assert r["mean"] == pytest.approx(7 / 12) and r["shared"] == 2 and r["clusters"] == 3
+    assert r["se"] == pytest.approx(math.sqrt(1.5 * 258) / 72)
+    # one language: the plain standard error of its mean (ddof 1)
+    single = clustered_mean_of_means({"en": {"a": 1, "b": 0, "c": 1}})
+    assert single["se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3)) and single["shared"] == 0
+    with pytest.raises(ValueError):
+        clustered_mean_of_means({"en": {}})

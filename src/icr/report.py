@@ -2,6 +2,9 @@
 
 Reads (each optional; a missing or unreadable part drops its section, never the report):
     results.json                          evaluation rows (docs/results-schema.md)
+    eval/<model>/<lang>/judgements.<judge>.json  per-prompt preferences (also under controls/<label>/): the
+                                          average over languages gets an interval clustered by prompt id, as
+                                          the languages answer translations of the same prompts
     language_flags.json                   {lang: why}: languages the prepare step flagged (marked ⚠)
     iter<t>/pairs/stats.json              pair statistics per language (alpha, counts, lengths, alpha curve)
     iter<t>/<stage>/manifest.json         stage timings ("seconds"); also <stage>/manifest.json at the top
@@ -13,6 +16,11 @@ Reads (each optional; a missing or unreadable part drops its section, never the 
 Writes report.md and PNGs beside it. The sections are built once as blocks (`report_blocks`): this
 module renders them to Markdown, `icr.report_html` to the HTML page, so both show the same tables
 and the same figures (the PNG bytes written here are the ones embedded there).
+
+What the numbers support, the report says (issue 21): win rates carry 95% intervals, the average over
+languages one clustered by prompt (translations of one prompt are not independent samples); an LC the
+length term pushed to 0 or 100 is shown as –, not as a number; a control's agreement rows identical to
+the main run's (the same iteration-1 samples) are named once, not repeated as if they were evidence.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 from .errors import IcrError
 from .evaluation.results import read_results, row_kind
 from .runs import atomic_write_text
+from .stats import clustered_mean_of_means, t975
 
 MAIN_MODEL = re.compile(r"^(sft|M\d+)$")
 
@@ -137,17 +146,21 @@ def _lc_note(rows: list[dict]) -> str:
     return " ".join(LC_NOTES[m] for m in methods)
 
 
-def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None) -> list[dict]:
+def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None,
+                     judgements: dict[str, dict[tuple[str, str], dict[str, float]]] | None = None) -> list[dict]:
     """The win-rate tables; a language flagged by the run's prepare step (`flags`) is marked ⚠ in the
-    headers and its reason written under the table."""
+    headers and its reason written under the table. `judgements` ({judge: `read_judgements`}) gives the
+    average over languages its prompt-clustered interval; without them it assumes independent languages."""
     flags = flags or {}
     out = []
     for judge in dict.fromkeys(r["judge"] for r in rows):
         jrows = [r for r in rows if r["judge"] == judge]
+        prefs = (judgements or {}).get(judge, {})
         langs = _languages(jrows)
         cell = {(r["model"], r["lang"]): r for r in jrows}
         models = list(dict.fromkeys(r["model"] for r in sorted(jrows, key=_model_order)))
-        table, details, incomplete, unreferenced = [], [], False, set()
+        with_lc = lc_meaningful(jrows)
+        table, details, incomplete, unreferenced, lc_dashed, independent = [], [], False, set(), False, False
         for m in models:
             have = [cell[(m, lang)] for lang in langs if (m, lang) in cell]
             incomplete |= len(have) < len(langs)
@@ -155,16 +168,44 @@ def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None)
             # not comparable with the others: left out of the average while some language has them.
             averaged = [r for r in have if r["lc"] is not None] or have
             unreferenced |= {r["lang"] for r in have if r["lc"] is None}
-            avg = lambda k: sum(r[k] for r in averaged) / len(averaged) if all(r[k] is not None for r in averaged) else None  # noqa: E731
+            lc_dashed |= any(r["lc"] is not None and not _lc_inside(r["lc"]) for r in have)
+            avg = average_wr(averaged, prefs)
+            fell_back = avg["how"] == "independent" and len(averaged) > 1
+            independent |= fell_back
+            # Avg LC only when every language it averages has a meaningful LC: an average over fewer
+            # languages would not compare with the other models' averages.
+            avg_lc = (sum(r["lc"] for r in averaged) / len(averaged)
+                      if all(_lc_inside(r["lc"]) for r in averaged) else None)
             mark = ("" if len(have) == len(langs) else " †") + ("" if len(averaged) == len(have) else " ‡")
-            table.append([m] + [v for lang in langs for v in (
-                (cell[(m, lang)]["lc"], cell[(m, lang)]["wr"]) if (m, lang) in cell else ("–", "–"))]
-                + [_fmt(avg("lc")) + mark, _fmt(avg("wr")) + mark])
+            cells = []
+            for lang in langs:
+                r = cell.get((m, lang))
+                cells += ([_lc_cell(r)] if with_lc else []) + [_wr_cell(r)]
+            table.append([m] + cells + ([_fmt(avg_lc) + mark] if with_lc else [])
+                         + [_with_half(avg["mean"], avg["half"]) + mark + (" §" if fell_back else "")])
             details.append([m] + [_detail(cell.get((m, lang))) for lang in langs])
+        kinds = ("LC", "WR") if with_lc else ("WR",)
+        header = (["Model"] + [f"{lang}{' ⚠' if lang in flags else ''} {k}" for lang in langs for k in kinds]
+                  + (["Avg LC"] if with_lc else []) + ["Avg WR"])
         out += [heading(f"Win rates against the reference — judge `{judge}`"),
-                text_block("LC = length-controlled win rate, WR = win rate, in % (Table 2 layout). " + _lc_note(jrows)),
-                table_block(["Model"] + [f"{lang}{' ⚠' if lang in flags else ''} {k}" for lang in langs
-                                         for k in ("LC", "WR")] + ["Avg LC", "Avg WR"], table)]
+                text_block(("LC = length-controlled win rate, " if with_lc else "")
+                           + "WR = win rate, in % (Table 2 layout); WR cells show WR ± the half-width of its "
+                           "95% interval (t_{0.975, n−1} · SE; the SE itself is in the table below). Avg = the mean "
+                           "over languages; the interval of Avg WR is clustered by prompt id, since the languages "
+                           "answer translations of the same prompts and are not independent samples (per prompt, the "
+                           "judge's preference averaged over its languages; the standard error over prompts; "
+                           "t_{0.975, prompts − 1})." + (" " + _lc_note(jrows) if with_lc else "")),
+                table_block(header, table)]
+        if with_lc and lc_dashed:
+            out.append(text_block(f"LC – : within {LC_BOUND} points of 0 or 100, where the length term separates the "
+                                  "judge's verdicts and LC is not meaningful; Avg LC is – when any language it would "
+                                  "average has such an LC (not an average over fewer languages)."))
+        if not with_lc:
+            out.append(text_block(
+                f"No LC columns: fewer than half of this judge's LC values lie inside ({LC_BOUND}, {100 - LC_BOUND}) "
+                "(the length term separated the verdicts), so LC is not meaningful here."
+                if any(r["lc"] is not None for r in jrows) else
+                "No LC columns: no language was judged against references, so there is no LC."))
         for lang in langs:
             if lang in flags:
                 out.append(text_block(f"⚠ {lang}: flagged by the run's prepare step (language_flags.json): "
@@ -175,13 +216,88 @@ def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None)
             out.append(text_block(f"‡ {', '.join(sorted(unreferenced))} judged without references (against an empty "
                                   "answer: WR = share of answers the judge rates above nothing, no LC); not in the "
                                   "averages of the models that also have languages with references."))
+        if independent:
+            out.append(text_block("§ interval assuming independent languages ((Σ SE²)^½ / languages): "
+                                  f"{INDEPENDENT_WHY}; likely too narrow, since the languages share prompts."))
         out += [text_block("Per language: WR standard error / language fidelity (%) / mean length (chars) / n."),
                 table_block(["Model"] + langs, details)]
-        png = _plot_wr(jrows, langs, judge, plt)
+        plot_fell_back: list = []
+        png = _plot_wr(jrows, langs, judge, plt, prefs, plot_fell_back)
         if png:
             out += [figure_block(f"wr_by_iteration.{_safe(judge)}.png", "WR across iterations", png),
-                    text_block(WR_PLOT_NOTE)]
+                    text_block(wr_plot_note(bool(plot_fell_back)))]
     return out
+
+
+def _with_half(value, half) -> str:
+    return _fmt(value) + ("" if half is None else f" ± {_fmt(half)}")
+
+
+def _wr_cell(row: dict | None) -> str:
+    """WR ± the half-width of its 95% interval, t_{0.975, n−1} · SE (just WR where the SE is unknown)."""
+    return "–" if row is None else _with_half(row["wr"], _half_width(row))
+
+
+def _lc_cell(row: dict | None) -> str:
+    """LC, or – where it is missing or not meaningful (within LC_BOUND of 0 or 100)."""
+    return _fmt(row["lc"]) if row is not None and _lc_inside(row["lc"]) else "–"
+
+
+def _half_width(row: dict) -> float | None:
+    se, n = row.get("wr_se"), row.get("n")
+    return t975(n - 1) * se if se is not None and isinstance(n, int) and n >= 2 else None
+
+
+INDEPENDENT_WHY = ("the judgements per prompt are not in the run folder (or do not match results.json), or the "
+                   "languages share no prompt id")
+
+
+def read_judgements(run_dir: Path, judge: str) -> dict[tuple[str, str], dict[str, float]]:
+    """{(model, lang): {prompt id: preference}} of `judge`, from eval/<model>/<lang>/judgements.<judge>.json
+    of the run and of its controls (what icr.evaluation.evaluate writes); unreadable files are left out."""
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    bases = [run_dir] + [c for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
+    for base in bases:
+        for path in sorted((base / "eval").glob(f"*/*/judgements.{_safe(judge)}.json")):
+            data = _read(path)
+            if not isinstance(data, list):
+                continue
+            prefs = {str(r["id"]): float(r["preference"]) for r in data if isinstance(r, dict) and "id" in r
+                     and isinstance(r.get("preference"), (int, float)) and not math.isnan(r["preference"])}
+            if prefs:
+                found[(path.parent.parent.name, path.parent.name)] = prefs
+    return found
+
+
+def _judged_as_reported(row: dict, prefs: dict[str, float] | None) -> bool:
+    """The judgements on disk are the ones behind `row`: as many, and the same win rate."""
+    return (prefs is not None and len(prefs) == row.get("n") and row.get("wr") is not None
+            and abs(100 * sum(prefs.values()) / len(prefs) - row["wr"]) < 1e-6)
+
+
+def average_wr(rows: list[dict], judgements: dict[tuple[str, str], dict[str, float]] | None = None) -> dict:
+    """The mean WR over `rows` (one model, one row per language) with its SE and 95% half-width, in %.
+
+    The languages answer the same prompts (translations), so the SE is clustered by prompt id
+    (`icr.stats.clustered_mean_of_means`, "how": "clustered") when `judgements` holds every row's
+    per-prompt preferences, matching the row, and the languages share prompt ids. Otherwise ("how":
+    "independent") SE = (Σ SE_l²)^½ / k, which is too small when languages are correlated; its half-width
+    uses t_{0.975, min n − 1}."""
+    mean = sum(r["wr"] for r in rows) / len(rows)
+    prefs = {r["lang"]: (judgements or {}).get((r["model"], r["lang"])) for r in rows}
+    if all(_judged_as_reported(r, prefs[r["lang"]]) for r in rows):
+        try:
+            c = clustered_mean_of_means(prefs)
+        except ValueError:
+            c = None
+        if c is not None and c["shared"]:
+            return {"mean": mean, "se": 100 * c["se"], "half": 100 * (c["ci_95"][1] - c["mean"]),
+                    "how": "clustered", "prompts": c["clusters"]}
+    ses, ns = [r.get("wr_se") for r in rows], [r.get("n") for r in rows]
+    se = None if any(v is None for v in ses) else math.sqrt(sum(v * v for v in ses)) / len(rows)
+    known_n = all(isinstance(n, int) and n >= 2 for n in ns)
+    return {"mean": mean, "se": se, "half": t975(min(ns) - 1) * se if se is not None and known_n else None,
+            "how": "independent"}
 
 
 def _harness_section(rows: list[dict]) -> list[str]:
@@ -239,10 +355,16 @@ def _detail(row: dict | None) -> str:
 
 
 LC_BOUND = 0.5  # an LC within this many points of 0 or 100: the length term separated the data
-WR_PLOT_NOTE = (f"Plot: error bars ± 1 standard error; the average over languages (middle) of ICR and each control "
-                f"(SE of the mean assuming independent languages). LC within {LC_BOUND} points of 0 or 100 means "
-                f"the length fit separated the data (not meaningful): such points are left out, and the LC panel is "
-                f"drawn only when at least half of the judge's LC values remain.")
+
+
+def wr_plot_note(independent: bool = False) -> str:
+    """The note under the WR plot; `independent`: some average's SE could not be clustered by prompt."""
+    how = ("clustered by prompt id, as in the table" if not independent else
+           f"clustered by prompt id where it can be; else assuming independent languages ({INDEPENDENT_WHY})")
+    return (f"Plot: error bars ± 1 standard error (the table's 95% intervals are t · SE: about 2 SE from 30 answers "
+            f"up); the average over languages (middle) of ICR and each control, its SE {how}. LC within {LC_BOUND} "
+            f"points of 0 or 100 means the length fit separated the data (not meaningful): such points are left out, "
+            f"and the LC panel is drawn only when at least half of the judge's LC values remain.")
 
 
 def _lc_inside(value) -> bool:
@@ -261,35 +383,51 @@ def model_family(model: str) -> str:
     return "ICR" if MAIN_MODEL.match(model) or not m else m.group(1)
 
 
-def wr_series(rows: list[dict], key: str = "wr") -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+def wr_series(rows: list[dict], key: str = "wr", judgements: dict[tuple[str, str], dict[str, float]] | None = None,
+              independent: list | None = None) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
     """{(family, lang): [(iteration, value, se), ...]} of `key` ("wr" or "lc": LC has no SE (0), values at
-    the bounds are left out); a control's
-    line starts at the M0 point it was trained from. Also (family, "avg"): the mean over the languages
-    present at every iteration of that family, SE = sqrt(sum se^2) / k."""
-    series: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    the bounds are left out); a control's line starts at the M0 point it was trained from. Also
+    (family, "avg"): the mean over the languages present at every iteration of that family, its SE as
+    `average_wr` gives it (clustered by prompt id with `judgements`; else assuming independent languages,
+    and then (family, iteration) is appended to `independent` when given)."""
+    series: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
         if r[key] is not None and (key == "wr" or _lc_inside(r[key])):
-            se = (r["wr_se"] or 0.0) if key == "wr" else 0.0
-            series.setdefault((model_family(r["model"]), r["lang"]), {})[r["iteration"]] = (float(r[key]), float(se))
+            series.setdefault((model_family(r["model"]), r["lang"]), {})[r["iteration"]] = r
     for (family, lang), pts in list(series.items()):
         start = series.get(("ICR", lang), {}).get(0)
         if family != "ICR" and start is not None:
             pts.setdefault(0, start)
+
+    def point(r: dict) -> tuple[float, float]:
+        return float(r[key]), float((r["wr_se"] or 0.0) if key == "wr" else 0.0)
+
+    out = {k: {t: point(r) for t, r in pts.items()} for k, pts in series.items()}
     for family in dict.fromkeys(f for f, _ in list(series)):
-        langs = [lang for f, lang in series if f == family and lang != "avg"]
+        langs = [lang for f, lang in series if f == family]
         common = set.intersection(*(set(series[(family, lang)]) for lang in langs)) if langs else set()
-        series[(family, "avg")] = {t: (sum(series[(family, lang)][t][0] for lang in langs) / len(langs),
-                                       math.sqrt(sum(series[(family, lang)][t][1] ** 2 for lang in langs)) / len(langs))
-                                   for t in common}
-    return {k: [(t, v, se) for t, (v, se) in sorted(pts.items())] for k, pts in series.items() if pts}
+        out[(family, "avg")] = {}
+        for t in common:
+            at_t = [series[(family, lang)][t] for lang in langs]
+            if key == "wr":
+                avg = average_wr(at_t, judgements)
+                out[(family, "avg")][t] = (avg["mean"], avg["se"] or 0.0)
+                if independent is not None and avg["how"] == "independent" and len(at_t) > 1:
+                    independent.append((family, t))
+            else:
+                out[(family, "avg")][t] = (sum(float(r[key]) for r in at_t) / len(at_t), 0.0)
+    return {k: [(t, v, se) for t, (v, se) in sorted(pts.items())] for k, pts in out.items() if pts}
 
 
-def _plot_wr(rows: list[dict], langs: list[str], judge: str, plt) -> bytes | None:
-    """WR per language (ICR), average WR of ICR and the controls, and LC per language when meaningful."""
+def _plot_wr(rows: list[dict], langs: list[str], judge: str, plt,
+             judgements: dict[tuple[str, str], dict[str, float]] | None = None,
+             independent: list | None = None) -> bytes | None:
+    """WR per language (ICR), average WR of ICR and the controls (SE clustered by prompt id with
+    `judgements`), and LC per language when meaningful."""
     if plt is None or not rows:
         return None
     with_lc = lc_meaningful(rows)
-    wr, lc = wr_series(rows, "wr"), wr_series(rows, "lc") if with_lc else {}
+    wr, lc = wr_series(rows, "wr", judgements, independent), wr_series(rows, "lc") if with_lc else {}
     fig, axes = plt.subplots(1, 3 if with_lc else 2, figsize=(15 if with_lc else 10, 4), sharey=True)
     panels = [(axes[0], wr, [("ICR", lang) for lang in langs], f"WR per language, ICR ({judge})"),
               (axes[1], wr, [k for k in wr if k[1] == "avg"], "average WR: ICR and controls")]
@@ -412,10 +550,21 @@ def agreement_by_iteration(run_dir: Path) -> list[tuple[str, int, dict]]:
 
 
 def _agreement_section(run_dir: Path) -> list[dict]:
+    """The reward's agreement with the judge per iteration (and control); a control's rows identical,
+    number for number, to the main run's of the same iteration (a control starts from π0, so it scores
+    the same iteration-1 samples) are not repeated: a note names them instead."""
     found = agreement_by_iteration(run_dir)
-    kinds = list(dict.fromkeys(k for _, _, data in found for v in data.values() if isinstance(v, dict) for k in v))
-    rows = []
+    main = {t: data for label, t, data in found if not label}
+    same_as_main: dict[int, list[str]] = {}
+    kept = []
     for label, t, data in found:
+        if label and main.get(t) == data:
+            same_as_main.setdefault(t, []).append(label)
+        else:
+            kept.append((label, t, data))
+    kinds = list(dict.fromkeys(k for _, _, data in kept for v in data.values() if isinstance(v, dict) for k in v))
+    rows = []
+    for label, t, data in kept:
         for lang, per_kind in data.items():
             if not isinstance(per_kind, dict):
                 continue
@@ -427,11 +576,18 @@ def _agreement_section(run_dir: Path) -> list[dict]:
             rows.append(row)
     if not rows:
         return []
-    return [heading("Reward agreement with the judge"),
-            text_block("% of pairs of an iteration's samples (from π_{t-1}, scored by that iteration's reward) where "
-                       "the implicit reward orders the two answers as the judge does; Iter = the iteration "
-                       "(control/iteration for a control's own samples), one column per kind of pair."),
-            table_block(["Iter", "Lang"] + kinds, rows)]
+    iterations = ", ".join(str(t) for t in sorted({t for _, t, _ in kept}))
+    out = [heading("Reward agreement with the judge"),
+           text_block(f"% of pairs where the implicit reward orders the two answers as the judge does, one column per "
+                      f"kind of pair. The rows of iteration t come from iteration t's samples (answers of π_{{t-1}}: "
+                      f"π0's for iteration 1) scored by iteration t's reward; control/t: that control's own "
+                      f"iteration-t samples. Iterations in this table: {iterations}."),
+           table_block(["Iter", "Lang"] + kinds, rows)]
+    for t, labels in sorted(same_as_main.items()):
+        out.append(text_block(f"Iteration {t}'s rows are also those of {', '.join(f'{c}/{t}' for c in labels)}: "
+                              f"identical numbers (the control{'s' if len(labels) > 1 else ''} scored the same "
+                              f"iteration-{t} samples with the same reward), not repeated."))
+    return out
 
 
 def _timing_section(run_dir: Path) -> list[dict]:
@@ -472,7 +628,8 @@ def report_blocks(run_dir: Path) -> tuple[list[dict], list[str]]:
     from .evaluation.mt_bench import mt_bench_section  # the paper's Table 3 (rows of kind mt_bench)
 
     flags = _read(run_dir / "language_flags.json") or {}  # languages the prepare step built badly (icr.loop)
-    body = _results_section(judged, plt, flags) + _harness_section(harness) + mt_bench_section(rows) \
+    judgements = {judge: read_judgements(run_dir, judge) for judge in dict.fromkeys(r["judge"] for r in judged)}
+    body = _results_section(judged, plt, flags, judgements) + _harness_section(harness) + mt_bench_section(rows) \
         + _other_rows_section(other) \
         + _agreement_section(run_dir) + _pairs_section(run_dir, plt) + _training_section(run_dir) \
         + _timing_section(run_dir)

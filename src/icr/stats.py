@@ -65,6 +65,37 @@ def clustered_mean(values: list[float], clusters: list) -> dict:
     return {"mean": mean, "se": se, "clusters": g, "ci_95": [mean - half, mean + half]}
 
 
+def clustered_mean_of_means(groups: dict) -> dict:
+    """The mean over groups (languages) of each group's mean, and its cluster-robust standard error
+    when the clusters (prompt ids) cut across the groups: `groups` is {group: {cluster: value}}.
+
+    Why not `clustered_mean`: that weights every value alike, while a report's average over languages
+    weights every language alike; the two agree only when each language has the same prompts. Here the
+    estimate is linearised: value x of group l moves it by (x − mean_l) / (K · n_l); summed within each
+    cluster to s_g, SE² = G/(G−1) · Σ_g s_g² (the same sandwich as `clustered_mean`). When every group has
+    every cluster this is the standard error of the per-prompt averages, sd(a_g) / √G. "shared" counts
+    the clusters present in more than one group (none: the groups were independent samples after all);
+    the 95% interval uses t_{0.975, G-1}."""
+    if not groups or any(not values for values in groups.values()):
+        raise ValueError("clustered_mean_of_means: at least one group, none empty")
+    k = len(groups)
+    group_mean = {group: sum(values.values()) / len(values) for group, values in groups.items()}
+    mean = sum(group_mean.values()) / k
+    sums: dict = {}
+    groups_of_cluster: dict = {}
+    for group, values in groups.items():
+        for cluster, x in values.items():
+            sums[cluster] = sums.get(cluster, 0.0) + (x - group_mean[group]) / (k * len(values))
+            groups_of_cluster[cluster] = groups_of_cluster.get(cluster, 0) + 1
+    g = len(sums)
+    if g < 2:
+        raise ValueError("a clustered standard error needs at least 2 clusters")
+    se = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values()))
+    half = t975(g - 1) * se
+    return {"mean": mean, "se": se, "clusters": g, "shared": sum(n > 1 for n in groups_of_cluster.values()),
+            "ci_95": [mean - half, mean + half]}
+
+
 def cluster_bootstrap(values: list[float], clusters: list, statistic=None, n_boot: int = 2000,
                       seed: int = 0, strata: list | None = None) -> dict:
     """Percentile 95% interval of `statistic` (default: the mean) over `n_boot` resamples of whole
