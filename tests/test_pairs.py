@@ -275,3 +275,35 @@ def test_bound_mapping_is_checked_and_survives_a_json_round_trip():
                        ([1, 2], r"pairs\.max_chosen_reward: expected float or dict or null")):
         with pytest.raises(ConfigError, match=match):
             _bound_config(bad)
+
+
+def test_without_lingua_the_filter_off_pairs_are_chosen_and_fidelity_is_null(tmp_path, monkeypatch):
+    """lingua cannot travel to a bare GPU machine (bench/gpu_smoke.sh): with the language filter off
+    the pairs stage runs without it (same pairs, fidelity null rather than 1); with the filter on
+    the missing import stands."""
+    import sys
+
+    from icr.languages import language_identifier
+    from icr.plan import iteration_plan
+    from icr.stages import run_pairs
+
+    recs = [_rec("a", "en", 0, "x" * 10, 12.0), _rec("a", "en", 1, "y" * 2, 9.0), _rec("a", "en", 2, "z", 0.0)]
+    cfg = _bound_config(None, iterations=1)
+    plan = iteration_plan(cfg, tmp_path, 1)
+    _scored_stage(plan, recs)
+    language_identifier.cache_clear()  # an identifier built earlier would hide the import
+    monkeypatch.setitem(sys.modules, "lingua", None)  # `import lingua` raises ImportError
+    try:
+        assert "skipped" not in run_pairs(cfg, plan)
+        pair = json.loads((plan.pairs_dir / "pairs.jsonl").read_text())
+        assert (pair["chosen_sample"], pair["rejected_sample"]) == (0, 2)
+        stats = json.loads((plan.pairs_dir / "stats.json").read_text())["per_language"]["en"]
+        assert stats["candidate_fidelity"] is None and stats["chosen_fidelity"] is None
+        filter_on = _bound_config(None, iterations=1)
+        filter_on.pairs.language_filter = True
+        plan_on = iteration_plan(filter_on, tmp_path / "filter-on", 1)
+        _scored_stage(plan_on, recs)
+        with pytest.raises(ImportError):
+            run_pairs(filter_on, plan_on)
+    finally:
+        language_identifier.cache_clear()

@@ -91,14 +91,43 @@ def test_frozen_parameters_hold_no_optimizer_state():
 
 
 def test_disk_of_a_saved_model_and_a_resume_checkpoint():
-    assert saved_model_bytes(P8B, Layout()) == 4 * P8B  # fp32 masters saved in fp32: 32 GB
-    assert checkpoint_bytes(P8B, Layout()) == 3 * 4 * P8B  # + AdamW's two moments: x 3
+    # every training path saves in train.save_dtype (icr.train._save_final): fp32 by default, 32 GB
+    assert saved_model_bytes(P8B) == saved_model_bytes(P8B, "float32") == 4 * P8B
+    assert saved_model_bytes(P8B, "bfloat16") == 2 * P8B  # the authors' bf16 save: half the disk
+    with pytest.raises(ValueError, match="train.save_dtype"):
+        saved_model_bytes(P8B, "float16")
+    assert checkpoint_bytes(P8B, Layout()) == 3 * 4 * P8B  # fp32 weights + AdamW's two moments: x 3
     ds = Layout("deepspeed", 8, zero_stage=3)
-    assert saved_model_bytes(P8B, ds) == 2 * P8B  # the 16-bit model gathered on save
-    assert checkpoint_bytes(P8B, ds) == (2 + 12) * P8B  # + fp32 master and AdamW
-    assert saved_model_bytes(P8B, Layout(), lora=True) == 2 * P8B  # merged into the bf16 base
+    assert checkpoint_bytes(P8B, ds) == (2 + 12) * P8B  # the bf16 module + fp32 master and AdamW
+    assert checkpoint_bytes(10, ds, device="cpu") == (4 + 12) * 10  # fp32 on the CPU
     assert checkpoint_bytes(P8B, Layout(), trained=1000, lora=True) == 12 * 1000  # the adapters only
-    assert saved_model_bytes(10, Layout("deepspeed", 2, zero_stage=3), device="cpu") == 40  # fp32 on the CPU
+
+
+def test_the_disk_check_counts_the_models_in_train_save_dtype(tmp_path, monkeypatch):
+    """Two iterations of Llama-3-8B on the CPU need 2 saved models + one fp32 checkpoint (12 bytes per
+    parameter): 20 x P = 149.6 GiB with float32 saves, 16 x P = 119.7 GiB with bfloat16 saves.
+    130 GiB free refuses the first and takes the second."""
+    import collections
+    import shutil
+
+    import icr.resources
+    from icr.config import config_from_dict
+    from icr.errors import IcrError
+    from icr.loop import check_training_resources
+
+    monkeypatch.setattr(icr.resources, "model_shapes", lambda name: llama3_8b_shapes())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(200 * GIB, 70 * GIB, 130 * GIB))
+
+    def config(save_dtype: str):
+        return config_from_dict({"name": "disk", "run_root": str(tmp_path), "languages": ["en"], "iterations": 2,
+                                 "device": "cpu", "models": {"dpo": "a", "sft": "b"},
+                                 "prompts": {"path": "p/{lang}.jsonl"}, "train": {"save_dtype": save_dtype}})
+
+    with pytest.raises(IcrError, match=r"needs at least 149\.6 GiB of disk \(2 iteration model\(s\) of 29\.9 GiB "):
+        check_training_resources(config("float32"))
+    check_training_resources(config("bfloat16"))  # 119.7 GiB: fits
+    assert round(16 * P8B / GIB, 1) == 119.7
 
 
 def test_layout_of_each_shipped_accelerate_config():

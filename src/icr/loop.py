@@ -653,7 +653,7 @@ def check_training_resources(cfg: ExperimentConfig) -> None:
     if device == "cuda":
         check_gpu_memory(cfg, path, layout, -(-total // machines), shapes, params, trained, what)
 
-    model = saved_model_bytes(params, layout, lora=lora.enabled, device=device or "cuda")
+    model = saved_model_bytes(params, cfg.train.save_dtype)
     checkpoint = checkpoint_bytes(params, layout, trained=trained, lora=lora.enabled, device=device or "cuda")
     folders = [cfg.run_dir] + [cfg.run_dir / "controls" / c["label"] for c in cfg.controls
                                if isinstance(c, dict) and isinstance(c.get("label"), str)]

@@ -70,7 +70,8 @@ def select_pairs(scored: list[dict], cfg: PairsConfig, *, seed: int = 42, in_lan
     """Pick one (chosen, rejected) pair per prompt; return (pairs, stats per language).
 
     `scored`: records with id, lang, prompt, sample, response, finished, n_tokens, reward.
-    `in_language(text, lang) -> bool` implements the language filter (None: filter off).
+    `in_language(text, lang) -> bool` is the language test of the language filter and of the fidelity
+    figures (None: no filter, and candidate_fidelity / chosen_fidelity are None).
     `judge_scores[(id, lang, sample)]` is needed for `selection: judge` (the oracle control).
     `cfg.max_chosen_reward` must be one number or None: a per-iteration mapping is resolved first
     (`cfg.at_iteration(t)`, as `icr.stages.run_pairs` does).
@@ -111,7 +112,8 @@ def _filter_candidates(lang, keys, groups, scored, scores, cfg: PairsConfig, in_
         for i in finite:
             rec = scored[i]
             ok_lang = in_language is None or in_language(rec["response"], lang)
-            st["candidates_in_language"] += bool(ok_lang)
+            if in_language is not None:
+                st["candidates_in_language"] += bool(ok_lang)
             if (cfg.language_filter and not ok_lang) or (cfg.drop_truncated and not rec["finished"]):
                 continue
             keep.append(i)
@@ -184,7 +186,10 @@ def _language_pairs(lang, kept_keys, cand_idx, scored, scores, length_of, alpha,
     st["chosen_len_mean"] = float(np.mean(chosen_len)) if chosen_len else None
     st["rejected_len_mean"] = float(np.mean(rejected_len)) if rejected_len else None
     st["chosen_fidelity"] = float(np.mean(chosen_in_lang)) if chosen_in_lang else None
-    st["candidate_fidelity"] = st["candidates_in_language"] / max(1, st["n_candidates"] - st["dropped_nonfinite"])
+    if in_language is None:  # no language test: the fidelity is not known, not 1
+        st["candidates_in_language"] = st["candidate_fidelity"] = None
+    else:
+        st["candidate_fidelity"] = st["candidates_in_language"] / max(1, st["n_candidates"] - st["dropped_nonfinite"])
     return pairs
 
 

@@ -32,11 +32,12 @@ Not counted: activations (they depend on batch size and sequence length), the CU
 allocator fragmentation. The estimate is a floor: a run refused here cannot fit; one accepted may
 still need a smaller `train.per_device_batch_size` or `train.gradient_checkpointing`.
 
-Disk: the saved iteration model holds every parameter in the dtype it was trained in (fp32 without
-DeepSpeed or LoRA, bf16 with them; fp32 on the CPU); a resume checkpoint holds that plus the
-optimizer state (AdamW's 8 bytes per trained parameter, + the 4-byte master copy under DeepSpeed):
-3 x the model for fp32 full fine-tuning. A run writes one model per iteration (and per control)
-and keeps at least one checkpoint while training.
+Disk: the saved iteration model holds every parameter in train.save_dtype on every training path
+(4 bytes in float32, the default; 2 in bfloat16); a resume checkpoint holds the trained weights as
+training holds them (fp32; the bf16 module under DeepSpeed on GPUs) plus the optimizer state
+(AdamW's 8 bytes per trained parameter, + the 4-byte master copy under DeepSpeed): 3 x the fp32
+model for fp32 full fine-tuning. A run writes one model per iteration (and per control) and keeps
+at least one checkpoint while training.
 """
 
 from __future__ import annotations
@@ -327,18 +328,26 @@ def training_memory(params: int, layout: Layout, *, trained: int | None = None, 
     return Memory(weights, master, gradients, optimizer, reference)
 
 
-def saved_model_bytes(params: int, layout: Layout, *, lora: bool = False, device: str = "cuda") -> int:
-    """A saved iteration model: every parameter in the dtype it was trained in (LoRA merged)."""
-    per = 4 if device == "cpu" or not (lora or layout.kind == "deepspeed") else 2
-    return per * params
+SAVE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # train.save_dtype
+
+
+def saved_model_bytes(params: int, save_dtype: str = "float32") -> int:
+    """A saved iteration model: every parameter in train.save_dtype, whatever the training path
+    (icr.train._save_final: one process, DDP, LoRA merged in fp32, DeepSpeed from its fp32 masters,
+    FSDP)."""
+    if save_dtype not in SAVE_DTYPE_BYTES:
+        raise ValueError(f"train.save_dtype: {save_dtype!r} is not one of {sorted(SAVE_DTYPE_BYTES)}")
+    return SAVE_DTYPE_BYTES[save_dtype] * params
 
 
 def checkpoint_bytes(params: int, layout: Layout, *, trained: int | None = None, lora: bool = False,
                      device: str = "cuda") -> int:
-    """A resume checkpoint: the trained weights and their optimizer state (AdamW's two fp32 moments,
-    + DeepSpeed's fp32 master copy); with LoRA the adapters alone."""
+    """A resume checkpoint: the trained weights as training holds them (fp32; the bf16 module under
+    DeepSpeed on GPUs) and their optimizer state (AdamW's two fp32 moments, + DeepSpeed's fp32
+    master copy); with LoRA the adapters alone. train.save_dtype does not change it."""
     trained = params if trained is None else trained
     state = (12 if layout.kind == "deepspeed" else 8) * trained
     if lora:
         return 4 * trained + state
-    return saved_model_bytes(params, layout, device=device) + state
+    held = 2 if layout.kind == "deepspeed" and device != "cpu" else 4
+    return held * params + state

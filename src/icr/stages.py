@@ -299,11 +299,30 @@ SHARDED = {"generate": GENERATE, "score": SCORE}
 # pairs
 # ---------------------------------------------------------------------------------------------
 
+def pairs_language_test(cfg: ExperimentConfig) -> Callable[[str, str], bool] | None:
+    """The pairs stage's language test (lingua, restricted to the run's languages), or None.
+
+    `pairs.language_filter` needs it, and an ImportError then stands. With the filter off it only
+    feeds the fidelity figures of pairs/stats.json (candidate_fidelity, chosen_fidelity); where
+    lingua cannot be imported, e.g. on a GPU machine running icr from its source tree (lingua's
+    170 MB wheel cannot be brought there: bench/gpu_smoke.sh), those figures are null and the pairs
+    are the same."""
+    from .languages import language_identifier
+
+    if cfg.pairs.language_filter:
+        return language_identifier(tuple(cfg.languages)).is_in
+    try:
+        return language_identifier(tuple(cfg.languages)).is_in
+    except ImportError as e:
+        log.warning("pairs: lingua cannot be imported (%s); the language filter is off, so the pairs do not "
+                    "depend on it, but stats.json records no fidelity (null)", e)
+        return None
+
+
 def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict:
     """Best vs worst sample per prompt (icr.pairs: length control, filters); `judge` only for
     `pairs.selection: judge` (a judge that scores single answers)."""
     from .evaluation.judges import JudgeItem, can_score
-    from .languages import language_identifier
     from .pairs import llamafactory_dataset_info, select_pairs
 
     stage_dir = plan.pairs_dir
@@ -331,8 +350,7 @@ def run_pairs(cfg: ExperimentConfig, plan: IterationPlan, *, judge=None) -> dict
         items = [JudgeItem(id=r["id"], lang=r["lang"], instruction=r["prompt"], output=r["response"])
                  for r in scored]
         judge_scores = {(r["id"], r["lang"], r["sample"]): s for r, s in zip(scored, judge.score(items))}
-    pairs, stats = select_pairs(scored, pairs_cfg, seed=plan.seed,
-                                in_language=language_identifier(tuple(cfg.languages)).is_in,
+    pairs, stats = select_pairs(scored, pairs_cfg, seed=plan.seed, in_language=pairs_language_test(cfg),
                                 judge_scores=judge_scores)
     for lang, st in stats["per_language"].items():
         if st["n_pairs"] == 0:  # that language gets no training this iteration: say why
