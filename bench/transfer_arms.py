@@ -40,8 +40,9 @@ CONFIG = REPO / "configs" / "sandbox-transfer.yaml"
 LANGS = ["en", "es", "de", "fr", "ru", "sw"]
 NON_EN = LANGS[1:]
 # arm label -> the evaluated model folder (run-relative); M1 of each control, M0 and pi_SFT of the main run
-ARMS = {"sft": "eval/sft", "M0": "eval/M0", "icr": "eval/M1", "icr-filter": "controls/icr-filter/eval/M1",
-        "oracle-pairs": "controls/oracle-pairs/eval/M1", "random-pairs": "controls/random-pairs/eval/M1"}
+ARMS = {"sft": "eval/sft", "M0": "eval/M0", "icr": "eval/M1", "icr-filter": "controls/icr-filter/eval/M1-icr-filter",
+        "oracle-pairs": "controls/oracle-pairs/eval/M1-oracle-pairs",
+        "random-pairs": "controls/random-pairs/eval/M1-random-pairs"}
 PAIRS = {"icr": "iter1/pairs/pairs.jsonl", "icr-filter": "controls/icr-filter/iter1/pairs/pairs.jsonl",
          "oracle-pairs": "controls/oracle-pairs/iter1/pairs/pairs.jsonl",
          "random-pairs": "controls/random-pairs/iter1/pairs/pairs.jsonl"}
