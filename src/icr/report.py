@@ -196,29 +196,7 @@ def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None,
                            "judge's preference averaged over its languages; the standard error over prompts; "
                            "t_{0.975, prompts − 1})." + (" " + _lc_note(jrows) if with_lc else "")),
                 table_block(header, table)]
-        if with_lc and lc_dashed:
-            out.append(text_block(f"LC – : within {LC_BOUND} points of 0 or 100, where the length term separates the "
-                                  "judge's verdicts and LC is not meaningful; Avg LC is – when any language it would "
-                                  "average has such an LC (not an average over fewer languages)."))
-        if not with_lc:
-            out.append(text_block(
-                f"No LC columns: fewer than half of this judge's LC values lie inside ({LC_BOUND}, {100 - LC_BOUND}) "
-                "(the length term separated the verdicts), so LC is not meaningful here."
-                if any(r["lc"] is not None for r in jrows) else
-                "No LC columns: no language was judged against references, so there is no LC."))
-        for lang in langs:
-            if lang in flags:
-                out.append(text_block(f"⚠ {lang}: flagged by the run's prepare step (language_flags.json): "
-                                      f"{flags[lang]}. Its numbers say what that build did, not what the method does."))
-        if incomplete:
-            out.append(text_block("† averaged over the languages evaluated for that model only."))
-        if unreferenced:
-            out.append(text_block(f"‡ {', '.join(sorted(unreferenced))} judged without references (against an empty "
-                                  "answer: WR = share of answers the judge rates above nothing, no LC); not in the "
-                                  "averages of the models that also have languages with references."))
-        if independent:
-            out.append(text_block("§ interval assuming independent languages ((Σ SE²)^½ / languages): "
-                                  f"{INDEPENDENT_WHY}; likely too narrow, since the languages share prompts."))
+        out += _win_table_notes(jrows, langs, flags, with_lc, lc_dashed, incomplete, unreferenced, independent)
         out += [text_block("Per language: WR standard error / language fidelity (%) / mean length (chars) / n."),
                 table_block(["Model"] + langs, details)]
         plot_fell_back: list = []
@@ -227,6 +205,36 @@ def _results_section(rows: list[dict], plt, flags: dict[str, str] | None = None,
             out += [figure_block(f"wr_by_iteration.{_safe(judge)}.png", "WR across iterations", png),
                     text_block(wr_plot_note(bool(plot_fell_back)))]
     return out
+
+
+def _win_table_notes(jrows: list[dict], langs: list[str], flags: dict[str, str], with_lc: bool, lc_dashed: bool,
+                     incomplete: bool, unreferenced: set, independent: bool) -> list[dict]:
+    """The notes under a win-rate table: LC dashes or no LC, flagged languages, and the marks †, ‡, §."""
+    notes: list[dict] = []
+    if with_lc and lc_dashed:
+        notes.append(text_block(f"LC – : within {LC_BOUND} points of 0 or 100, where the length term separates the "
+                                "judge's verdicts and LC is not meaningful; Avg LC is – when any language it would "
+                                "average has such an LC (not an average over fewer languages)."))
+    if not with_lc:
+        notes.append(text_block(
+            f"No LC columns: fewer than half of this judge's LC values lie inside ({LC_BOUND}, {100 - LC_BOUND}) "
+            "(the length term separated the verdicts), so LC is not meaningful here."
+            if any(r["lc"] is not None for r in jrows) else
+            "No LC columns: no language was judged against references, so there is no LC."))
+    for lang in langs:
+        if lang in flags:
+            notes.append(text_block(f"⚠ {lang}: flagged by the run's prepare step (language_flags.json): "
+                                    f"{flags[lang]}. Its numbers say what that build did, not what the method does."))
+    if incomplete:
+        notes.append(text_block("† averaged over the languages evaluated for that model only."))
+    if unreferenced:
+        notes.append(text_block(f"‡ {', '.join(sorted(unreferenced))} judged without references (against an empty "
+                                "answer: WR = share of answers the judge rates above nothing, no LC); not in the "
+                                "averages of the models that also have languages with references."))
+    if independent:
+        notes.append(text_block("§ interval assuming independent languages ((Σ SE²)^½ / languages): "
+                                f"{INDEPENDENT_WHY}; likely too narrow, since the languages share prompts."))
+    return notes
 
 
 def _with_half(value, half) -> str:
