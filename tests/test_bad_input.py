@@ -71,6 +71,8 @@ CASES = {
     "prefix-with-another-placeholder": ({"reward__prefix": "Answer in {lang}: "}, None,
                                         "reward.prefix: only {language} may be a placeholder"),
     "freeze-empty-name": ({"train__freeze": [""]}, None, "train.freeze: names must be non-empty strings"),
+    "unknown-optimizer": ({"train__optimizer": "adamw_8bit"}, None, "train.optimizer: 'adamw_8bit' is not one of "
+                          "adamw_torch_fused, adamw_torch, adamw_bnb_8bit"),
     "unknown-lr-scheduler": ({"train__lr_scheduler": "cosinus"}, None,
                              "train.lr_scheduler: 'cosinus' is not a transformers scheduler"),
     "lone-surrogate-in-a-prompt": ({}, ("es", b'{"instruction_id": "p0", "instruction": "Hola \\ud800"}\n'),

@@ -360,3 +360,129 @@ def test_lc_data_dir_is_checked_with_the_evaluation_ids(tmp_path, tiny_pair, cli
                                          evaluation__lc_data_dir=str(tmp_path / "lc")))[::2])
     assert "evaluation.lc_method alpaca_eval: prompt id '7' is not one of AlpacaEval's instruction ids 1..2" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. train.optimizer: bitsandbytes' 8-bit AdamW
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bitsandbytes(tmp_path, monkeypatch):
+    """install(version, body): a stand-in bitsandbytes package (a version in its dist-info, an
+    __init__ body) first on sys.path; install(None): bitsandbytes not found, whatever is installed."""
+    real_find_spec = importlib.util.find_spec
+    count = iter(range(100))
+
+    def install(version: str | None, body: str = "") -> None:
+        if version is None:
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "bitsandbytes"
+                                else real_find_spec(name, *a, **k))
+            return
+        monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+        root = tmp_path / f"site-bnb-{next(count)}"
+        (root / "bitsandbytes").mkdir(parents=True)
+        (root / "bitsandbytes" / "__init__.py").write_text(body)
+        dist = root / f"bitsandbytes-{version}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: bitsandbytes\nVersion: {version}\n")
+        monkeypatch.syspath_prepend(str(root))
+
+    return install
+
+
+def test_8bit_optimizer_without_a_working_bitsandbytes_is_refused(tmp_path, tiny_pair, cli, bitsandbytes):
+    """train.optimizer adamw_bnb_8bit needs bitsandbytes, at least the version transformers' Trainer
+    accepts (0.46.1; older raises ImportError when the optimizer is created), and importable: else
+    one line naming train.optimizer and the install, before anything is written."""
+    _good_prompts(tmp_path / "prompts")
+    config = _config(tmp_path, tiny_pair, train__optimizer="adamw_bnb_8bit")
+    missing = ("icr: error: train.optimizer: adamw_bnb_8bit needs bitsandbytes >= 0.46.1: pip install -U "
+               "'bitsandbytes>=0.46.1' (on every training machine), or set train.optimizer to adamw_torch_fused")
+    bitsandbytes(None)
+    assert _error(*cli("run", config)[::2]) == missing
+    assert not (tmp_path / "runs").exists()
+    bitsandbytes("0.45.5")
+    assert _error(*cli("validate", config)[::2]) == missing
+    bitsandbytes("0.50.2", "raise RuntimeError('no usable GPU backend')\n")
+    assert _error(*cli("validate", config)[::2]) == (
+        "icr: error: train.optimizer: adamw_bnb_8bit needs bitsandbytes, which does not import (RuntimeError: "
+        "no usable GPU backend); reinstall it, or set train.optimizer to adamw_torch_fused")
+    bitsandbytes("0.50.2")
+    code, out, err = cli("validate", config)
+    assert code == 0 and out.strip().endswith(": ok"), err
+    # one process or DDP only: DeepSpeed runs the optimizer itself, FSDP2's DTensors fail in its update
+    code, out, err = cli("validate", _config(tmp_path, tiny_pair, train__optimizer="adamw_bnb_8bit",
+                                             train__accelerate_config="ddp"))
+    assert code == 0, err
+    line = _error(*cli("run", _config(tmp_path, tiny_pair, train__optimizer="adamw_bnb_8bit",
+                                      train__accelerate_config="deepspeed_zero2"))[::2])
+    assert line.startswith("icr: error: train.optimizer: adamw_bnb_8bit cannot run under DeepSpeed (") and \
+        "deepspeed_zero2.yaml): DeepSpeed runs the optimizer itself" in line, line
+    line = _error(*cli("run", _config(tmp_path, tiny_pair, train__optimizer="adamw_bnb_8bit",
+                                      train__accelerate_config="fsdp"))[::2])
+    assert line.startswith("icr: error: train.optimizer: adamw_bnb_8bit cannot run under FSDP (") and \
+        "fsdp.yaml): bitsandbytes' 8-bit update fails on FSDP2's sharded (DTensor) parameters" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_fit_refusal_offers_the_8bit_optimizer_only_when_bitsandbytes_is_installed(tmp_path, tiny_pair, cli,
+                                                                                      gpus, monkeypatch, bitsandbytes):
+    """Llama-3-8B in one process on a 100 GiB GPU: 134.6 GiB with AdamW does not fit; 8-bit AdamW
+    (18.1 GiB of optimizer state instead of 59.8: tests/test_resources.py) needs 92.9 GiB, offered
+    with its estimate when bitsandbytes is installed, not otherwise."""
+    llama3_8b_shapes(monkeypatch)
+    gpus(1, 100 * GIB, "Fake 100 GiB GPU")
+    _good_prompts(tmp_path / "prompts")
+    config = _config(tmp_path, tiny_pair, device="cuda")
+    bitsandbytes(None)
+    line = _error(*cli("run", config)[::2])
+    assert line.startswith("icr: error: train: training needs ~134.6 GiB") and line.endswith(
+        "has 100.0 GiB; set train.lora.enabled: true (~30.5 GiB)"), line
+    bitsandbytes("0.50.2")
+    line = _error(*cli("run", config)[::2])
+    assert line.endswith("has 100.0 GiB; set train.lora.enabled: true (~30.5 GiB) or train.optimizer: "
+                         "adamw_bnb_8bit (~92.9 GiB)"), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_fit_check_counts_the_8bit_optimizer_when_it_is_set(tmp_path, tiny_pair, cli, gpus, monkeypatch,
+                                                               bitsandbytes):
+    """With train.optimizer adamw_bnb_8bit the estimate is the 8-bit one (92.9 GiB for Llama-3-8B in
+    one process): it fits 100 GiB, not 80; the 8-bit optimizer is not offered again, and sharding
+    (where it cannot run) is offered with adamw_torch_fused."""
+    llama3_8b_shapes(monkeypatch)
+    bitsandbytes("0.50.2")
+    monkeypatch.delenv("ICR_ACCELERATE_ARGS", raising=False)
+    _good_prompts(tmp_path / "prompts")
+    config = _config(tmp_path, tiny_pair, device="cuda", train__optimizer="adamw_bnb_8bit")
+    gpus(1, 100 * GIB)
+    code, out, err = cli("validate", config)
+    assert code == 0, err
+    gpus(1, 80 * GIB)
+    line = _error(*cli("run", config)[::2])
+    assert line.startswith("icr: error: train: training needs ~92.9 GiB of GPU memory per process before "
+                           "activations (weights 29.9 GiB + gradients 29.9 GiB + 8-bit AdamW 18.1 GiB + reference "
+                           "15.0 GiB; no sharding, 1 process; models.dpo "), line
+    assert line.endswith("has 80.0 GiB; set train.lora.enabled: true (~30.3 GiB)"), line
+    gpus(8, 80 * GIB)
+    line = _error(*cli("run", _config(tmp_path, tiny_pair, device="cuda", train__optimizer="adamw_bnb_8bit",
+                                      train__accelerate_config="ddp"))[::2])
+    sharded = ("deepspeed_zero3 on 8 GPU(s) (~18.7 GiB)" if importlib.util.find_spec("deepspeed")
+               else "fsdp on 8 GPU(s) (~16.8 GiB)").replace(" (", " with train.optimizer: adamw_torch_fused (")
+    assert "DDP, nothing sharded, 8 processes" in line and line.endswith(
+        f"has 80.0 GiB; set train.accelerate_config: {sharded} or train.lora.enabled: true (~30.3 GiB)"), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_disk_check_counts_the_8bit_optimizer_state_of_the_resume_checkpoint(tmp_path, tiny_pair, cli,
+                                                                                  monkeypatch, bitsandbytes):
+    """Two iterations on the CPU with adamw_bnb_8bit: 2 fp32 models of 29.9 GiB + a checkpoint of the
+    fp32 weights and 8-bit AdamW's state, 48.0 GiB (tests/test_resources.py) instead of 89.7."""
+    llama3_8b_shapes(monkeypatch, free_disk=10 * GIB)
+    bitsandbytes("0.50.2")
+    _good_prompts(tmp_path / "prompts")
+    line = _error(*cli("run", _config(tmp_path, tiny_pair, train__optimizer="adamw_bnb_8bit"))[::2])
+    assert round((8 * P8B + 51_568_115_840) / GIB, 1) == 107.9
+    assert line.startswith("icr: error: run_root: training needs at least 107.9 GiB of disk (2 iteration model(s) "
+                           "of 29.9 GiB + a resume checkpoint of 48.0 GiB, weights and optimizer state; "), line
+    assert not (tmp_path / "runs").exists()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from icr.resources import (GIB, Layout, checkpoint_bytes, config_shapes, gib, layout_from_accelerate,
-                           lora_parameter_count, model_shapes, parameter_count, saved_model_bytes, training_memory)
+from icr.resources import (GIB, Layout, checkpoint_bytes, config_shapes, fp32_state_count, gib,
+                           layout_from_accelerate, lora_parameter_count, model_shapes, parameter_count,
+                           saved_model_bytes, training_memory)
 
 from .conftest import REPO
 
@@ -88,6 +89,40 @@ def test_frozen_parameters_hold_no_optimizer_state():
     assert trained == P8B - 128256 * 4096
     m = training_memory(P8B, Layout(), trained=trained)
     assert m.weights == 4 * P8B and m.optimizer == 8 * trained
+
+
+def test_8bit_adamw_keeps_about_2_bytes_per_parameter_and_fp32_moments_for_the_embeddings():
+    """train.optimizer adamw_bnb_8bit, Llama-3-8B in one process, by hand. bitsandbytes' 8-bit AdamW
+    keeps m and v as one byte each plus an fp32 absmax per 256 values of each: 2 + 8/256 = 2.03125
+    bytes per parameter. transformers' Trainer keeps nn.Embedding weights at 32 bits (8 bytes): the
+    embedding 128256 x 4096 = 525,336,576; the untied output head is a Linear (8-bit), and no tensor
+    is below bitsandbytes' 4096 values (the norms hold exactly 4096)."""
+    shapes = llama3_8b_shapes()
+    embedding = 128256 * 4096
+    assert fp32_state_count(shapes) == embedding == 525_336_576
+    assert fp32_state_count(shapes, skip=["embed_tokens"]) == 0  # frozen: no state at all
+    m = training_memory(P8B, Layout(), optimizer="adamw_bnb_8bit", fp32_state=embedding)
+    # (8,030,261,248 - 525,336,576) x 2.03125 = 15,244,378,240; + 525,336,576 x 8 = 4,202,692,608
+    assert m.optimizer == 15_244_378_240 + 4_202_692_608 == 19_447_070_848
+    assert (m.weights, m.gradients, m.master, m.reference) == (4 * P8B, 4 * P8B, 0, 2 * P8B)  # fp32 as before
+    assert round(m.optimizer / GIB, 1) == 18.1 and round(m.total / GIB, 1) == 92.9  # AdamW: 59.8 and 134.6
+    assert "8-bit AdamW 18.1 GiB" in m.describe() and "+ AdamW 59.8 GiB" in training_memory(P8B, Layout()).describe()
+    assert training_memory(P8B, Layout(), fp32_state=embedding).optimizer == 8 * P8B  # fp32_state: 8-bit only
+    assert training_memory(P8B, Layout("ddp", 8), optimizer="adamw_bnb_8bit", fp32_state=embedding).total == m.total
+    # LoRA: the adapters' moments in 8 bits (41,943,040 x 2.03125)
+    adapters = lora_parameter_count(shapes, LORA_TARGETS, 16)
+    assert training_memory(P8B, Layout(), trained=adapters, lora=True, optimizer="adamw_bnb_8bit").optimizer \
+        == 85_196_800
+    # tensors of fewer than 4096 values keep fp32 moments too
+    small = {"model.embed_tokens.weight": [100, 64], "model.norm.weight": [64], "model.layers.0.mlp.up_proj.weight":
+             [128, 64], "transformer.wte.weight": [50, 128]}
+    assert fp32_state_count(small) == 6400 + 64 + 6400
+    for layout in (Layout("deepspeed", 8, zero_stage=2), Layout("fsdp", 8)):  # refused there by preflight
+        with pytest.raises(ValueError, match="train.optimizer: adamw_bnb_8bit is estimated for one process and DDP"):
+            training_memory(P8B, layout, optimizer="adamw_bnb_8bit")
+    # a resume checkpoint holds the same optimizer state: fp32 weights 32,121,044,992 + 19,447,070,848
+    assert checkpoint_bytes(P8B, Layout(), optimizer="adamw_bnb_8bit", fp32_state=embedding) == 51_568_115_840
+    assert round(51_568_115_840 / GIB, 1) == 48.0 and checkpoint_bytes(P8B, Layout()) == 12 * P8B
 
 
 def test_disk_of_a_saved_model_and_a_resume_checkpoint():

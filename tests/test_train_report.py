@@ -182,6 +182,52 @@ def test_the_steps_and_learning_rates_are_the_trainers(tmp_path):
         check_learning_rate(4, args(per_device_batch_size=2, gradient_accumulation_steps=2))
 
 
+def test_train_optimizer_is_the_trainers_optim_and_its_default_is_what_transformers_picks(tmp_path):
+    """train.optimizer reaches TRL's DPOConfig as `optim`. Its default is the optimizer transformers
+    picks when none is named (adamw_torch_fused with torch >= 2.8), so a config without the setting
+    trains as before the setting existed."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    from icr.train import dpo_config
+
+    unnamed = {f.name: f.default for f in dataclasses.fields(DPOConfig)}["optim"]  # transformers' own pick
+    assert _train_cfg().optimizer == "adamw_torch_fused" == unnamed
+    assert dpo_config(_train_cfg(), tmp_path, 1, "cpu", 0).optim == unnamed
+    for name in ("adamw_torch", "adamw_bnb_8bit"):
+        assert dpo_config(_train_cfg(optimizer=name), tmp_path, 1, "cpu", 0).optim == name
+
+
+@pytest.mark.slow
+def test_8bit_adamw_trains_and_keeps_the_state_resources_counts(tiny_pair, tmp_path, monkeypatch):
+    """With bitsandbytes installed (skipped otherwise; 0.50.2 steps on a CPU too): train.optimizer
+    adamw_bnb_8bit trains the tiny policy with bitsandbytes' AdamW, whose fp32 moments cover exactly
+    the parameters icr.resources.fp32_state_count counts (the embedding and tensors below 4096
+    values) and whose other moments are uint8."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    import icr.train
+    from icr.resources import fp32_state_count, model_shapes, parameter_count
+
+    trainers = []
+    build = icr.train._dpo_trainer
+    monkeypatch.setattr(icr.train, "_dpo_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    cfg = _train_cfg(optimizer="adamw_bnb_8bit", warmup_ratio=0.0, lr_scheduler="constant")
+    result = icr.train.train_dpo(_pairs(8), tiny_pair["dpo"], tiny_pair["dpo"], cfg, tmp_path, tmp_path / "model",
+                                 device="cpu")
+    optimizer = getattr(trainers[0].optimizer, "optimizer", trainers[0].optimizer)
+    assert type(optimizer).__module__.startswith("bitsandbytes.")
+    moments = {}
+    for state in optimizer.state.values():
+        moments[state["state1"].dtype] = moments.get(state["state1"].dtype, 0) + state["state1"].numel()
+    shapes = model_shapes(tiny_pair["dpo"])
+    assert moments[torch.float32] == fp32_state_count(shapes) > 0
+    assert moments[torch.uint8] == parameter_count(shapes) - fp32_state_count(shapes) > 0
+    assert result["weight_change"]["changed_share"] > 0.5
+
+
 @pytest.mark.slow
 def test_the_learning_rate_check_counts_the_pairs_trl_keeps(tiny_pair, tmp_path):
     """8 pairs at batch 4 are 2 steps (warm-up 1: the second trains), but TRL drops 4 of them at

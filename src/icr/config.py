@@ -235,6 +235,18 @@ class TrainConfig:
         "on the device, for the whole of training (it drops only a reference it built itself, under FSDP).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory on large models).")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
+    optimizer: str = _f(
+        "adamw_torch_fused",
+        "The optimizer (transformers' `optim`): adamw_torch_fused (PyTorch's AdamW, fused kernel: what "
+        "transformers picks itself with torch >= 2.8, so what icr ran before this setting) | adamw_torch (the "
+        "same AdamW without the fused kernel) | adamw_bnb_8bit (bitsandbytes' 8-bit AdamW: the two moments in 1 "
+        "byte each instead of 4, ~2 bytes per trained parameter instead of 8; embeddings keep fp32 moments; the "
+        "fp32 weights and gradients are unchanged. Llama-3-8B full fine-tuning in one process: optimizer state "
+        "18.1 GiB instead of 59.8, 92.9 GiB per GPU instead of 134.6 before activations, a resume checkpoint "
+        "48.0 GiB instead of 89.7. Needs `pip install 'bitsandbytes>=0.46.1'` (a CUDA library first; 0.50.2 "
+        "also trains on a CPU, checked on icr's tiny model); one process or DDP only: DeepSpeed runs the "
+        "optimizer itself and FSDP2's sharded parameters fail in its update).",
+        choices=("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA options."})
     report_to: list = _f([], "Trainer metric sinks, e.g. [tensorboard] or [wandb]; none by default.")
     save_steps: int = _f(200, "Checkpoint every this many optimizer steps (resume point).", min=1)

@@ -361,8 +361,9 @@ def preflight(cfg: ExperimentConfig):
     Checked: prompts and evaluation prompts for every language, references matched to them,
     models (config, tokenizer, weight headers, shared tokenizer), the chat template (a named .jinja
     file exists; the template renders a user message and puts the message in the prompt), what
-    check_backends checks (packages, deepspeed, GPUs for the accelerate config), the GPU memory and
-    disk training needs (check_training_resources), the judge (built, its API key), alpaca_eval's
+    check_backends checks (packages, deepspeed, train.optimizer's bitsandbytes, GPUs for the
+    accelerate config), the GPU memory and disk training needs (check_training_resources), the
+    judge (built, its API key), alpaca_eval's
     length-control data (lc_method alpaca_eval), and that the run folder can be created. `icr
     validate` runs the same checks.
     """
@@ -425,8 +426,8 @@ def check_backends(cfg: ExperimentConfig) -> None:
     """What the config asks for is installed or found (else it would fail mid-run): vllm for a vllm
     backend, the package of each report_to and train.report_to tracker, train.accelerate_config
     (a file or a shipped name, readable as a YAML mapping), deepspeed (importable, at least
-    DEEPSPEED_FLOOR) when that config is a DeepSpeed one, no LoRA under ZeRO-3, and the GPUs
-    (check_gpu_count)."""
+    DEEPSPEED_FLOOR) when that config is a DeepSpeed one, no LoRA under ZeRO-3, train.optimizer's
+    package and training path (check_optimizer), and the GPUs (check_gpu_count)."""
     import importlib.util
 
     from .generation.vllm import vllm_missing
@@ -471,6 +472,7 @@ def check_backends(cfg: ExperimentConfig) -> None:
         raise IcrError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not a transformers scheduler "
                        f"({', '.join(schedulers)})")
     path, data = accelerate_config_data(cfg)
+    check_optimizer(cfg, path, data)
     if data is not None and str(data.get("distributed_type", "")).upper() == "DEEPSPEED":
         check_deepspeed(path)
         stage = (data.get("deepspeed_config") or {}).get("zero_stage", 2)
@@ -478,6 +480,66 @@ def check_backends(cfg: ExperimentConfig) -> None:
             raise IcrError(f"train.lora: merging LoRA adapters under DeepSpeed ZeRO-3 ({path}) is not supported "
                            "(training would fail when saving the model); use deepspeed_zero2, ddp or fsdp")
     check_gpu_count(cfg, path, data)
+
+
+def bitsandbytes_floor() -> str:
+    """The oldest bitsandbytes the installed transformers' Trainer accepts for its bitsandbytes
+    optimizers (transformers' BITSANDBYTES_MIN_VERSION, 0.46.1 in 5.17 and 5.24): an older one
+    raises ImportError when the Trainer creates the optimizer, hours into a run."""
+    try:
+        from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+
+        return str(BITSANDBYTES_MIN_VERSION)
+    except ImportError:
+        return "0.46.1"
+
+
+def bitsandbytes_installed() -> bool:
+    """bitsandbytes is installed, at least `bitsandbytes_floor` (not imported: see check_optimizer)."""
+    import importlib.metadata
+    import importlib.util
+
+    from packaging.version import InvalidVersion, Version
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        return Version(importlib.metadata.version("bitsandbytes")) >= Version(bitsandbytes_floor())
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return False
+
+
+def check_optimizer(cfg: ExperimentConfig, path: Path | None, data: dict | None) -> None:
+    """train.optimizer adamw_bnb_8bit: in one process or DDP (DeepSpeed runs the optimizer itself: an
+    optimizer block in its config replaces the Trainer's, ZeRO partitions and wraps any other;
+    bitsandbytes' 8-bit update fails on FSDP2's DTensor parameters, measured on CPU with gloo, and
+    FSDP1 is untested), with bitsandbytes installed, at least `bitsandbytes_floor`, and importable (in
+    a child process, as deepspeed is checked)."""
+    from .resources import EIGHT_BIT_OPTIMIZERS
+
+    name = cfg.train.optimizer
+    if name not in EIGHT_BIT_OPTIMIZERS:
+        return
+    kind = str((data or {}).get("distributed_type", "")).upper()
+    if kind == "DEEPSPEED":
+        raise IcrError(f"train.optimizer: {name} cannot run under DeepSpeed ({path}): DeepSpeed runs the optimizer "
+                       "itself (an optimizer block in its config replaces the Trainer's; ZeRO wraps any other); use "
+                       "adamw_torch_fused, and DeepSpeed's own savings (ZeRO-3, offload_optimizer_device: cpu), or "
+                       "train.accelerate_config: ddp with the 8-bit optimizer")
+    if kind == "FSDP":
+        raise IcrError(f"train.optimizer: {name} cannot run under FSDP ({path}): bitsandbytes' 8-bit update fails on "
+                       "FSDP2's sharded (DTensor) parameters (FSDP1: untested); use adamw_torch_fused with FSDP, or "
+                       "train.accelerate_config: ddp with the 8-bit optimizer")
+    if not bitsandbytes_installed():
+        raise IcrError(f"train.optimizer: {name} needs bitsandbytes >= {bitsandbytes_floor()}: pip install -U "
+                       f"'bitsandbytes>={bitsandbytes_floor()}' (on every training machine), or set train.optimizer "
+                       "to adamw_torch_fused")
+    from .launch import import_error
+
+    error = import_error("bitsandbytes", timeout=600)
+    if error is not None:
+        raise IcrError(f"train.optimizer: {name} needs bitsandbytes, which does not import ({error}); reinstall it, "
+                       "or set train.optimizer to adamw_torch_fused")
 
 
 def accelerate_config_data(cfg: ExperimentConfig) -> tuple[Path | None, dict | None]:
@@ -635,8 +697,8 @@ def check_training_resources(cfg: ExperimentConfig) -> None:
     and one resume checkpoint, against the free space of the run folder's file system."""
     import shutil
 
-    from .resources import (checkpoint_bytes, gib, layout_from_accelerate, lora_parameter_count, model_shapes,
-                            parameter_count, saved_model_bytes)
+    from .resources import (checkpoint_bytes, fp32_state_count, gib, layout_from_accelerate, lora_parameter_count,
+                            model_shapes, parameter_count, saved_model_bytes)
 
     shapes = model_shapes(cfg.models.dpo)
     if not shapes:
@@ -645,16 +707,18 @@ def check_training_resources(cfg: ExperimentConfig) -> None:
     params = parameter_count(shapes)
     trained = lora_parameter_count(shapes, list(lora.target_modules), lora.r) if lora.enabled \
         else parameter_count(shapes, skip=list(cfg.train.freeze))
+    fp32_state = 0 if lora.enabled else fp32_state_count(shapes, skip=list(cfg.train.freeze))
     path, data = accelerate_config_data(cfg)
     total, machines = launch_processes(data)
     layout = layout_from_accelerate(data, total)
     device = training_device(cfg)
     what = f"models.dpo {cfg.models.dpo!r}: {params / 1e9:.2f}e9 parameters"
     if device == "cuda":
-        check_gpu_memory(cfg, path, layout, -(-total // machines), shapes, params, trained, what)
+        check_gpu_memory(cfg, path, layout, -(-total // machines), shapes, params, trained, what, fp32_state)
 
     model = saved_model_bytes(params, cfg.train.save_dtype)
-    checkpoint = checkpoint_bytes(params, layout, trained=trained, lora=lora.enabled, device=device or "cuda")
+    checkpoint = checkpoint_bytes(params, layout, trained=trained, lora=lora.enabled, device=device or "cuda",
+                                  optimizer=cfg.train.optimizer, fp32_state=fp32_state)
     folders = [cfg.run_dir] + [cfg.run_dir / "controls" / c["label"] for c in cfg.controls
                                if isinstance(c, dict) and isinstance(c.get("label"), str)]
     models = sum(not (folder / f"iter{t}" / "model").is_dir() for folder in folders
@@ -673,15 +737,13 @@ def check_training_resources(cfg: ExperimentConfig) -> None:
 
 
 def check_gpu_memory(cfg: ExperimentConfig, path: Path | None, layout, here: int, shapes: dict, params: int,
-                     trained: int, what: str) -> None:
-    """The model states of one training process (icr.resources.training_memory) fit the smallest of
-    the `here` GPUs this machine's processes get; else one line with the estimate, and what to set
-    with the estimate under it (ZeRO-3 or FSDP over the GPUs, LoRA, CPU offload)."""
-    import importlib.util
-
+                     trained: int, what: str, fp32_state: int) -> None:
+    """The model states of one training process (icr.resources.training_memory, with train.optimizer)
+    fit the smallest of the `here` GPUs this machine's processes get; else one line with the estimate,
+    and what to set with the estimate under it (`memory_options`)."""
     import torch
 
-    from .resources import Layout, gib, lora_parameter_count, training_memory
+    from .resources import gib, training_memory
 
     visible = torch.cuda.device_count()
     if visible < 1:
@@ -690,24 +752,48 @@ def check_gpu_memory(cfg: ExperimentConfig, path: Path | None, layout, here: int
     gpus = [torch.cuda.get_device_properties(i) for i in range(here)]
     smallest = min(range(here), key=lambda i: gpus[i].total_memory)
     capacity = gpus[smallest].total_memory
-    lora = cfg.train.lora.enabled
-    need = training_memory(params, layout, trained=trained, lora=lora)
+    need = training_memory(params, layout, trained=trained, lora=cfg.train.lora.enabled,
+                           optimizer=cfg.train.optimizer, fp32_state=fp32_state)
     if need.total <= capacity:
         return
+    options = memory_options(cfg, layout, visible, shapes, params, trained, fp32_state)
+    fits = [f"{name} (~{gib(b)})" for name, b in options if b <= capacity]
+    other = [f"{name} (~{gib(b)}, still too much)" for name, b in options if b > capacity]
+    advice = ("set " + " or ".join(fits)) if fits else \
+        ("none of " + "; ".join(other) + " fits: " if other else "") + "use more or larger GPUs or a smaller model"
+    field = "train.accelerate_config" if path is not None else "train"
+    raise IcrError(f"{field}: training needs ~{gib(need.total)} of GPU memory per process before activations "
+                   f"({need.describe()}; {layout.describe()}; {what}) but GPU {smallest} "
+                   f"({gpus[smallest].name}) has {gib(capacity)}; {advice}")
+
+
+def memory_options(cfg: ExperimentConfig, layout, visible: int, shapes: dict, params: int, trained: int,
+                   fp32_state: int) -> list[tuple[str, float]]:
+    """(what to set, bytes per process with it) for a training that does not fit: ZeRO-3 (FSDP without
+    deepspeed) over the `visible` GPUs, LoRA, CPU offload of the sharded layouts, and
+    train.optimizer adamw_bnb_8bit in one process or DDP when bitsandbytes is installed
+    (`bitsandbytes_installed`) and the optimizer is not 8-bit already. Each other than the 8-bit one
+    keeps train.optimizer as it is."""
+    import importlib.util
+
+    from .resources import EIGHT_BIT_OPTIMIZERS, Layout, lora_parameter_count, training_memory
+
+    lora, optimizer = cfg.train.lora.enabled, cfg.train.optimizer
     n = max(layout.processes, visible)
     sharded = "deepspeed_zero3" if importlib.util.find_spec("deepspeed") is not None else "fsdp"
     options = []
     if not (layout.kind == "deepspeed" and layout.zero_stage == 3 or layout.kind == "fsdp" and layout.shard_weights) \
             or n > layout.processes:
         shard = Layout("deepspeed", n, zero_stage=3) if sharded == "deepspeed_zero3" else Layout("fsdp", n)
-        options.append((f"train.accelerate_config: {sharded} on {n} GPU(s)",
+        options.append((f"train.accelerate_config: {sharded} on {n} GPU(s)" +
+                        (" with train.optimizer: adamw_torch_fused" if optimizer in EIGHT_BIT_OPTIMIZERS else ""),
                         training_memory(params, shard, trained=trained, lora=lora).total))
     if not lora:
         adapters = lora_parameter_count(shapes, list(cfg.train.lora.target_modules), cfg.train.lora.r)
         base = Layout("deepspeed", layout.processes, zero_stage=2) \
             if layout.kind == "deepspeed" and layout.zero_stage == 3 else layout
         options.append(("train.lora.enabled: true" + (" with deepspeed_zero2" if base is not layout else ""),
-                        training_memory(params, base, trained=adapters, lora=True).total))
+                        training_memory(params, base, trained=adapters, lora=True, optimizer=optimizer).total))
     offloaded_all = layout.offload_optimizer and (layout.offload_params or layout.zero_stage < 3)
     if layout.kind == "deepspeed" and not offloaded_all:
         offloaded = Layout("deepspeed", layout.processes, zero_stage=layout.zero_stage, offload_optimizer=True,
@@ -720,14 +806,11 @@ def check_gpu_memory(cfg: ExperimentConfig, path: Path | None, layout, here: int
                            shard_states=layout.shard_states, offload_params=True, offload_optimizer=True)
         options.append(("fsdp_offload_params: true in a copy of the accelerate config",
                         training_memory(params, offloaded, trained=trained, lora=lora).total))
-    fits = [f"{name} (~{gib(b)})" for name, b in options if b <= capacity]
-    other = [f"{name} (~{gib(b)}, still too much)" for name, b in options if b > capacity]
-    advice = ("set " + " or ".join(fits)) if fits else \
-        ("none of " + "; ".join(other) + " fits: " if other else "") + "use more or larger GPUs or a smaller model"
-    field = "train.accelerate_config" if path is not None else "train"
-    raise IcrError(f"{field}: training needs ~{gib(need.total)} of GPU memory per process before activations "
-                   f"({need.describe()}; {layout.describe()}; {what}) but GPU {smallest} "
-                   f"({gpus[smallest].name}) has {gib(capacity)}; {advice}")
+    if layout.kind in ("single", "ddp") and optimizer not in EIGHT_BIT_OPTIMIZERS and bitsandbytes_installed():
+        options.append(("train.optimizer: adamw_bnb_8bit", training_memory(
+            params, layout, trained=trained, lora=lora, optimizer="adamw_bnb_8bit",
+            fp32_state=0 if lora else fp32_state).total))
+    return options
 
 
 def check_run_root(cfg: ExperimentConfig) -> None:

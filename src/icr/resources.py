@@ -19,6 +19,10 @@ Counted, per training process on its GPU: the model states, in the dtypes `icr.t
 - LoRA: the frozen base in bf16 (2 per parameter); only the adapters (r x (in + out) per adapted
   matrix) have weights (fp32), gradients, AdamW state (and a master copy under DeepSpeed);
 - parameters matched by `train.freeze` hold no gradients or optimizer state;
+- `train.optimizer: adamw_bnb_8bit` (bitsandbytes' 8-bit AdamW, one process or DDP): the two moments
+  in one byte each plus one fp32 absmax per 256 values of each, 2.03 bytes per trained parameter
+  instead of 8 (`optimizer_state_bytes`); embedding weights and tensors of fewer than 4096 values keep
+  fp32 moments (`fp32_state_count`). The fp32 weights and gradients stay as they are;
 - the reference model, forward only, in bf16 (2).
 
 Sharding divides by the processes: ZeRO-1 the optimizer state (master + AdamW), ZeRO-2 also the
@@ -35,9 +39,9 @@ still need a smaller `train.per_device_batch_size` or `train.gradient_checkpoint
 Disk: the saved iteration model holds every parameter in train.save_dtype on every training path
 (4 bytes in float32, the default; 2 in bfloat16); a resume checkpoint holds the trained weights as
 training holds them (fp32; the bf16 module under DeepSpeed on GPUs) plus the optimizer state
-(AdamW's 8 bytes per trained parameter, + the 4-byte master copy under DeepSpeed): 3 x the fp32
-model for fp32 full fine-tuning. A run writes one model per iteration (and per control) and keeps
-at least one checkpoint while training.
+(AdamW's 8 bytes per trained parameter, ~2 with the 8-bit optimizer, + the 4-byte master copy under
+DeepSpeed): 3 x the fp32 model for fp32 full fine-tuning. A run writes one model per iteration (and
+per control) and keeps at least one checkpoint while training.
 """
 
 from __future__ import annotations
@@ -271,6 +275,47 @@ def layout_from_accelerate(data: dict | None, processes: int | None = None) -> L
     return Layout("ddp" if n > 1 else "single", n)
 
 
+# train.optimizer values whose moments are 8-bit: bitsandbytes' AdamW with optim_bits 8 (transformers'
+# optim adamw_bnb_8bit, the same name in transformers 5.17 and 5.24).
+EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit"})
+ADAMW_STATE_BYTES = 8.0  # AdamW's two fp32 moments (torch, fused or not)
+# bitsandbytes' 8-bit AdamW (Optimizer2State, blockwise): m and v as one uint8 each, and per 256-value
+# block of each an fp32 absmax: 2 + 2 x 4 / 256 = 2.03125 bytes per parameter.
+ADAMW_8BIT_STATE_BYTES = 2.0 + 2 * 4 / 256
+# Tensors smaller than this keep fp32 moments under bitsandbytes (its min_8bit_size default).
+BNB_MIN_8BIT_SIZE = 4096
+# Embedding layers by the last part of their module name (Llama-like embed_tokens, GPT-2's wte and
+# wpe, BERT-like word_embeddings): transformers' Trainer registers every nn.Embedding weight with
+# bitsandbytes for 32-bit state (Trainer.create_optimizer), so these keep fp32 moments. Names only:
+# an embedding called otherwise is counted at 8-bit, which keeps the estimate a floor.
+EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe", "word_embeddings")
+
+
+def fp32_state_count(shapes: dict[str, list[int]], skip: list[str] | None = None) -> int:
+    """Of the trained parameters (those no `skip` substring matches: train.freeze), the ones whose
+    moments bitsandbytes' 8-bit AdamW keeps in fp32: embedding weights (EMBEDDING_MODULES) and tensors
+    of fewer than BNB_MIN_8BIT_SIZE values."""
+    total = 0
+    for name, shape in shapes.items():
+        if any(s in name for s in skip or ()):
+            continue
+        module = name.rpartition(".")[0]
+        size = math.prod(shape)
+        if size < BNB_MIN_8BIT_SIZE or module.rpartition(".")[2] in EMBEDDING_MODULES:
+            total += size
+    return total
+
+
+def optimizer_state_bytes(trained: int, optimizer: str = "adamw_torch_fused", fp32_state: int = 0) -> float:
+    """Bytes of optimizer state for `trained` parameters under `optimizer` (train.optimizer): AdamW's
+    8 per parameter; with an 8-bit optimizer ADAMW_8BIT_STATE_BYTES, except for the `fp32_state`
+    parameters of them (`fp32_state_count`) that keep 8."""
+    if optimizer not in EIGHT_BIT_OPTIMIZERS:
+        return ADAMW_STATE_BYTES * trained
+    full = min(max(0, fp32_state), trained)
+    return ADAMW_STATE_BYTES * full + ADAMW_8BIT_STATE_BYTES * (trained - full)
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes one training process holds on its GPU (see the module docstring)."""
@@ -280,6 +325,7 @@ class Memory:
     gradients: float
     optimizer: float
     reference: float
+    optimizer_name: str = "AdamW"  # how describe() names the optimizer state
 
     @property
     def total(self) -> float:
@@ -287,23 +333,30 @@ class Memory:
 
     def describe(self) -> str:
         parts = [("weights", self.weights), ("fp32 master", self.master), ("gradients", self.gradients),
-                 ("AdamW", self.optimizer), ("reference", self.reference)]
+                 (self.optimizer_name, self.optimizer), ("reference", self.reference)]
         return " + ".join(f"{name} {gib(n)}" for name, n in parts if n)
 
 
-def training_memory(params: int, layout: Layout, *, trained: int | None = None, lora: bool = False) -> Memory:
+def training_memory(params: int, layout: Layout, *, trained: int | None = None, lora: bool = False,
+                    optimizer: str = "adamw_torch_fused", fp32_state: int = 0) -> Memory:
     """Bytes per process on the GPU for training a `params`-parameter model with `layout`.
 
     `trained`: the parameters that get gradients and optimizer state: the LoRA adapters' count with
-    `lora` (extra parameters, beside the frozen base), else the unfrozen ones (default: all)."""
+    `lora` (extra parameters, beside the frozen base), else the unfrozen ones (default: all).
+    `optimizer`: train.optimizer; with an 8-bit one, `fp32_state` of the trained parameters keep fp32
+    moments (`optimizer_state_bytes`), estimated for one process and DDP only (preflight refuses an
+    8-bit optimizer under DeepSpeed and FSDP: `icr.loop.check_optimizer`)."""
     trained = params if trained is None else trained
     ds = layout.kind == "deepspeed"
+    eight_bit = optimizer in EIGHT_BIT_OPTIMIZERS
+    if eight_bit and layout.kind not in ("single", "ddp"):
+        raise ValueError(f"train.optimizer: {optimizer} is estimated for one process and DDP only, not {layout.kind}")
     if lora:
         weights = 2.0 * params + 4.0 * trained  # frozen bf16 base + fp32 adapters
     else:
         weights = (2.0 if ds else 4.0) * params
     master = 4.0 * trained if ds else 0.0
-    gradients, optimizer = 4.0 * trained, 8.0 * trained
+    gradients, optimizer = 4.0 * trained, optimizer_state_bytes(trained, optimizer, fp32_state)
     reference = 2.0 * params
     n = max(1, layout.processes)
     if ds:
@@ -325,7 +378,7 @@ def training_memory(params: int, layout: Layout, *, trained: int | None = None, 
             weights, reference = weights / n, reference / n
         if layout.offload_params:
             weights = gradients = optimizer = reference = 0.0
-    return Memory(weights, master, gradients, optimizer, reference)
+    return Memory(weights, master, gradients, optimizer, reference, "8-bit AdamW" if eight_bit else "AdamW")
 
 
 SAVE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # train.save_dtype
@@ -341,12 +394,14 @@ def saved_model_bytes(params: int, save_dtype: str = "float32") -> int:
 
 
 def checkpoint_bytes(params: int, layout: Layout, *, trained: int | None = None, lora: bool = False,
-                     device: str = "cuda") -> int:
+                     device: str = "cuda", optimizer: str = "adamw_torch_fused", fp32_state: int = 0) -> int:
     """A resume checkpoint: the trained weights as training holds them (fp32; the bf16 module under
-    DeepSpeed on GPUs) and their optimizer state (AdamW's two fp32 moments, + DeepSpeed's fp32
-    master copy); with LoRA the adapters alone. train.save_dtype does not change it."""
+    DeepSpeed on GPUs) and their optimizer state (AdamW's two fp32 moments, or 8-bit ones as
+    `optimizer_state_bytes` counts them, + DeepSpeed's fp32 master copy); with LoRA the adapters
+    alone. train.save_dtype does not change it."""
     trained = params if trained is None else trained
-    state = (12 if layout.kind == "deepspeed" else 8) * trained
+    master = 4 * trained if layout.kind == "deepspeed" else 0
+    state = master + math.ceil(optimizer_state_bytes(trained, optimizer, fp32_state))
     if lora:
         return 4 * trained + state
     held = 2 if layout.kind == "deepspeed" and device != "cpu" else 4

@@ -237,6 +237,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, seed: int, device: str, n_pairs:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler,
+        optim=cfg.optimizer,
         max_length=cfg.max_length,
         truncation_mode="keep_start",
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
