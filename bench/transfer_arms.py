@@ -172,9 +172,33 @@ def interval(vals, clus, strata, seed: int = 0) -> dict:
     return {"mean": round(r["estimate"], 4), "ci_95": [round(r["ci_95"][0], 4), round(r["ci_95"][1], 4)], "n": len(vals)}
 
 
+def recovered(records: dict[int, dict], arm: str, groups: dict[str, list[str]]) -> dict:
+    """Share of the oracle arm's correctness gain over random pairs that `arm` recovers,
+    (arm − random) / (oracle − random), with its interval from the same prompt bootstrap (the three
+    arms' answers to a prompt are drawn together)."""
+    from icr.stats import cluster_bootstrap
+
+    out = {}
+    for g, langs in groups.items():
+        va, ca, sa = rows(records, arm, "correct", langs)
+        vr, _, _ = rows(records, "random-pairs", "correct", langs)
+        vo, _, _ = rows(records, "oracle-pairs", "correct", langs)
+
+        def ratio(xs):
+            gain = sum(o - r for _, r, o in xs)
+            return sum(a - r for a, r, _ in xs) / gain if gain else float("nan")
+
+        r = cluster_bootstrap(list(zip(va, vr, vo)), ca, statistic=ratio, strata=sa)
+        out[g] = {"mean": round(r["estimate"], 4), "ci_95": [round(r["ci_95"][0], 4), round(r["ci_95"][1], 4)],
+                  "n": len(va)}
+    return out
+
+
 def analyze(records: dict[int, dict]) -> dict:
     groups = {**{lang: [lang] for lang in LANGS}, "non_en": NON_EN}
-    res: dict = {"seeds": sorted(records), "arms": {}, "contrasts": {}}
+    res: dict = {"seeds": sorted(records), "arms": {}, "contrasts": {},
+                 "oracle_gain_recovered": {arm: recovered(records, arm, {"en": ["en"], "non_en": NON_EN})
+                                           for arm in ("icr", "icr-filter")}}
     for arm in ARMS:
         for metric in METRICS:
             for g, langs in groups.items():
@@ -214,7 +238,40 @@ def markdown(res: dict) -> str:
     for key, per in res["contrasts"].items():
         lines.append(f"| {key} | {fmt(per['correct']['en'], False)} | {fmt(per['correct']['non_en'], False)} | "
                      f"{fmt(per['win']['non_en'], True)} | {fmt(per['language']['non_en'], False)} |")
+    lines += ["", "Share of the oracle arm's correctness gain over random pairs recovered, (arm − random) / (oracle − "
+              "random), same bootstrap:", "", "| arm | en | non-English |", "|---|---|---|"]
+    for arm, per in res["oracle_gain_recovered"].items():
+        lines.append(f"| {arm} | {fmt(per['en'], False)} | {fmt(per['non_en'], False)} |")
+    if res.get("per_seed"):
+        lines += ["", "## Per build seed: premise, trained pairs, cost", "",
+                  "| seed | premise: en correctness agreement on pi0's own samples (pairs) | pi0 correct en / non-en (T 0.9, dev) | "
+                  "trained correctness pairs ordered right, non-en: icr / icr-filter / random | wall, peak |",
+                  "|---|---|---|---|---|"]
+        for seed, p in res["per_seed"].items():
+            pr, tp = p["premise"], p["trained_correctness_right"]
+            lines.append(f"| {seed} | {pr['en_agree']:.2f} [{pr['en_ci'][0]:.2f}, {pr['en_ci'][1]:.2f}] ({pr['en_n']}) | "
+                         f"{pr['pi0_correct_en']:.2f} / {pr['pi0_correct_non_en']:.2f} | "
+                         + " / ".join("–" if tp[a] is None else f"{tp[a]:.2f}" for a in ("icr", "icr-filter", "random-pairs"))
+                         + f" | {p['wall_s'] / 60:.1f} min, {p['peak_rss_mib'] / 1024:.2f} GiB |")
     return "\n".join(lines) + "\n"
+
+
+def per_seed(rec: Path) -> dict:
+    """What one seed's record says besides the evaluated answers: its premise, how right the
+    correctness pairs each arm trained on were (non-English), and its cost."""
+    prem = json.loads((rec / "premise_on_policy.json").read_text())["languages"]
+    en = prem["en"]["agreement"]["correctness"]
+    pairs = json.loads((rec / "trained_pairs.json").read_text())
+    right = {}
+    for arm, per in pairs.items():
+        c = [per[lang]["correctness"] for lang in NON_EN if "correctness" in per.get(lang, {})]
+        n = sum(x["better"] + x["tied"] + x["worse"] for x in c)
+        right[arm] = round(sum(x["better"] for x in c) / n, 4) if n else None
+    run = json.loads((rec / "run.json").read_text())
+    return {"premise": {"en_agree": en["agree"], "en_ci": en["ci_95"], "en_n": en["n"],
+                        "pi0_correct_en": prem["en"]["pi0_quality"]["correct"],
+                        "pi0_correct_non_en": sum(prem[lang]["pi0_quality"]["correct"] for lang in NON_EN) / len(NON_EN)},
+            "trained_correctness_right": right, "wall_s": run["wall_s_total"], "peak_rss_mib": run["peak_rss_mib"]}
 
 
 def main(argv=None) -> int:
@@ -235,6 +292,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     res = analyze({s: json.loads((a.out / f"s{s}" / "eval_verdicts.json").read_text()) for s in seeds})
+    res["per_seed"] = {s: per_seed(a.out / f"s{s}") for s in seeds}
     (a.out / "arms.json").write_text(json.dumps(res, indent=1) + "\n")
     (a.out / "arms.md").write_text(markdown(res))
     print(markdown(res))
