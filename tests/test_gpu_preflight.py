@@ -26,6 +26,17 @@ def _error(code, err):
     return lines[0]
 
 
+def stand_in_package(root, name: str, version: str, body: str = ""):
+    """A folder holding package `name` (its __init__ is `body`) with installed-distribution metadata of
+    `version`, as pip would leave it: what importlib.metadata and importlib see."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(body)
+    dist = root / f"{name}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
 @pytest.fixture
 def no_real_deepspeed():
     if importlib.util.find_spec("deepspeed") is not None:
@@ -38,13 +49,7 @@ def fake_deepspeed(tmp_path, monkeypatch, no_real_deepspeed):
     import accelerate.utils  # noqa: F401 - imported before the stand-in exists (it looks for deepspeed)
 
     def install(version: str, body: str = "") -> None:
-        root = tmp_path / "site"
-        (root / "deepspeed").mkdir(parents=True)
-        (root / "deepspeed" / "__init__.py").write_text(body)
-        dist = root / f"deepspeed-{version}.dist-info"
-        dist.mkdir()
-        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: deepspeed\nVersion: {version}\n")
-        monkeypatch.syspath_prepend(str(root))
+        monkeypatch.syspath_prepend(str(stand_in_package(tmp_path / "site", "deepspeed", version, body)))
 
     return install
 
@@ -379,12 +384,7 @@ def bitsandbytes(tmp_path, monkeypatch):
                                 else real_find_spec(name, *a, **k))
             return
         monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-        root = tmp_path / f"site-bnb-{next(count)}"
-        (root / "bitsandbytes").mkdir(parents=True)
-        (root / "bitsandbytes" / "__init__.py").write_text(body)
-        dist = root / f"bitsandbytes-{version}.dist-info"
-        dist.mkdir()
-        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: bitsandbytes\nVersion: {version}\n")
+        root = stand_in_package(tmp_path / f"site-bnb-{next(count)}", "bitsandbytes", version, body)
         monkeypatch.syspath_prepend(str(root))
 
     return install
