@@ -245,14 +245,18 @@ def markdown(res: dict) -> str:
     if res.get("per_seed"):
         lines += ["", "## Per build seed: premise, trained pairs, cost", "",
                   "| seed | premise: en correctness agreement on pi0's own samples (pairs) | pi0 correct en / non-en (T 0.9, dev) | "
-                  "trained correctness pairs ordered right, non-en: icr / icr-filter / random | wall, peak |",
-                  "|---|---|---|---|---|"]
+                  "trained correctness pairs ordered right, non-en: icr / icr-filter / random | wall, peak | "
+                  "seconds: build; shared samples + rewards; per arm (pairs + train + evaluation) icr / filter / oracle / random |",
+                  "|---|---|---|---|---|---|"]
         for seed, p in res["per_seed"].items():
             pr, tp = p["premise"], p["trained_correctness_right"]
             lines.append(f"| {seed} | {pr['en_agree']:.2f} [{pr['en_ci'][0]:.2f}, {pr['en_ci'][1]:.2f}] ({pr['en_n']}) | "
                          f"{pr['pi0_correct_en']:.2f} / {pr['pi0_correct_non_en']:.2f} | "
                          + " / ".join("–" if tp[a] is None else f"{tp[a]:.2f}" for a in ("icr", "icr-filter", "random-pairs"))
-                         + f" | {p['wall_s'] / 60:.1f} min, {p['peak_rss_mib'] / 1024:.2f} GiB |")
+                         + f" | {p['wall_s'] / 60:.1f} min, {p['peak_rss_mib'] / 1024:.2f} GiB | {p['build_s']:.0f}; "
+                         f"{p['shared_samples_and_rewards_s']:.0f}; "
+                         + " / ".join(f"{p['arm_s'][a]:.0f}" for a in ("icr", "icr-filter", "oracle-pairs", "random-pairs"))
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +272,16 @@ def per_seed(rec: Path) -> dict:
         n = sum(x["better"] + x["tied"] + x["worse"] for x in c)
         right[arm] = round(sum(x["better"] for x in c) / n, 4) if n else None
     run = json.loads((rec / "run.json").read_text())
-    return {"premise": {"en_agree": en["agree"], "en_ci": en["ci_95"], "en_n": en["n"],
+    timings = json.loads((rec / "timings.json").read_text())
+    # seconds per arm: its own pairs, training and evaluation; iteration 1's samples and rewards are shared
+    arm_s = {arm: round(sum(v for k, v in timings.items() if k.startswith(prefix + "iter1/")
+                            and k.split("/")[-1] in ("pairs", "train", "evaluate")), 1)
+             for arm, prefix in (("icr", ""), ("icr-filter", "icr-filter/"), ("oracle-pairs", "oracle-pairs/"),
+                                 ("random-pairs", "random-pairs/"))}
+    shared = round(timings.get("iter1/generate", 0) + timings.get("iter1/score", 0), 1)
+    return {"arm_s": arm_s, "shared_samples_and_rewards_s": shared,
+            "build_s": round(sum(json.loads((rec / "build_timings.json").read_text()).values()), 1),
+            "premise": {"en_agree": en["agree"], "en_ci": en["ci_95"], "en_n": en["n"],
                         "pi0_correct_en": prem["en"]["pi0_quality"]["correct"],
                         "pi0_correct_non_en": sum(prem[lang]["pi0_quality"]["correct"] for lang in NON_EN) / len(NON_EN)},
             "trained_correctness_right": right, "wall_s": run["wall_s_total"], "peak_rss_mib": run["peak_rss_mib"]}
