@@ -110,6 +110,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def run_folders(run_dir: Path) -> list[tuple[str, Path]]:
+    """("", the run) and (label, folder) of each control (controls/<label>/), labels sorted."""
+    return [("", run_dir)] + [(c.name, c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -264,8 +269,7 @@ def read_judgements(run_dir: Path, judge: str) -> dict[tuple[str, str], dict[str
     """{(model, lang): {prompt id: preference}} of `judge`, from eval/<model>/<lang>/judgements.<judge>.json
     of the run and of its controls (what icr.evaluation.evaluate writes); unreadable files are left out."""
     found: dict[tuple[str, str], dict[str, float]] = {}
-    bases = [run_dir] + [c for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
-    for base in bases:
+    for _, base in run_folders(run_dir):
         for path in sorted((base / "eval").glob(f"*/*/judgements.{_safe(judge)}.json")):
             data = _read(path)
             if not isinstance(data, list):
@@ -492,8 +496,8 @@ def _training_section(run_dir: Path) -> list[dict]:
     (pairs dropped for a prompt that fills it, pairs whose answers it cut), optimizer steps, loss, and
     how far the trained weights moved (the manifest's weight_change, icr.train.weight_change)."""
     rows = []
-    runs = [("", run_dir)] + [(f"{c.name}/", c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
-    for prefix, base in runs:
+    for label, base in run_folders(run_dir):
+        prefix = f"{label}/" if label else ""
         for t, d in _iterations(base):
             manifest = _read(d / "train" / "manifest.json")
             counts = manifest.get("counts") if isinstance(manifest, dict) else None
@@ -542,8 +546,7 @@ def agreement_by_iteration(run_dir: Path) -> list[tuple[str, int, dict]]:
     """[(run label: "" or a control's, iteration, {lang: {pair_kind: {"agree", "n"}}})] from
     diagnostics/reward_agreement_iter<t>.json (runs without those: reward_agreement.json, iteration 1)."""
     found = []
-    runs = [("", run_dir)] + [(c.name, c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
-    for label, base in runs:
+    for label, base in run_folders(run_dir):
         files = sorted((int(m.group(1)), p) for p in (base / "diagnostics").glob("reward_agreement_iter*.json")
                        if (m := re.fullmatch(r"reward_agreement_iter(\d+)\.json", p.name)))
         for t, path in files:
@@ -612,8 +615,8 @@ def _timing_section(run_dir: Path) -> list[dict]:
     for manifest in sorted(run_dir.glob("*/manifest.json")):
         if not re.fullmatch(r"iter\d+", manifest.parent.name):
             add("run", manifest.parent.name, manifest)
-    runs = [("", run_dir)] + [(f"{c.name}/", c) for c in sorted((run_dir / "controls").glob("*")) if c.is_dir()]
-    for prefix, base in runs:
+    for label, base in run_folders(run_dir):
+        prefix = f"{label}/" if label else ""
         for t, d in _iterations(base):
             for manifest in sorted(d.rglob("manifest.json")):
                 add(f"{prefix}iter{t}", manifest.parent.relative_to(d).as_posix(), manifest)

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import IcrError
-from .report import report_blocks
+from .report import report_blocks, run_folders
 from .runs import atomic_write_text, read_jsonl, read_shards, text_hash
 
 log = logging.getLogger("icr")
@@ -89,12 +89,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _runs(run_dir: Path) -> list[tuple[str, Path]]:
-    """("", the run) and (label, folder) of each control."""
-    controls = sorted(c for c in (run_dir / "controls").glob("*") if c.is_dir())
-    return [("", run_dir)] + [(c.name, c) for c in controls]
 
 
 def _iterations(base: Path) -> list[tuple[int, Path]]:
@@ -179,7 +173,7 @@ def _english_from_prompt_file(settings: RunSettings) -> dict[str, str]:
 def _cached_scores(run_dir: Path) -> dict[str, float]:
     """{cache key: value} of every `score` judgement in the run's judge caches."""
     scores: dict[str, float] = {}
-    for label, base in _runs(run_dir):
+    for label, base in run_folders(run_dir):
         path = base / "eval" / "judge_cache.jsonl"
         if not path.is_file():
             continue
@@ -314,7 +308,7 @@ def pair_browser_data(run_dir: Path, settings: RunSettings, result_judges: list[
             cached_english["x"] = _english_from_prompt_file(settings)
         return cached_english["x"]
 
-    folders = [(label or MAIN_RUN, t, d) for label, base in _runs(run_dir) for t, d in _iterations(base)
+    folders = [(label or MAIN_RUN, t, d) for label, base in run_folders(run_dir) for t, d in _iterations(base)
                if (d / "score").is_dir()]
     probe = read_shards(folders[0][2] / "score")[:400] if folders else []
     judge_name, judge_of = judge_scorer(run_dir, settings, result_judges, probe)
@@ -349,7 +343,7 @@ def _references(settings: RunSettings, languages: list[str]) -> tuple[dict[str, 
 def _model_answers(run_dir: Path) -> dict[str, dict[str, dict]]:
     """{lang: {model: {"outputs": [model_outputs rows], "prefs": {judge: {id: preference}}}}}."""
     found: dict[str, dict[str, dict]] = defaultdict(dict)
-    for _, base in _runs(run_dir):
+    for _, base in run_folders(run_dir):
         for lang_dir in sorted((base / "eval").glob("*/*")):
             outputs = _read_json(lang_dir / "model_outputs.json")
             if not isinstance(outputs, list):
@@ -408,7 +402,7 @@ def _mt_bench_files(run_dir: Path) -> dict[str, dict[str, dict]]:
     """{lang: {model: {"answers": {question id: row}, "key": answers.json's key, "judged": {(id, turn):
     judgement}}}} from each `eval/<model>/mt_bench/<lang>/` (icr.evaluation.mt_bench's files)."""
     found: dict[str, dict[str, dict]] = defaultdict(dict)
-    for _, base in _runs(run_dir):
+    for _, base in run_folders(run_dir):
         for lang_dir in sorted((base / "eval").glob("*/mt_bench/*")):
             saved = _read_json(lang_dir / "answers.json")
             if not isinstance(saved, dict) or not isinstance(saved.get("answers"), list):
