@@ -64,9 +64,9 @@ from .oracle import OracleJudge
 from .recipe import arg
 from .recipe import check as check_recipe
 from .recipe import defaults as recipe_defaults
-from .world import (FAMILIES, LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
+from .world import (LANGUAGE_WORDS, LANGUAGES, LOW_RESOURCE, SFT_MIX, TAGS, World, build_world,
                     draw_quality, knowledge_text, monolingual_text, parallel_text, reference_answer,
-                    render_response)
+                    render_response, selected_families)
 
 # The pipeline's own formats, so the sandbox's models are trained and checked on exactly what the
 # pipeline sends: the cross-lingual reward prefix (the config default) and the translation prompt.
@@ -183,10 +183,10 @@ def prepare(out_dir: str | Path, **recipe) -> dict:
     kinds = check_recipe(ToyRecipe, recipe, "icr.sandbox.prepare")["dpo_pair_kinds"]
     if not kinds or set(kinds) - set(PAIR_KINDS):  # before the folder is made: nothing half-written
         raise ConfigError(f"prepare.args.dpo_pair_kinds: expected a non-empty list of {list(PAIR_KINDS)}, got {kinds!r}")
-    families = recipe.get("families")
-    if families is not None and (not families or set(families) - set(FAMILIES)):
-        raise ConfigError(f"prepare.args.families: expected null or a non-empty list of {list(FAMILIES)}, "
-                          f"got {families!r}")
+    try:
+        selected_families(recipe.get("families"))
+    except ValueError as e:
+        raise ConfigError(f"prepare.args.families: expected null or {e}") from None
     cfg, out = recipe_folder(out_dir, recipe, ToyRecipe, "icr.sandbox.prepare")
     timings = load_json(out / "timings.json") or {}
     t_all = time.time()

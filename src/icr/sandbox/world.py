@@ -228,13 +228,26 @@ class World:
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
+def selected_families(families) -> tuple[str, ...]:
+    """The task families a world keeps, in FAMILIES order: all of them for None; ValueError saying what
+    is allowed for an empty list or an unknown family (the one check `build_world` and the sandbox's
+    `prepare` share)."""
+    if families is None:
+        return FAMILIES
+    kept = tuple(f for f in FAMILIES if f in families)
+    if not kept or set(families) - set(FAMILIES):
+        raise ValueError(f"a non-empty list of {list(FAMILIES)}, got {list(families)!r}")
+    return kept
+
+
 def build_world(seed: int = 0, n_eval: int = 60, n_dev: int = 60, n_train: int = 100, n_pref: int = 400,
                 n_sft: int = 500, families: tuple[str, ...] | list[str] | None = None) -> World:
     """Deal seeded task ids into disjoint splits, families interleaved (same args -> same world).
     `families` (default: all, in FAMILIES order) keeps only those task families in every split."""
-    fams = FAMILIES if families is None else tuple(f for f in FAMILIES if f in families)
-    if families is not None and (not fams or set(families) - set(FAMILIES)):
-        raise ValueError(f"families: expected a non-empty list of {list(FAMILIES)}, got {list(families)!r}")
+    try:
+        fams = selected_families(families)
+    except ValueError as e:
+        raise ValueError(f"families: expected {e}") from None
     sizes = {"eval": n_eval, "dev": n_dev, "train": n_train, "pref": n_pref, "sft": n_sft}
     total = sum(sizes.values())
     rng = random.Random(f"icr-sandbox-world-{seed}")
