@@ -309,11 +309,11 @@ def pairs_language_test(cfg: ExperimentConfig) -> Callable[[str, str], bool] | N
     are the same."""
     from .languages import language_identifier
 
-    if cfg.pairs.language_filter:
-        return language_identifier(tuple(cfg.languages)).is_in
     try:
         return language_identifier(tuple(cfg.languages)).is_in
     except ImportError as e:
+        if cfg.pairs.language_filter:
+            raise
         log.warning("pairs: lingua cannot be imported (%s); the language filter is off, so the pairs do not "
                     "depend on it, but stats.json records no fidelity (null)", e)
         return None
