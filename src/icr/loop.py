@@ -496,17 +496,24 @@ def bitsandbytes_floor() -> str:
 
 def bitsandbytes_installed() -> bool:
     """bitsandbytes is installed, at least `bitsandbytes_floor` (not imported: see check_optimizer)."""
+    return package_version("bitsandbytes", bitsandbytes_floor())[0] == "ok"
+
+
+def package_version(package: str, floor: str) -> tuple[str, str | None]:
+    """(status, installed version) of `package`, found without importing it: "missing", "old" (below
+    `floor`), "unknown" (found, but no readable version) or "ok"."""
     import importlib.metadata
     import importlib.util
 
     from packaging.version import InvalidVersion, Version
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False
+    if importlib.util.find_spec(package) is None:
+        return "missing", None
     try:
-        return Version(importlib.metadata.version("bitsandbytes")) >= Version(bitsandbytes_floor())
+        found = importlib.metadata.version(package)
+        return ("old" if Version(found) < Version(floor) else "ok"), found
     except (importlib.metadata.PackageNotFoundError, InvalidVersion):
-        return False
+        return "unknown", None
 
 
 def check_optimizer(cfg: ExperimentConfig, path: Path | None, data: dict | None) -> None:
@@ -570,21 +577,13 @@ def check_deepspeed(path: Path) -> None:
     """A DeepSpeed accelerate config: deepspeed is installed, at least DEEPSPEED_FLOOR, and imports
     (in a child process: importing it takes seconds and logs its accelerator; its failure here
     would otherwise come from `accelerate launch` after sampling and scoring)."""
-    import importlib.metadata
-    import importlib.util
-
-    from packaging.version import InvalidVersion, Version
-
     where = f"train.accelerate_config: {path} is a DeepSpeed config (distributed_type: DEEPSPEED)"
-    if importlib.util.find_spec("deepspeed") is None:
+    status, found = package_version("deepspeed", deepspeed_floor())
+    if status == "missing":
         raise IcrError(f"{where}, but deepspeed is not installed: pip install 'deepspeed>={deepspeed_floor()}' "
                        "(on every training machine), or set train.accelerate_config to fsdp or ddp")
-    try:
-        found = importlib.metadata.version("deepspeed")
-        old = Version(found) < Version(deepspeed_floor())
-    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
-        found, old = "of unknown version", False
-    if old:
+    found = found or "of unknown version"
+    if status == "old":
         raise IcrError(f"{where}, but deepspeed {found} is installed and accelerate needs >= {deepspeed_floor()}: "
                        f"pip install -U 'deepspeed>={deepspeed_floor()}'")
     from .launch import import_error
