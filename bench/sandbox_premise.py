@@ -68,14 +68,16 @@ def on_policy_premise(prepared: Path, samples: int, temperature: float, split: s
         rows = [(t, y) for t, o in zip(tasks, outs) for y in dict.fromkeys(o)]
         rewards = implicit_rewards(dpo_model, sft_model, tok, [reward_instruction(t, lang) for t, _ in rows],
                                    [y for _, y in rows])
+        rows_of: dict[str, list[int]] = {}
+        for j, (t, _) in enumerate(rows):
+            rows_of.setdefault(t.id, []).append(j)
         hits: dict[str, list[tuple[str, float]]] = {}
-        for t in tasks:  # per prompt, so every hit keeps its prompt (the bootstrap's cluster)
-            idx = [j for j, (tt, _) in enumerate(rows) if tt.id == t.id]
-            tallies = pair_agreement([t.id] * len(idx), [rows[j][1] for j in idx], [rewards[j] for j in idx],
-                                     [oracle.score_text(rows[j][1], t.id, lang) for j in idx],
+        for tid, idx in rows_of.items():  # per prompt, so every hit keeps its prompt (the bootstrap's cluster)
+            tallies = pair_agreement([tid] * len(idx), [rows[j][1] for j in idx], [rewards[j] for j in idx],
+                                     [oracle.score_text(rows[j][1], tid, lang) for j in idx],
                                      lambda a, b, pid: oracle.pair_kind(a, b, pid, lang))
             for kind, vals in tallies.items():
-                hits.setdefault(kind, []).extend((t.id, v) for v in vals)
+                hits.setdefault(kind, []).extend((tid, v) for v in vals)
         res["languages"][lang] = {
             "agreement": agreement_table(hits, seed),
             "pi0_quality": quality_shares(oracle.verdict(o, t.id, lang) for t, os_ in zip(tasks, outs) for o in os_),

@@ -108,6 +108,10 @@ def eval_verdicts(run: Path, prepared: Path) -> dict:
     from icr.sandbox.oracle import OracleJudge
 
     oracle = OracleJudge(prepared)
+    # the oracle's score of each prompt's fixed reference answer, per language (the same for every arm)
+    ref_score = {lang: {r["id"]: oracle.score_text(r["output"], r["id"], lang)
+                        for r in json.loads((prepared / "references" / f"{lang}.json").read_text())}
+                 for lang in LANGS}
     out: dict = {}
     for arm, folder in ARMS.items():
         for lang in LANGS:
@@ -115,11 +119,10 @@ def eval_verdicts(run: Path, prepared: Path) -> dict:
             if not path.exists():
                 raise SystemExit(f"{path}: missing: the run is not finished (every arm is evaluated in every language)")
             rows = sorted(json.loads(path.read_text()), key=lambda r: r["id"])
-            refs = {r["id"]: r["output"] for r in json.loads((prepared / "references" / f"{lang}.json").read_text())}
             ver = [oracle.verdict(r["output"], r["id"], lang) for r in rows]
             win = []
             for r, v in zip(rows, ver):
-                ref = oracle.score_text(refs[r["id"]], r["id"], lang)
+                ref = ref_score[lang][r["id"]]
                 win.append(1.0 if v.score > ref else 0.0 if v.score < ref else 0.5)
             out.setdefault(arm, {})[lang] = {"ids": [r["id"] for r in rows], "win": win,
                                              **{m: "".join("1" if getattr(v, m) else "0" for v in ver)
